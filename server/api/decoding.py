@@ -1,0 +1,47 @@
+"""Request bodies: size limit, JSON decoding into a Struct, and msgspec's errors turned into OpenAI errors."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, TypeVar
+
+import msgspec
+from litestar import Request
+
+from server.errors import InvalidRequest, PayloadTooLarge
+
+T = TypeVar("T")
+_AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+
+
+async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    """The body, refusing (413) one over ``limit`` bytes before reading it when Content-Length says so."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit}.")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def decode(body: bytes, type_: type[T]) -> T:
+    """Decode JSON into ``type_``; malformed JSON and schema violations become 400s naming the field."""
+    if not body.strip():
+        raise InvalidRequest("Request body is empty; expected a JSON object.")
+    try:
+        return msgspec.json.decode(body, type=type_)
+    except msgspec.ValidationError as e:
+        message = str(e)
+        match = _AT.search(message)
+        param = match.group("path") if match else None
+        text = _AT.sub("", message)
+        if param:
+            text = f"{text} at '{param}'"
+        raise InvalidRequest(f"Invalid request: {text}.", param=param or None) from e
+    except msgspec.DecodeError as e:
+        raise InvalidRequest(f"Request body is not valid JSON: {e}.") from e

@@ -1,0 +1,168 @@
+"""The Litestar application: routes, error mapping, metrics middleware, and a lifespan that owns the resources.
+
+The HTTP server listens as soon as the store is open; the engine starts in the background (tens of seconds), with
+``/ready`` and chat answering 503 until it is up, so that orchestrators can tell "alive" from "ready".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from litestar import Litestar, Request, Response, Router
+from litestar.exceptions import HTTPException
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.api.chat import chat_completions, list_models
+from server.api.health import health, metrics, ready
+from server.auth import KeyChecker, user_guard
+from server.chat import ChatService
+from server.config import Settings
+from server.engine.router import PolicyRouter
+from server.errors import AlignError, Unavailable
+from server.metrics import Metrics
+from server.protocol import ErrorDetail, ErrorResponse
+from server.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings, *, engine: Any = None, store: Store | None = None, plugins: Any = None) -> Litestar:
+    """The app for ``settings``. An ``engine`` or ``store`` passed in is used as is and not closed by the app."""
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        state = app.state
+        state.settings = settings
+        state.metrics = Metrics()
+        state.keys = KeyChecker(settings.server.api_keys, settings.server.admin_keys)
+        state.engine = None
+        state.chat = None
+        state.router = None
+        state.engine_error = None
+        state.stopping = False
+        own_store = store is None
+        state.store = store or await Store.open(settings.database_url, batch_max=settings.store.batch_max)
+        starter: asyncio.Task[None] | None = None
+        if engine is not None:
+            _attach_engine(state, engine)
+        else:
+            starter = asyncio.create_task(_start_engine(state))
+        try:
+            yield
+        finally:
+            state.stopping = True
+            if starter is not None and not starter.done():
+                starter.cancel()
+            if own_store:
+                await state.store.close()
+            if engine is None and state.engine is not None:
+                await asyncio.to_thread(state.engine.shutdown)
+
+    async def _start_engine(state: Any) -> None:
+        from server.engine.vllm_engine import VLLMEngine
+
+        model = resolve_model(settings)
+        try:
+            _attach_engine(state, await VLLMEngine.start(model, settings.engine))
+            log.info("engine ready: %s (context %d)", model, state.engine.max_model_len)
+        except Exception as e:
+            state.engine_error = f"{type(e).__name__}: {e}"
+            log.critical("the engine failed to start, stopping: %s", state.engine_error)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def _attach_engine(state: Any, eng: Any) -> None:
+        state.router = PolicyRouter(settings.served_name, lambda: eng.loaded_versions)
+        state.chat = ChatService(eng, state.router, state.store, state.metrics, max_n=settings.server.max_n)
+        state.engine = eng
+
+    v1 = Router("/", route_handlers=[chat_completions, list_models], guards=[user_guard, _engine_ready_guard])
+    app = Litestar(
+        route_handlers=[v1, health, ready, metrics],
+        lifespan=[lifespan],
+        exception_handlers={AlignError: _align_error, HTTPException: _http_error, Exception: _unexpected_error},
+        middleware=[_metrics_middleware],
+        request_max_body_size=None,  # the handlers enforce the configured limit with an OpenAI-shaped 413
+        debug=False,
+    )
+    app.state.plugins = plugins
+    return app
+
+
+def resolve_model(settings: Settings) -> str:
+    """The configured model, or the demo model (built into the data dir the first time, with a progress bar)."""
+    if settings.model:
+        return settings.model
+    from server.demo.build import ensure_demo_model
+
+    return str(ensure_demo_model(settings.data_path / "models"))
+
+
+def _engine_ready_guard(connection: Any, _: Any) -> None:
+    if connection.app.state.chat is None:
+        detail = connection.app.state.engine_error
+        raise Unavailable(f"The engine failed to start: {detail}" if detail else
+                          "The model is still loading; retry shortly.", headers={"Retry-After": "5"})
+
+
+# --- errors ------------------------------------------------------------------------------------------------------
+
+
+def _error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
+                    headers: dict[str, str] | None = None) -> Response[ErrorResponse]:
+    body = ErrorResponse(error=ErrorDetail(message=message, type=type_, param=param, code=code))
+    return Response(body, status_code=status, headers=headers)
+
+
+def _align_error(_: Request[Any, Any, Any], exc: AlignError) -> Response[ErrorResponse]:
+    return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+
+def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[ErrorResponse]:
+    kind = {401: "authentication_error", 403: "permission_error", 429: "rate_limit_error"}.get(
+        exc.status_code, "invalid_request_error" if exc.status_code < 500 else "server_error")
+    code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+    return _error_response(exc.status_code, str(exc.detail), kind, code=code,
+                           headers=dict(exc.headers) if exc.headers else None)
+
+
+def _unexpected_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+    log.error("unhandled error", exc_info=exc)
+    return _error_response(500, "Internal server error.", "server_error", code="internal_error")
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+
+def _metrics_middleware(app: ASGIApp) -> ASGIApp:
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await app(scope, receive, send)
+            return
+        metrics_: Metrics = scope["litestar_app"].state.metrics
+        status = 500
+        started = time.perf_counter()
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        metrics_.in_flight.inc()
+        try:
+            await app(scope, receive, send_wrapper)
+        finally:
+            metrics_.in_flight.dec()
+            route = scope.get("path_template") or "unmatched"
+            metrics_.requests.labels(route, scope["method"], str(status)).inc()
+            metrics_.request_latency.labels(route).observe(time.perf_counter() - started)
+
+    return middleware
+

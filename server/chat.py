@@ -1,0 +1,242 @@
+"""The chat service: validate a request against the running model, generate, store, and shape OpenAI responses.
+
+Every completion is committed to the store before the response's last byte (for a stream: before ``[DONE]``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Protocol
+
+import msgspec
+
+from server.engine.router import PolicyRouter
+from server.engine.types import GenerationStep
+from server.errors import InvalidRequest
+from server.metrics import Metrics
+from server.protocol import (
+    AssistantMessage,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    Choice,
+    ChunkChoice,
+    Delta,
+    SamplingOptions,
+    Usage,
+    fingerprint,
+)
+from server.store import ChoiceRecord, CompletionRecord, Store
+
+log = logging.getLogger(__name__)
+
+
+class ChatEngine(Protocol):
+    """What the chat service needs of an engine (``VLLMEngine`` is the real one)."""
+
+    max_model_len: int
+
+    def render_prompt(self, messages: list[dict[str, str]]) -> list[int]: ...
+
+    def generate(self, prompt_token_ids: list[int], options: SamplingOptions, request_id: str,
+                 policy_version: int = 0, *, stream: bool = False) -> AsyncIterator[GenerationStep]: ...
+
+
+@dataclass
+class PreparedChat:
+    """A validated request, ready for the engine."""
+
+    request: ChatCompletionRequest
+    completion_id: str
+    policy_version: int
+    prompt_token_ids: list[int]
+    options: SamplingOptions
+    started: float = field(default_factory=time.perf_counter)
+    created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass
+class _ChoiceState:
+    text: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class ChatService:
+    """Turns chat requests into engine calls, stored completions and OpenAI-shaped responses."""
+
+    def __init__(self, engine: ChatEngine, router: PolicyRouter, store: Store, metrics: Metrics, *,
+                 max_n: int = 16) -> None:
+        self.engine = engine
+        self.router = router
+        self.store = store
+        self.metrics = metrics
+        self.max_n = max_n
+
+    # --- validation ------------------------------------------------------------------------------------------
+
+    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
+        """Check what depends on the running server (model, n cap, context left); nothing reaches the engine yet."""
+        version = self.router.resolve(request.model)
+        if request.n > self.max_n:
+            raise InvalidRequest(f"n must be between 1 and {self.max_n}, got {request.n}.", param="n")
+        if request.n > 1 and request.temperature == 0:
+            raise InvalidRequest("n > 1 needs temperature > 0: greedy decoding gives n identical choices.",
+                                 param="temperature")
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
+                    for m in request.messages]
+        prompt = self.engine.render_prompt(messages)
+        context_left = self.engine.max_model_len - len(prompt)
+        if context_left < 1:
+            raise InvalidRequest(
+                f"The messages take {len(prompt)} tokens; this model's context is {self.engine.max_model_len}.",
+                param="messages", code="context_length_exceeded")
+        asked = request.requested_max_tokens
+        if asked is not None and asked > context_left:
+            param = "max_completion_tokens" if request.max_completion_tokens else "max_tokens"
+            raise InvalidRequest(
+                f"{param} is {asked}, but only {context_left} tokens of context are left after the "
+                f"{len(prompt)}-token prompt (context {self.engine.max_model_len}).",
+                param=param, code="context_length_exceeded")
+        return PreparedChat(request=request, completion_id=f"chatcmpl-{uuid.uuid4().hex}", policy_version=version,
+                            prompt_token_ids=prompt, options=request.to_sampling(asked or context_left))
+
+    # --- generation ------------------------------------------------------------------------------------------
+
+    async def complete(self, chat: PreparedChat) -> ChatCompletion:
+        """Generate every choice, store the completion, return the response."""
+        states = [_ChoiceState() for _ in range(chat.request.n)]
+        try:
+            async for step in self._generate(chat, stream=False):
+                self._accumulate(states, step)
+        except asyncio.CancelledError:
+            self._store_in_background(chat, states, aborted=True)
+            raise
+        await self._store(chat, states)
+        usage = self._usage(chat, states)
+        return ChatCompletion(
+            id=chat.completion_id,
+            created=int(chat.created.timestamp()),
+            model=chat.request.model,
+            system_fingerprint=fingerprint(chat.policy_version),
+            choices=[Choice(index=i, message=AssistantMessage(content="".join(s.text)), finish_reason=s.finish_reason)
+                     for i, s in enumerate(states)],
+            usage=usage,
+        )
+
+    async def stream(self, chat: PreparedChat) -> AsyncIterator[bytes]:
+        """Server-sent events: a role chunk per choice, content deltas, finish reasons, optional usage, [DONE]."""
+        states = [_ChoiceState() for _ in range(chat.request.n)]
+        base = {"id": chat.completion_id, "created": int(chat.created.timestamp()), "model": chat.request.model,
+                "system_fingerprint": fingerprint(chat.policy_version)}
+        include_usage = bool(chat.request.stream_options and chat.request.stream_options.include_usage)
+        completed = False
+        try:
+            yield _sse(ChatCompletionChunk(**base, choices=[
+                ChunkChoice(index=i, delta=Delta(role="assistant", content="")) for i in range(chat.request.n)]))
+            async for step in self._generate(chat, stream=True):
+                self._accumulate(states, step)
+                choices = [ChunkChoice(index=c.index, delta=Delta(content=c.text or None),
+                                       finish_reason=c.finish_reason)
+                           for c in step.choices if c.text or c.finish_reason]
+                if choices:
+                    yield _sse(ChatCompletionChunk(**base, choices=choices))
+            await self._store(chat, states)
+            completed = True
+            if include_usage:
+                yield _sse(ChatCompletionChunk(**base, choices=[], usage=self._usage(chat, states)))
+            yield b"data: [DONE]\n\n"
+        finally:
+            if not completed:
+                self._store_in_background(chat, states, aborted=True)
+
+    async def _generate(self, chat: PreparedChat, *, stream: bool) -> AsyncIterator[GenerationStep]:
+        first = True
+        self.metrics.engine_requests.inc()
+        agen = self.engine.generate(chat.prompt_token_ids, chat.options, chat.completion_id, chat.policy_version,
+                                    stream=stream)
+        try:
+            async for step in agen:
+                if first and any(c.token_ids for c in step.choices):
+                    first = False
+                    self.metrics.time_to_first_token.observe(time.perf_counter() - chat.started)
+                yield step
+        except (asyncio.CancelledError, GeneratorExit):
+            self.metrics.client_disconnects.inc()
+            raise
+        finally:
+            await agen.aclose()
+
+    @staticmethod
+    def _accumulate(states: list[_ChoiceState], step: GenerationStep) -> None:
+        for c in step.choices:
+            s = states[c.index]
+            s.text.append(c.text)
+            s.token_ids.extend(c.token_ids)
+            s.finish_reason = c.finish_reason or s.finish_reason
+
+    def _usage(self, chat: PreparedChat, states: list[_ChoiceState]) -> Usage:
+        completion = sum(len(s.token_ids) for s in states)
+        return Usage(prompt_tokens=len(chat.prompt_token_ids), completion_tokens=completion,
+                     total_tokens=len(chat.prompt_token_ids) + completion)
+
+    # --- storage ---------------------------------------------------------------------------------------------
+
+    def _record(self, chat: PreparedChat, states: list[_ChoiceState], aborted: bool) -> CompletionRecord:
+        req = chat.request
+        return CompletionRecord(
+            id=chat.completion_id,
+            created=chat.created,
+            model=req.model,
+            policy_version=chat.policy_version,
+            messages=[msgspec.to_builtins(m) for m in req.messages],
+            params=msgspec.to_builtins(req.params_record()),
+            user=req.user,
+            metadata=req.metadata,
+            prompt_tokens=len(chat.prompt_token_ids),
+            completion_tokens=sum(len(s.token_ids) for s in states),
+            latency_ms=(time.perf_counter() - chat.started) * 1000.0,
+            stream=req.stream,
+            choices=[ChoiceRecord(index=i, text="".join(s.text), token_ids=s.token_ids,
+                                  finish_reason=s.finish_reason or ("abort" if aborted else None))
+                     for i, s in enumerate(states)],
+        )
+
+    async def _store(self, chat: PreparedChat, states: list[_ChoiceState]) -> None:
+        record = self._record(chat, states, aborted=False)
+        try:
+            await self.store.record_completion(record)
+        except Exception:
+            self.metrics.store_errors.inc()
+            raise
+        self.metrics.completions_stored.inc()
+        self.metrics.prompt_tokens.inc(record.prompt_tokens)
+        self.metrics.completion_tokens.inc(record.completion_tokens)
+
+    def _store_in_background(self, chat: PreparedChat, states: list[_ChoiceState], aborted: bool) -> None:
+        # The client is gone; keep what was generated (finish_reason "abort") without holding anyone up.
+        record = self._record(chat, states, aborted=aborted)
+
+        async def store() -> None:
+            try:
+                await self.store.record_completion(record)
+            except Exception:
+                self.metrics.store_errors.inc()
+                log.exception("could not store aborted completion %s", record.id)
+
+        task = asyncio.get_running_loop().create_task(store())
+        _background.add(task)
+        task.add_done_callback(_background.discard)
+
+
+_background: set[asyncio.Task[None]] = set()
+
+
+def _sse(chunk: ChatCompletionChunk) -> bytes:
+    return b"data: " + msgspec.json.encode(chunk) + b"\n\n"

@@ -1,0 +1,274 @@
+"""Settings: one msgspec Struct tree, read from ``alignd.toml`` < ``ALIGND_*`` environment < command-line flags.
+
+Every leaf field is one option. Its command-line flag is ``--<field name>`` with dashes (or the ``flag`` named in its
+``Meta.extra``, for the repeatable list options), its environment twin is ``ALIGND_<FLAG>``, and in the TOML file it
+sits under its section (``[engine] max_model_len = 512``). Field names are unique across sections so that flags stay
+short and familiar (vLLM's own names where they exist). The ``Meta`` description is the ``--help`` text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, get_args, get_origin, get_type_hints
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "ALIGND_"
+DEFAULT_CONFIG_FILE = "alignd.toml"
+
+
+class ConfigError(Exception):
+    """The configuration could not be read or is invalid; the message names the key and the source."""
+
+
+class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """vLLM engine options (see vLLM's engine arguments of the same names)."""
+
+    dtype: Annotated[str, Meta(description="Weights and activations dtype: auto, float32, bfloat16, float16.")] = "auto"
+    max_model_len: Annotated[
+        Annotated[int, Meta(ge=16)] | None,
+        Meta(description="Context length (prompt + reply) in tokens; default: the model's."),
+    ] = None
+    gpu_memory_utilization: Annotated[
+        Annotated[float, Meta(gt=0, le=1)] | None,
+        Meta(description="Fraction of GPU memory for vLLM (on CPU: of one NUMA node, for the KV cache). "
+             "Default 0.9 on GPU, 0.2 on CPU."),
+    ] = None
+    kv_cache_space_gib: Annotated[
+        Annotated[float, Meta(gt=0)] | None,
+        Meta(description="CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."),
+    ] = None
+    max_loras: Annotated[int, Meta(ge=1, description="Policy adapters kept loaded at once (for instant rollback).")] = 4
+    max_lora_rank: Annotated[int, Meta(ge=1, description="Largest LoRA rank a policy adapter may have.")] = 16
+    max_num_seqs: Annotated[int, Meta(ge=1, description="Most sequences the engine schedules in one step.")] = 256
+    enforce_eager: Annotated[
+        bool | None, Meta(description="Disable CUDA graphs / compilation. Default: on for CPU, off for GPU.")
+    ] = None
+    tensor_parallel_size: Annotated[int, Meta(ge=1, description="GPUs to shard the model across.")] = 1
+    seed: Annotated[int, Meta(description="Engine random seed.")] = 0
+
+
+class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """HTTP server, access and request limits."""
+
+    host: Annotated[str, Meta(description="Address to bind.")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="Port to bind (0: any free port).")] = 8000
+    api_keys: Annotated[
+        list[str],
+        Meta(extra={"flag": "api-key"}, description="Key accepted for /v1/* as 'Authorization: Bearer KEY' "
+             "(repeatable; in the environment, comma-separated). None set: /v1/* is open."),
+    ] = msgspec.field(default_factory=list)
+    admin_keys: Annotated[
+        list[str],
+        Meta(extra={"flag": "admin-key"}, description="Key for the operator endpoints (repeatable). It is also "
+             "accepted wherever an API key is. None set: operator endpoints are refused."),
+    ] = msgspec.field(default_factory=list)
+    max_body_bytes: Annotated[int, Meta(ge=1024, description="Largest request body accepted (else 413).")] = 1 << 20
+    max_n: Annotated[int, Meta(ge=1, le=128, description="Largest 'n' (choices per chat request) accepted.")] = 16
+    shutdown_grace_s: Annotated[
+        float, Meta(ge=0, description="On SIGTERM, seconds in-flight requests get to finish before they are cut.")
+    ] = 30.0
+    log_level: Annotated[str, Meta(description="Log level: debug, info, warning, error.")] = "info"
+
+
+class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Where completions and feedback are kept."""
+
+    database: Annotated[
+        str | None,
+        Meta(description="Database URL: sqlite:///path.db or postgresql://user:pass@host/db. "
+             "Default: SQLite in the data dir."),
+    ] = None
+    batch_max: Annotated[int, Meta(ge=1, description="Most rows committed together in one group commit.")] = 256
+
+
+class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Everything alignd reads at start."""
+
+    model: Annotated[
+        str | None,
+        Meta(description="Base model: a Hugging Face id or a local directory. Default: the built-in demo model, "
+             "built into the data dir on first use."),
+    ] = None
+    served_name: Annotated[str, Meta(description="Model name clients use for the promoted policy.")] = "alignd"
+    data_dir: Annotated[str, Meta(description="Where the database, policies and model cache live.")] = ".alignd"
+    server: ServerSettings = msgspec.field(default_factory=ServerSettings)
+    engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
+    store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+
+    @property
+    def data_path(self) -> Path:
+        """The data directory as an absolute path."""
+        return Path(self.data_dir).expanduser().resolve()
+
+    @property
+    def database_url(self) -> str:
+        """The configured database URL, or the embedded SQLite file in the data dir."""
+        return self.store.database or f"sqlite:///{self.data_path / 'alignd.db'}"
+
+
+# --- option table -----------------------------------------------------------------------------------------------
+
+
+class Option(msgspec.Struct, frozen=True):
+    """One leaf setting: where it sits in the tree, its flag, its type and its help."""
+
+    path: tuple[str, ...]
+    flag: str
+    type: Any
+    help: str
+    default: Any
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.flag.upper().replace("-", "_")
+
+    @property
+    def is_list(self) -> bool:
+        return get_origin(self.type) is list
+
+    @property
+    def is_bool(self) -> bool:
+        return self.type is bool or (get_origin(self.type) is not None and bool in get_args(self.type)
+                                     and str not in get_args(self.type))
+
+
+def _options(cls: type[msgspec.Struct] = Settings, prefix: tuple[str, ...] = ()) -> list[Option]:
+    hints = get_type_hints(cls, include_extras=True)
+    defaults = {f.name: f for f in msgspec.structs.fields(cls)}
+    out: list[Option] = []
+    for name, hint in hints.items():
+        if name not in defaults:
+            continue
+        base, meta = hint, None
+        if get_origin(hint) is Annotated:
+            base, *extras = get_args(hint)
+            meta = next((m for m in extras if isinstance(m, Meta)), None)
+        if isinstance(base, type) and issubclass(base, msgspec.Struct):
+            out.extend(_options(base, (*prefix, name)))
+            continue
+        field = defaults[name]
+        default = field.default if field.default is not msgspec.NODEFAULT else field.default_factory()
+        flag = (meta.extra or {}).get("flag", name.replace("_", "-")) if meta else name.replace("_", "-")
+        out.append(Option((*prefix, name), flag, base, (meta.description or "") if meta else "", default))
+    return out
+
+
+OPTIONS: tuple[Option, ...] = tuple(_options())
+assert len({o.flag for o in OPTIONS}) == len(OPTIONS), "setting names must be unique across sections"
+
+
+# --- sources -----------------------------------------------------------------------------------------------------
+
+
+def _set(tree: dict[str, Any], path: Sequence[str], value: Any) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The TOML file as a dict; a file that cannot be read or parsed is a ConfigError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+
+
+def env_values(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The ``ALIGND_*`` variables that name an option, as a nested dict of strings (lists split on commas)."""
+    out: dict[str, Any] = {}
+    for opt in OPTIONS:
+        if opt.env in environ:
+            raw = environ[opt.env]
+            value: Any = [v.strip() for v in raw.split(",") if v.strip()] if opt.is_list else raw
+            if not opt.is_list and raw == "" and type(None) in get_args(opt.type):
+                value = None
+            _set(out, opt.path, value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add a flag for every option, grouped by section; unset flags stay out of the namespace."""
+    parser.add_argument("--config", metavar="FILE", default=argparse.SUPPRESS,
+                        help=f"TOML config file (env {ENV_PREFIX}CONFIG; default ./{DEFAULT_CONFIG_FILE} if present).")
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in OPTIONS:
+        section = opt.path[0] if len(opt.path) > 1 else "general"
+        group = groups.get(section) or groups.setdefault(section, parser.add_argument_group(f"{section} options"))
+        default = "" if opt.default in (None, []) else f" [default: {opt.default}]"
+        help_text = f"{opt.help}{default} (env {opt.env})".replace("%", "%%")
+        dest = ".".join(opt.path)
+        if opt.is_list:
+            group.add_argument(f"--{opt.flag}", dest=dest, action="append", metavar="VALUE",
+                               default=argparse.SUPPRESS, help=help_text)
+        elif opt.is_bool:
+            group.add_argument(f"--{opt.flag}", dest=dest, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
+        else:
+            group.add_argument(f"--{opt.flag}", dest=dest, metavar=opt.flag.upper().replace("-", "_"),
+                               default=argparse.SUPPRESS, help=help_text)
+
+
+def cli_values(namespace: argparse.Namespace) -> dict[str, Any]:
+    """The flags given on the command line, as a nested dict."""
+    out: dict[str, Any] = {}
+    for dest, value in vars(namespace).items():
+        if "." in dest or dest in {o.path[0] for o in OPTIONS if len(o.path) == 1}:
+            _set(out, dest.split("."), value)
+    return out
+
+
+def load_settings(
+    cli: Mapping[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Settings from the config file < environment < ``cli`` (a nested dict), validated.
+
+    ``config_file`` defaults to ``ALIGND_CONFIG`` or ``./alignd.toml`` when that exists; a named file must exist.
+    """
+    environ = os.environ if environ is None else environ
+    named = config_file or environ.get(f"{ENV_PREFIX}CONFIG")
+    tree: dict[str, Any] = {}
+    if named:
+        tree = read_config_file(named)
+    elif Path(DEFAULT_CONFIG_FILE).is_file():
+        named = DEFAULT_CONFIG_FILE
+        tree = read_config_file(named)
+    tree = _merge(_merge(tree, env_values(environ)), cli or {})
+    try:
+        return msgspec.convert(tree, Settings, strict=False)
+    except msgspec.ValidationError as e:
+        where = f" (config file {named}, environment or flags)" if named else " (environment or flags)"
+        raise ConfigError(f"invalid setting: {_humanize(str(e))}{where}") from e
+
+
+def _humanize(message: str) -> str:
+    # msgspec says "... - at `$.engine.max_loras`"; operators know the key as engine.max_loras / --max-loras.
+    if " - at `$." in message:
+        text, _, path = message.partition(" - at `$.")
+        path = path.rstrip("`")
+        key = path.split("[")[0]
+        leaf = key.split(".")[-1]
+        flag = next((o.flag for o in OPTIONS if o.path[-1] == leaf), leaf.replace("_", "-"))
+        return f"{key} (--{flag}): {text}"
+    if message.startswith("Object contains unknown field"):
+        return message.replace("Object contains unknown field", "unknown key")
+    return message

@@ -1,0 +1,40 @@
+"""Prometheus collectors of alignd. vLLM registers its own ``vllm:*`` collectors in the default registry; ours live
+in a registry per app (several apps may share a process in tests) and ``/metrics`` serves both."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY as DEFAULT_REGISTRY
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class Metrics:
+    """The collectors, created per instance in their own registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter("alignd_requests", "HTTP requests by route and status.", ["route", "method", "status"],
+                                registry=r)
+        self.request_latency = Histogram("alignd_request_latency_seconds", "Time to the response's last byte.",
+                                         ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.time_to_first_token = Histogram("alignd_time_to_first_token_seconds",
+                                             "Chat: time from request to the first generated token.",
+                                             buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens = Counter("alignd_prompt_tokens", "Prompt tokens of chat requests.", registry=r)
+        self.completion_tokens = Counter("alignd_completion_tokens", "Generated tokens of chat requests.",
+                                         registry=r)
+        self.in_flight = Gauge("alignd_requests_in_flight", "HTTP requests being served now.", registry=r)
+        self.promoted_version = Gauge("alignd_promoted_policy_version", "Policy version that serves the model name.",
+                                      registry=r)
+        self.engine_requests = Counter("alignd_engine_requests", "Chat requests handed to the engine.", registry=r)
+        self.completions_stored = Counter("alignd_completions_stored", "Completions committed to the store.",
+                                          registry=r)
+        self.store_errors = Counter("alignd_store_errors", "Completions that could not be stored.", registry=r)
+        self.client_disconnects = Counter("alignd_client_disconnects",
+                                          "Chat requests aborted because the client went away.", registry=r)
+
+    def render(self) -> bytes:
+        """Our collectors, then the process-wide registry (vLLM's ``vllm:*`` and process metrics)."""
+        return generate_latest(self.registry) + generate_latest(DEFAULT_REGISTRY)

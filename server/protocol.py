@@ -1,0 +1,216 @@
+"""Every wire type of the HTTP API, as msgspec Structs. Importable without torch or vLLM (the SDK uses it too).
+
+Request structs validate what a schema can say (types, ranges) and own their translation to engine parameters
+(``to_sampling()``); limits that depend on the running server (``n`` cap, context left) are checked by the service.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+Role = Literal["system", "developer", "user", "assistant"]
+
+
+class ContentPart(msgspec.Struct, kw_only=True, forbid_unknown_fields=False):
+    """One part of a message's content; only text parts are supported by a text model."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A message of the conversation, as OpenAI's chat API sends it."""
+
+    role: Role
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        """The message's content as plain text."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class StreamOptions(msgspec.Struct, kw_only=True):
+    include_usage: bool = False
+
+
+Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
+TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
+Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+PositiveInt = Annotated[int, Meta(ge=1)]
+
+
+class SamplingOptions(msgspec.Struct, kw_only=True, frozen=True):
+    """Engine-neutral sampling parameters; the engine wrapper turns them into its own type."""
+
+    n: int = 1
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    min_tokens: int = 0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: list[str] = []
+    stop_token_ids: list[int] = []
+    seed: int | None = None
+    ignore_eos: bool = False
+
+
+class ChatCompletionRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/chat/completions``: OpenAI's fields plus vLLM's common extra sampling fields."""
+
+    model: str
+    messages: Annotated[list[ChatMessage], Meta(min_length=1)]
+    n: PositiveInt = 1
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Meta(max_length=256)] | None = None
+    metadata: dict[str, str] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    # vLLM's extra sampling fields
+    top_k: Annotated[int, Meta(ge=-1)] | None = None
+    min_p: Annotated[float, Meta(ge=0.0, le=1.0)] | None = None
+    repetition_penalty: Annotated[float, Meta(gt=0.0, le=2.0)] | None = None
+    min_tokens: Annotated[int, Meta(ge=0)] | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None
+
+    @property
+    def requested_max_tokens(self) -> int | None:
+        """``max_completion_tokens`` (the newer name) or ``max_tokens``."""
+        return self.max_completion_tokens or self.max_tokens
+
+    def to_sampling(self, max_tokens: int) -> SamplingOptions:
+        """Engine parameters, with ``max_tokens`` already resolved against the context left."""
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingOptions(
+            n=self.n,
+            max_tokens=max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=0 if self.top_k in (None, -1) else self.top_k,
+            min_p=self.min_p or 0.0,
+            min_tokens=self.min_tokens or 0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            seed=self.seed,
+            ignore_eos=self.ignore_eos,
+        )
+
+    def params_record(self) -> dict[str, Any]:
+        """The sampling fields the client set, as stored with the completion."""
+        fields = ("n", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "seed", "stream",
+                  "presence_penalty", "frequency_penalty", "top_k", "min_p", "repetition_penalty", "min_tokens",
+                  "ignore_eos", "stop_token_ids")
+        return {f: getattr(self, f) for f in fields if getattr(self, f) not in (None, False)}
+
+
+class AssistantMessage(msgspec.Struct, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+
+
+class Choice(msgspec.Struct, kw_only=True):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+
+
+class Usage(msgspec.Struct, kw_only=True):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(msgspec.Struct, kw_only=True):
+    """The non-streaming response; ``system_fingerprint`` names the policy version that wrote it."""
+
+    id: str
+    choices: list[Choice]
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage
+    object: Literal["chat.completion"] = "chat.completion"
+
+
+class Delta(msgspec.Struct, kw_only=True, omit_defaults=True):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChunkChoice(msgspec.Struct, kw_only=True):
+    index: int
+    delta: Delta
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(msgspec.Struct, kw_only=True):
+    """One server-sent event of a streaming response."""
+
+    id: str
+    choices: list[ChunkChoice]
+    created: int
+    model: str
+    system_fingerprint: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    usage: Usage | None = None
+
+
+class ModelCard(msgspec.Struct, kw_only=True):
+    id: str
+    created: int = msgspec.field(default_factory=lambda: int(time.time()))
+    owned_by: str = "alignd"
+    object: Literal["model"] = "model"
+
+
+class ModelList(msgspec.Struct, kw_only=True):
+    data: list[ModelCard]
+    object: Literal["list"] = "list"
+
+
+class ErrorDetail(msgspec.Struct, kw_only=True):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(msgspec.Struct, kw_only=True):
+    """OpenAI's error shape: ``{"error": {"message", "type", "param", "code"}}``."""
+
+    error: ErrorDetail
+
+
+class Health(msgspec.Struct, kw_only=True):
+    status: str
+    policy_version: int | None = None
+    detail: str | None = None
+
+
+def fingerprint(policy_version: int) -> str:
+    """The ``system_fingerprint`` that names a policy version."""
+    return f"policy-{policy_version}"
