@@ -41,7 +41,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         state = app.state
         state.settings = settings
         state.metrics = Metrics()
-        state.keys = KeyChecker(settings.server.api_keys, settings.server.admin_keys)
+        state.key_checker = KeyChecker(settings.server.api_keys, settings.server.admin_keys)
         state.engine = None
         state.chat = None
         state.router = None

@@ -58,9 +58,9 @@ class KeyChecker:
 
 def user_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for the client API."""
-    connection.app.state.keys.check_user(bearer(connection))
+    connection.app.state.key_checker.check_user(bearer(connection))
 
 
 def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for operator endpoints."""
-    connection.app.state.keys.check_admin(bearer(connection))
+    connection.app.state.key_checker.check_admin(bearer(connection))

@@ -40,7 +40,7 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
              "Default 0.9 on GPU, 0.2 on CPU."),
     ] = None
     kv_cache_space_gib: Annotated[
-        Annotated[float, Meta(gt=0)] | None,
+        Annotated[int, Meta(ge=1)] | None,
         Meta(description="CPU only: KV-cache size in GiB (sets VLLM_CPU_KVCACHE_SPACE)."),
     ] = None
     max_loras: Annotated[int, Meta(ge=1, description="Policy adapters kept loaded at once (for instant rollback).")] = 4

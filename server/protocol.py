@@ -205,7 +205,7 @@ class ErrorResponse(msgspec.Struct, kw_only=True):
     error: ErrorDetail
 
 
-class Health(msgspec.Struct, kw_only=True):
+class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
     status: str
     policy_version: int | None = None
     detail: str | None = None

@@ -13,7 +13,7 @@ from server.config import Settings, load_settings
 from tests.serverkit import AppServer, LoopThread
 
 # Light engine settings for a 2-core test machine; the model is the demo model built once per session.
-TEST_ENGINE = {"max_model_len": 512, "kv_cache_space_gib": 1.0, "max_loras": 2, "max_lora_rank": 8,
+TEST_ENGINE = {"max_model_len": 512, "kv_cache_space_gib": 1, "max_loras": 2, "max_lora_rank": 8,
                "max_num_seqs": 64}
 
 

@@ -314,7 +314,7 @@ def test_api_keys_guard_the_client_api(keyed_server: AppServer, header: str | No
 def test_admin_guard_tells_api_key_from_admin_key(keyed_server: AppServer) -> None:
     from server.errors import Forbidden, Unauthorized
 
-    keys = keyed_server.state.keys
+    keys = keyed_server.state.key_checker
     keys.check_admin("admin-key")
     with pytest.raises(Forbidden):
         keys.check_admin("user-key-1")

@@ -1,0 +1,493 @@
+"""The :class:`Store`: durable storage for completions on SQLite (WAL) or PostgreSQL.
+
+Writes of completions go through a single writer task that commits whatever
+has queued up (up to ``batch_max`` records) in one transaction: under load
+one fsync serves many requests, and each caller still returns only once its
+own record is committed ("group commit").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import msgspec
+from sqlalchemy import Row, event, func, insert, select
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import (
+    ArgumentError,
+    DataError,
+    DBAPIError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    StatementError,
+)
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from server.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_version, migrate
+from server.store.records import ChoiceRecord, CompletionRecord
+from server.store.tables import choices, completions
+
+__all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "StoreStats"]
+
+# How long an SQLite connection waits for another writer's lock before giving up.
+_SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Bound on bind parameters per ``IN (…)`` when loading choices (both backends allow far more).
+_IN_CHUNK = 500
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (bad URL, unreachable database, failed write, …)."""
+
+
+class StoreClosedError(StoreError):
+    """The store was closed (or is closing) and takes no more work."""
+
+
+class RecordRejectedError(StoreError):
+    """This record cannot be stored (duplicate id, invalid value, …); other records are unaffected."""
+
+
+@dataclass(slots=True)
+class StoreStats:
+    """Counters of the group-commit writer (for tests, benchmarks and metrics)."""
+
+    batches: int = 0
+    """Transactions committed by the writer (a batch retried record by record counts each retry)."""
+    records: int = 0
+    """Completions committed."""
+    failed: int = 0
+    """Completions whose caller got an exception from the writer."""
+    largest_batch: int = 0
+    """Most completions committed in one transaction."""
+
+
+@dataclass(slots=True)
+class _Pending:
+    record: CompletionRecord
+    done: asyncio.Future[None]
+
+
+def _mask_password(raw: str) -> str:
+    """Hide the password of a URL that could not even be parsed."""
+    return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", raw)
+
+
+def _async_url(raw: str) -> URL:
+    """Map a user-facing database URL to the async driver SQLAlchemy should use."""
+    try:
+        url = make_url(raw)
+    except ArgumentError as exc:
+        raise StoreError(f"invalid database URL {_mask_password(raw)!r}: {exc}") from None
+    backend, _, driver = url.drivername.partition("+")  # no driver given: "" (not the sync default)
+    if backend in ("postgresql", "postgres") and driver in ("", "asyncpg"):
+        return url.set(drivername="postgresql+asyncpg")
+    if backend == "sqlite" and driver in ("", "aiosqlite"):
+        return url.set(drivername="sqlite+aiosqlite")
+    raise StoreError(
+        f"unsupported database URL {url.render_as_string(hide_password=True)!r}: "
+        "use sqlite:///path.db or postgresql://user:password@host:port/database"
+    )
+
+
+def _is_sqlite_file(url: URL) -> bool:
+    database = url.database or ""
+    return database not in ("", ":memory:") and not database.startswith("file:")
+
+
+def _json_dumps(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+    """Per-connection SQLite settings (PRAGMAs are per connection, not per file)."""
+    # Let SQLAlchemy's "begin" listener emit BEGIN: the driver's implicit transactions would
+    # autocommit DDL and could not be made IMMEDIATE.
+    dbapi_connection.isolation_level = None
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        # In WAL mode NORMAL is still safe against corruption; a power loss may lose the last commits.
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+    finally:
+        cursor.close()
+
+
+def _sqlite_on_begin(conn: Connection) -> None:
+    immediate = conn.get_execution_options().get(SQLITE_BEGIN_IMMEDIATE, False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+def _create_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
+    json_kwargs: dict[str, Any] = {"json_serializer": _json_dumps, "json_deserializer": msgspec.json.decode}
+    if url.get_backend_name() == "sqlite":
+        engine = create_async_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000}, **json_kwargs)
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+        return engine
+    # pre_ping: replicas outlive database restarts; a stale pooled connection is replaced, not failed.
+    return create_async_engine(url, connect_args={"timeout": connect_timeout}, pool_pre_ping=True, **json_kwargs)
+
+
+def _describe(exc: BaseException) -> str:
+    """A short reason for an exception (the driver's message without SQLAlchemy's SQL dump)."""
+    orig = getattr(exc, "orig", None)
+    return f"{type(orig or exc).__name__}: {orig or exc}".strip()
+
+
+def _may_be_one_records_fault(exc: BaseException) -> bool:
+    """Whether a failed batch is worth retrying record by record (not a lost connection)."""
+    if isinstance(exc, DBAPIError):
+        return not exc.connection_invalidated and not isinstance(exc, (OperationalError, InterfaceError))
+    return isinstance(exc, (StatementError, ValueError, TypeError, OverflowError))
+
+
+def _is_rejection(exc: BaseException) -> bool:
+    """Whether a single record's failure is the record's fault (as opposed to the database's)."""
+    if isinstance(exc, (IntegrityError, DataError)):
+        return True
+    if isinstance(exc, DBAPIError):
+        sqlstate = getattr(exc.orig, "sqlstate", None) or ""
+        return sqlstate.startswith(("22", "23"))  # PostgreSQL data exception / integrity violation
+    return isinstance(exc, (StatementError, ValueError, TypeError, OverflowError))
+
+
+def _completion_row(rec: CompletionRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "created": rec.created,
+        "model": rec.model,
+        "policy_version": rec.policy_version,
+        "messages": rec.messages,
+        "params": rec.params,
+        "user": rec.user,
+        "metadata": rec.metadata,
+        "prompt_tokens": rec.prompt_tokens,
+        "completion_tokens": rec.completion_tokens,
+        "latency_ms": rec.latency_ms,
+        "stream": rec.stream,
+    }
+
+
+def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
+    return [
+        {
+            "completion_id": rec.id,
+            "index": c.index,
+            "text": c.text,
+            "token_ids": c.token_ids,
+            "finish_reason": c.finish_reason,
+        }
+        for c in rec.choices
+    ]
+
+
+def _completion_record(row: Row[Any], choice_rows: Iterable[Row[Any]]) -> CompletionRecord:
+    m = row._mapping
+    return CompletionRecord(
+        id=m["id"],
+        created=m["created"],
+        model=m["model"],
+        policy_version=m["policy_version"],
+        messages=m["messages"],
+        params=m["params"],
+        user=m["user"],
+        metadata=m["metadata"],
+        prompt_tokens=m["prompt_tokens"],
+        completion_tokens=m["completion_tokens"],
+        latency_ms=m["latency_ms"],
+        stream=m["stream"],
+        choices=[
+            ChoiceRecord(index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason)
+            for c in choice_rows
+        ],
+    )
+
+
+class Store:
+    """Durable storage for completions; one per process, shared by all requests.
+
+    Create with :meth:`open` and release with :meth:`close` (or ``async with``).
+    All methods must be called from the event loop that opened the store.
+    """
+
+    def __init__(self, engine: AsyncEngine, *, display_url: str, batch_max: int, queue_max: int) -> None:
+        """Internal: use :meth:`open`, which migrates the database first."""
+        self._engine = engine
+        # Writer transactions only write: on SQLite take the write lock up front (BEGIN IMMEDIATE).
+        self._write_engine = engine.execution_options(**{SQLITE_BEGIN_IMMEDIATE: True})
+        self._display_url = display_url
+        self._batch_max = batch_max
+        # Backpressure: at most queue_max records are queued or being committed; further callers wait.
+        self._slots = asyncio.Semaphore(queue_max)
+        self._queue: asyncio.Queue[_Pending | None] = asyncio.Queue()  # None: stop after what is queued
+        self._closing = False
+        self._close_task: asyncio.Task[None] | None = None
+        self._writer: asyncio.Task[None] = asyncio.get_running_loop().create_task(
+            self._run_writer(), name="alignd-store-writer"
+        )
+        self.stats = StoreStats()  # group-commit counters
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        batch_max: int = 256,
+        queue_max: int | None = None,
+        connect_timeout: float = 10.0,
+    ) -> Store:
+        """Connect to ``url``, migrate the schema to the latest version and start the writer.
+
+        ``url`` is ``sqlite:///relative/path.db``, ``sqlite:////absolute/path.db``,
+        ``postgresql://user:password@host:port/database`` (or ``postgres://``), or
+        already-async ``sqlite+aiosqlite://`` / ``postgresql+asyncpg://``. The SQLite
+        file's parent directory is created if missing.
+
+        ``batch_max`` bounds the records committed in one transaction; ``queue_max``
+        (default ``4 * batch_max``) bounds the records waiting or being committed
+        before :meth:`record_completion` callers wait for room. ``connect_timeout``
+        (seconds) bounds each PostgreSQL connection attempt.
+
+        Raises :class:`StoreError` (naming the URL, password masked) when the URL is
+        invalid or the database cannot be reached or migrated.
+        """
+        if batch_max < 1:
+            raise ValueError(f"batch_max must be at least 1, got {batch_max}")
+        queue_max = 4 * batch_max if queue_max is None else queue_max
+        if queue_max < 1:
+            raise ValueError(f"queue_max must be at least 1, got {queue_max}")
+        sa_url = _async_url(url)
+        display_url = sa_url.render_as_string(hide_password=True)
+        if sa_url.get_backend_name() == "sqlite" and _is_sqlite_file(sa_url):
+            try:
+                Path(sa_url.database or "").parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise StoreError(f"cannot create the directory for {display_url}: {exc}") from exc
+        engine = _create_engine(sa_url, connect_timeout=connect_timeout)
+        try:
+            await migrate(engine)
+        except Exception as exc:
+            await engine.dispose()
+            reason = _describe(exc)
+            if sa_url.password:
+                reason = reason.replace(str(sa_url.password), "***")
+            raise StoreError(f"cannot open the store at {display_url}: {reason}") from exc
+        except BaseException:  # cancelled: still release the connections
+            await engine.dispose()
+            raise
+        return cls(engine, display_url=display_url, batch_max=batch_max, queue_max=queue_max)
+
+    async def close(self) -> None:
+        """Commit everything already enqueued, stop the writer and release connections.
+
+        Callers still waiting for room in the queue get :class:`StoreClosedError`.
+        Safe to call more than once, and concurrently.
+        """
+        if self._close_task is None:
+            self._closing = True
+            self._close_task = asyncio.get_running_loop().create_task(self._shutdown())
+        await asyncio.shield(self._close_task)
+
+    async def _shutdown(self) -> None:
+        self._queue.put_nowait(None)  # after every record enqueued so far: they are committed first
+        await asyncio.gather(self._writer, return_exceptions=True)
+        await self._engine.dispose()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has been called."""
+        return self._closing
+
+    @property
+    def url(self) -> str:
+        """The database URL, password masked."""
+        return self._display_url
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine (for queries of other store modules and tests; completions are
+        written through :meth:`record_completion` only)."""
+        return self._engine
+
+    async def schema_version(self) -> int:
+        """The database's applied migration version (read from ``schema_migrations``)."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            return await conn.run_sync(current_version)
+
+    def _check_open(self) -> None:
+        if self._close_task is not None and self._close_task.done():
+            raise StoreClosedError(f"the store at {self._display_url} is closed")
+
+    # ------------------------------------------------------------------ writes
+
+    async def record_completion(self, rec: CompletionRecord) -> None:
+        """Store a completion and its choices; return once they are committed.
+
+        Concurrent calls are committed together (group commit). Raises
+        :class:`RecordRejectedError` when this record cannot be stored (e.g. its id
+        already exists, or ``created`` has no timezone), :class:`StoreClosedError`
+        after :meth:`close`, :class:`StoreError` when the database fails. If the
+        caller is cancelled after enqueueing, the record is still committed.
+        """
+        if rec.created.tzinfo is None or rec.created.utcoffset() is None:
+            raise RecordRejectedError(f"completion {rec.id!r}: created must be timezone-aware, got {rec.created!r}")
+        if self._closing:
+            raise StoreClosedError(f"the store at {self._display_url} is closed")
+        async with self._slots:
+            if self._closing:  # closed while we waited for room
+                raise StoreClosedError(f"the store at {self._display_url} is closed")
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._queue.put_nowait(_Pending(rec, done))
+            await done
+
+    async def _run_writer(self) -> None:
+        """Commit queued records in batches until the stop marker; fail leftovers if ever killed."""
+        batch: list[_Pending] = []
+        try:
+            while True:
+                first = await self._queue.get()
+                if first is None:
+                    return
+                batch, stop = [first], False
+                # Everything that queued while the previous batch committed goes into this one.
+                while len(batch) < self._batch_max and not self._queue.empty():
+                    item = self._queue.get_nowait()
+                    if item is None:
+                        stop = True
+                        break
+                    batch.append(item)
+                await self._commit(batch)
+                if stop:
+                    return
+        finally:
+            # Only if the writer was cancelled or crashed is anything left undone. Nobody may wait forever.
+            self._closing = True
+            leftovers = [item for item in batch if not item.done.done()]
+            while not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is not None:
+                    leftovers.append(item)
+            for item in leftovers:
+                self._fail(item, StoreClosedError(f"the store at {self._display_url} stopped before committing"))
+
+    async def _commit(self, batch: Sequence[_Pending]) -> None:
+        """Commit ``batch`` in one transaction; on failure, retry each record alone."""
+        try:
+            await self._insert(batch)
+        except Exception as exc:
+            if len(batch) > 1 and _may_be_one_records_fault(exc):
+                for item in batch:  # isolate the bad record(s): each fails only its own caller
+                    await self._commit([item])
+                return
+            for item in batch:
+                self._fail(item, self._error_for(item.record, exc))
+            return
+        self.stats.batches += 1
+        self.stats.records += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+        for item in batch:
+            if not item.done.done():  # the caller may have been cancelled
+                item.done.set_result(None)
+
+    async def _insert(self, batch: Sequence[_Pending]) -> None:
+        completion_rows = [_completion_row(item.record) for item in batch]
+        choice_rows = [row for item in batch for row in _choice_rows(item.record)]
+        async with self._write_engine.begin() as conn:
+            await conn.execute(insert(completions), completion_rows)
+            if choice_rows:
+                await conn.execute(insert(choices), choice_rows)
+
+    def _error_for(self, rec: CompletionRecord, exc: BaseException) -> StoreError:
+        if _is_rejection(exc):
+            error: StoreError = RecordRejectedError(f"completion {rec.id!r} was not stored: {_describe(exc)}")
+        else:
+            error = StoreError(f"completion {rec.id!r} was not stored in {self._display_url}: {_describe(exc)}")
+        error.__cause__ = exc
+        return error
+
+    def _fail(self, item: _Pending, error: BaseException) -> None:
+        self.stats.failed += 1
+        if not item.done.done():
+            item.done.set_exception(error)
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_completion(self, id: str) -> CompletionRecord | None:
+        """The completion with this id and its choices, or None."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(completions).where(completions.c.id == id))).first()
+            if row is None:
+                return None
+            choice_rows = await conn.execute(
+                select(choices).where(choices.c.completion_id == id).order_by(choices.c.index)
+            )
+            return _completion_record(row, choice_rows)
+
+    async def list_completions(
+        self,
+        *,
+        limit: int = 100,
+        since: datetime | None = None,
+        policy_version: int | None = None,
+        newest_first: bool = True,
+    ) -> list[CompletionRecord]:
+        """Up to ``limit`` completions with their choices, ordered by ``created`` (then id).
+
+        ``since`` (timezone-aware) keeps those created at or after it; ``policy_version``
+        keeps those generated by that version. Newest first unless ``newest_first=False``
+        (oldest first suits paging forward with ``since``).
+        """
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        self._check_open()
+        order = (completions.c.created, completions.c.id)
+        query = select(completions).order_by(*(c.desc() for c in order) if newest_first else order).limit(limit)
+        if since is not None:
+            if since.tzinfo is None or since.utcoffset() is None:
+                raise ValueError(f"since must be timezone-aware, got {since!r}")
+            query = query.where(completions.c.created >= since)
+        if policy_version is not None:
+            query = query.where(completions.c.policy_version == policy_version)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+            by_id: dict[str, list[Row[Any]]] = {row.id: [] for row in rows}
+            ids = list(by_id)
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                result = await conn.execute(
+                    select(choices)
+                    .where(choices.c.completion_id.in_(chunk))
+                    .order_by(choices.c.completion_id, choices.c.index)
+                )
+                for choice in result:
+                    by_id[choice.completion_id].append(choice)
+        return [_completion_record(row, by_id[row.id]) for row in rows]
+
+    async def count_completions(self) -> int:
+        """How many completions are stored."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            return (await conn.execute(select(func.count()).select_from(completions))).scalar_one()

@@ -1,0 +1,121 @@
+"""The current database schema, as SQLAlchemy Core tables.
+
+These definitions describe the schema *after* every migration in
+:mod:`server.store.migrations` has run, and are what queries are written
+against. Migrations do not create tables from here (a step must keep creating
+exactly what it created when it was written); ``tests/test_store.py`` checks
+that a freshly migrated database matches these tables.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    TypeDecorator,
+)
+
+__all__ = [
+    "NULLABLE_JSON",
+    "UTCDateTime",
+    "choices",
+    "completions",
+    "metadata",
+    "schema_migrations",
+]
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    PostgreSQL stores ``timestamptz``; SQLite has no timezone support, so values
+    are stored as naive UTC text (which keeps them sortable) and read back
+    with ``tzinfo=UTC`` attached. Naive datetimes are refused rather than
+    guessed at.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: store timestamps need a timezone (use UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+#: JSON column type whose Python ``None`` is SQL NULL (the default would store the JSON text ``null``).
+NULLABLE_JSON: JSON = JSON(none_as_null=True)
+
+# Deterministic constraint names, so that later migrations can refer to them on both backends.
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+#: One row per applied migration step (managed by :func:`server.store.migrations.migrate`).
+schema_migrations = Table(
+    "schema_migrations",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("name", Text, nullable=False),
+    Column("applied", UTCDateTime, nullable=False),
+)
+
+#: One row per chat completion request that the server answered.
+completions = Table(
+    "completions",
+    metadata,
+    Column("id", Text, primary_key=True),  # "chatcmpl-…"
+    Column("created", UTCDateTime, nullable=False),
+    Column("model", Text, nullable=False),  # the model name as requested ("alignd", "alignd@3", …)
+    Column("policy_version", Integer, nullable=False),  # the policy that actually generated it
+    Column("messages", JSON, nullable=False),  # the request's messages, as sent
+    Column("params", JSON, nullable=False),  # sampling parameters
+    Column("user", Text, nullable=True),
+    Column("metadata", NULLABLE_JSON, nullable=True),
+    Column("prompt_tokens", Integer, nullable=False),
+    Column("completion_tokens", Integer, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("stream", Boolean, nullable=False),
+    Index(None, "created"),
+    Index(None, "policy_version"),
+)
+
+#: The generated choices of a completion (``n`` of them).
+choices = Table(
+    "choices",
+    metadata,
+    Column("completion_id", Text, nullable=False),
+    Column("index", Integer, nullable=False, autoincrement=False),
+    Column("text", Text, nullable=False),
+    Column("token_ids", JSON, nullable=False),  # list[int], the generated token ids
+    Column("finish_reason", Text, nullable=True),
+    PrimaryKeyConstraint("completion_id", "index"),
+    ForeignKeyConstraint(["completion_id"], ["completions.id"], ondelete="CASCADE"),
+)
