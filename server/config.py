@@ -262,6 +262,10 @@ def load_settings(
 
 def _humanize(message: str) -> str:
     # msgspec says "... - at `$.engine.max_loras`"; operators know the key as engine.max_loras / --max-loras.
+    if message.startswith("Object contains unknown field"):
+        text, _, path = message.partition(" - at `$.")
+        section = f"[{path.rstrip('`')}] " if path else ""
+        return f"{section}{text.replace('Object contains unknown field', 'unknown key')}"
     if " - at `$." in message:
         text, _, path = message.partition(" - at `$.")
         path = path.rstrip("`")
@@ -269,6 +273,4 @@ def _humanize(message: str) -> str:
         leaf = key.split(".")[-1]
         flag = next((o.flag for o in OPTIONS if o.path[-1] == leaf), leaf.replace("_", "-"))
         return f"{key} (--{flag}): {text}"
-    if message.startswith("Object contains unknown field"):
-        return message.replace("Object contains unknown field", "unknown key")
     return message

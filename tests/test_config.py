@@ -1,0 +1,96 @@
+"""Settings: alignd.toml < ALIGND_* environment < flags; validation names the key; --help documents every option."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from server.cli import build_parser
+from server.config import OPTIONS, ConfigError, Settings, add_arguments, cli_values, load_settings
+
+
+def parse(*argv: str) -> dict:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return cli_values(parser.parse_args(argv))
+
+
+def test_defaults() -> None:
+    s = load_settings({}, environ={})
+    assert s.model is None and s.served_name == "alignd" and s.data_dir == ".alignd"
+    assert (s.server.host, s.server.port) == ("127.0.0.1", 8000)
+    assert s.database_url == f"sqlite:///{Path('.alignd').resolve() / 'alignd.db'}"
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "alignd.toml"
+    config.write_text('model = "from-file"\nserved_name = "file"\n[server]\nport = 7000\nhost = "0.0.0.0"\n'
+                      "[engine]\nmax_loras = 3\nenforce_eager = false\n")
+    env = {"ALIGND_PORT": "7100", "ALIGND_SERVED_NAME": "env", "ALIGND_API_KEY": "k1, k2",
+           "ALIGND_ENFORCE_EAGER": "true", "ALIGND_DATABASE": "postgresql://u:p@localhost/db"}
+    s = load_settings(parse("--port", "7200", "--admin-key", "a1", "--admin-key", "a2"), config_file=config,
+                      environ=env)
+    assert s.model == "from-file"  # only in the file
+    assert s.server.host == "0.0.0.0"
+    assert s.served_name == "env"  # env beats file
+    assert s.server.port == 7200  # flag beats env
+    assert s.server.api_keys == ["k1", "k2"] and s.server.admin_keys == ["a1", "a2"]
+    assert s.engine.max_loras == 3 and s.engine.enforce_eager is True
+    assert s.database_url == "postgresql://u:p@localhost/db"
+
+
+def test_alignd_config_env_names_the_file(tmp_path: Path) -> None:
+    config = tmp_path / "other.toml"
+    config.write_text('data_dir = "/srv/alignd"\n')
+    assert load_settings({}, environ={"ALIGND_CONFIG": str(config)}).data_dir == "/srv/alignd"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("[engine]\nmax_loras = 0\n", "engine.max_loras (--max-loras)"),
+    ("[server]\nport = 70000\n", "server.port (--port)"),
+    ("[server]\nport = 'eighty'\n", "server.port (--port)"),
+    ("[engine]\ngpu_memory_utilization = 1.5\n", "engine.gpu_memory_utilization"),
+    ("colour = 'blue'\n", "unknown key `colour`"),
+    ("[engine]\nmax_lora = 3\n", "unknown key `max_lora`"),
+    ("[server\n", "not valid TOML"),
+])
+def test_invalid_config_names_the_key(tmp_path: Path, text: str, expected: str) -> None:
+    config = tmp_path / "alignd.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, config_file=config, environ={})
+    assert expected in str(info.value)
+
+
+def test_invalid_environment_value_names_the_key() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({}, environ={"ALIGND_MAX_N": "many"})
+    assert "server.max_n (--max-n)" in str(info.value)
+
+
+def test_required_flags_exist_with_env_twins() -> None:
+    flags = {o.flag: o.env for o in OPTIONS}
+    for flag in ("host", "port", "model", "data-dir", "database", "api-key", "admin-key", "dtype", "max-model-len",
+                 "gpu-memory-utilization", "kv-cache-space-gib", "max-loras", "max-lora-rank", "enforce-eager",
+                 "tensor-parallel-size", "shutdown-grace-s", "max-body-bytes", "max-n"):
+        assert flag in flags
+        assert flags[flag] == "ALIGND_" + flag.upper().replace("-", "_")
+
+
+def test_serve_help_documents_every_option() -> None:
+    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    for option in OPTIONS:
+        assert f"--{option.flag}" in out, option.flag
+        assert option.env in out.replace("\n", " ").replace("  ", " ") or option.env in out
+    assert "--config" in out
+
+
+def test_every_setting_has_a_description() -> None:
+    assert all(o.help for o in OPTIONS), [o.flag for o in OPTIONS if not o.help]
+    assert Settings.__doc__
+    assert build_parser().prog == "alignd"
