@@ -84,6 +84,9 @@ class ChatService:
     def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
         """Check what depends on the running server (model, n cap, context left); nothing reaches the engine yet."""
         version = self.router.resolve(request.model)
+        if unsupported := request.unsupported_field():
+            raise InvalidRequest(f"'{unsupported}' is not supported by this server.", param=unsupported,
+                                 code="unsupported_parameter")
         if request.n > self.max_n:
             raise InvalidRequest(f"n must be between 1 and {self.max_n}, got {request.n}.", param="n")
         if request.n > 1 and request.temperature == 0:

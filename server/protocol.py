@@ -92,6 +92,21 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     min_tokens: Annotated[int, Meta(ge=0)] | None = None
     ignore_eos: bool = False
     stop_token_ids: list[Annotated[int, Meta(ge=0)]] | None = None
+    # Accepted so that they can be refused by name instead of silently ignored.
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+    def unsupported_field(self) -> str | None:
+        """The first field set that alignd does not implement, if any."""
+        if self.logprobs or self.top_logprobs:
+            return "logprobs" if self.logprobs else "top_logprobs"
+        if self.tools:
+            return "tools"
+        if self.response_format and self.response_format.get("type") not in (None, "text"):
+            return "response_format"
+        return None
 
     @property
     def requested_max_tokens(self) -> int | None:
