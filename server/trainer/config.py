@@ -1,0 +1,156 @@
+"""Trainer settings: one dataclass per stage, gathered in :class:`TrainerConfig`.
+
+Defaults suit the demo model on a two-core machine; real deployments raise the batch sizes and iterations. Importing
+this module imports neither torch nor vLLM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+__all__ = [
+    "AdapterConfig",
+    "DTypeName",
+    "DeviceName",
+    "GateConfig",
+    "PPOConfig",
+    "RewardConfig",
+    "RolloutBackendName",
+    "TrainerConfig",
+]
+
+RolloutBackendName = Literal["vllm", "hf"]
+"""Who generates rollouts: the serving vLLM engine, or Hugging Face ``generate`` in the trainer (benchmark only)."""
+
+DeviceName = Literal["auto", "cuda", "cpu"]
+"""Where the trainer runs; ``auto`` picks CUDA when present."""
+
+DTypeName = Literal["auto", "bfloat16", "float32"]
+"""Base-model dtype; ``auto`` is bfloat16 on a CUDA device that supports it, float32 otherwise."""
+
+
+@dataclass
+class AdapterConfig:
+    """Shape of every LoRA adapter the trainer creates (policy, critic, reward model)."""
+
+    r: int = 8
+    """LoRA rank; must not exceed the engine's ``max_lora_rank`` for policies to be servable."""
+    alpha: int = 16
+    """LoRA scaling numerator: updates are scaled by ``alpha / r``."""
+    dropout: float = 0.0
+    """LoRA dropout. Keep 0 for PPO: log-probs recomputed during the update must match the rollout's."""
+    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    """Linear layers that receive adapters (Llama-style names; vLLM supports all of them)."""
+
+
+@dataclass
+class RewardConfig:
+    """Reward-model fitting: Bradley–Terry on pairs, binary cross-entropy on unpaired labels."""
+
+    learning_rate: float = 2e-3
+    """AdamW learning rate for the reward adapter and its scalar head."""
+    epochs: int = 2
+    """Passes over the training pairs and labels."""
+    batch_size: int = 16
+    """Sequences scored per optimizer step (a ranking's pairs always share one batch, so it may run over)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip."""
+    label_coef: float = 1.0
+    """Weight of the binary cross-entropy term for unpaired good/bad labels."""
+    heldout_fraction: float = 0.1
+    """Share of comparison groups held out for the reported pairwise accuracy (when no held-out set is given)."""
+    max_prompt_tokens: int = 256
+    """Prompts are cut to their last this many tokens."""
+    max_reply_tokens: int = 128
+    """Replies are cut to their first this many tokens (the closing EOS stays)."""
+    normalization_samples: int = 64
+    """Reference-policy replies scored to fit the reward's mean and standard deviation."""
+
+
+@dataclass
+class PPOConfig:
+    """PPO on the policy adapter; critic = its own adapter plus a value head, initialised from the reward model."""
+
+    iterations: int = 20
+    """Rollout-then-update iterations."""
+    rollout_batch_size: int = 32
+    """Prompts (one reply each) per iteration."""
+    max_prompt_tokens: int = 256
+    """Prompts are cut to their last this many tokens (prompt + reply must fit the engine's ``max_model_len``)."""
+    max_new_tokens: int = 64
+    """Reply length limit; replies that reach it without EOS are penalised."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs are recomputed with the same temperature (logits / T)."""
+    epochs: int = 2
+    """Passes over each iteration's experience."""
+    minibatch_size: int = 8
+    """Sequences per gradient step."""
+    forward_batch_size: int = 16
+    """Sequences per no-grad forward pass when building experience (bounds memory, not results)."""
+    learning_rate: float = 3e-4
+    """AdamW learning rate for the policy adapter."""
+    critic_learning_rate: float = 1e-3
+    """AdamW learning rate for the critic adapter and value head."""
+    clip_eps: float = 0.2
+    """Policy ratio clip ε."""
+    value_clip: float = 0.2
+    """Value predictions may move at most this far from the rollout's values per update (clipped value loss)."""
+    vf_coef: float = 0.5
+    """Weight of the value loss in the summed loss (it shares the gradient-norm clip with the policy loss)."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE λ."""
+    init_kl_coef: float = 0.05
+    """Initial β of the per-token KL penalty ``-β (log π - log π_ref)``."""
+    target_kl: float | None = 2.0
+    """Sequence KL (nats) the adaptive controller steers towards; None keeps β fixed."""
+    kl_horizon: int = 256
+    """Adaptive controller horizon, in samples: β moves by at most 20% × rollout_batch_size / horizon per iteration."""
+    no_eos_penalty: float = 1.0
+    """Subtracted from the (normalised) reward-model score of a reply that hit the length limit without EOS."""
+    max_grad_norm: float = 1.0
+    """Gradient-norm clip over policy and critic parameters together."""
+    time_limit_s: float | None = None
+    """Stop after the iteration that crosses this wall time; None runs every iteration."""
+    rollout_backend: RolloutBackendName = "vllm"
+    """Rollout generator. ``hf`` exists for the benchmark that shows what generating in vLLM buys."""
+
+
+@dataclass
+class GateConfig:
+    """Promotion gate: the candidate must beat the current policy by a margin and stay close to the base."""
+
+    margin: float = 0.05
+    """Required gain in mean normalised reward over the current policy."""
+    kl_budget: float = 8.0
+    """Largest allowed mean sequence KL (nats) of the candidate to the base model."""
+    n_prompts: int = 64
+    """Held-out prompts both policies answer."""
+    max_new_tokens: int = 64
+    """Reply length limit while evaluating."""
+    temperature: float = 1.0
+    """Sampling temperature while evaluating (KL is measured at this temperature)."""
+
+
+@dataclass
+class TrainerConfig:
+    """Everything one training run needs to know, besides its data."""
+
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
+    """Adapter shape for every role."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward-model fitting."""
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    """Policy optimisation."""
+    gate: GateConfig = field(default_factory=GateConfig)
+    """Promotion gate."""
+    device: DeviceName = "auto"
+    """Where to train."""
+    dtype: DTypeName = "auto"
+    """Base-model dtype (adapters and heads always train in float32)."""
+    seed: int = 0
+    """Seed for adapter initialisation, data order, prompt sampling and trainer-side generation."""

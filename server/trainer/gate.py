@@ -1,0 +1,142 @@
+"""The promotion gate: the candidate and the current policy answer the same held-out prompts.
+
+The candidate is promoted only if its mean reward beats the current policy's by the configured margin and its KL to
+the base stays within budget; otherwise it stays a rejected candidate, with its figures and the reason saved next to
+its adapter.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from server.trainer.config import GateConfig
+from server.trainer.models import ModelStack
+from server.trainer.reward_model import RewardNormalization, score_rollouts
+from server.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
+
+__all__ = ["DECISION_FILE", "GateDecision", "PolicyFigures", "decide", "evaluate", "evaluate_policy", "save_decision"]
+
+DECISION_FILE = "gate.json"
+"""The gate's decision and figures, written into the candidate's adapter folder."""
+
+
+@dataclass(frozen=True)
+class PolicyFigures:
+    """How one policy did on the held-out prompts."""
+
+    mean_reward: float
+    """Mean normalised reward-model score, no-EOS penalty included: what the gate compares."""
+    mean_score: float
+    """Mean normalised reward-model score alone."""
+    kl: float
+    """Mean over replies of the summed ``log π - log π_base`` (nats); 0 for the base itself."""
+    eos_rate: float
+    """Share of replies that ended with EOS."""
+    response_length: float
+    """Mean reply length in tokens."""
+    n: int
+    """Replies scored."""
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether to promote the candidate, why, and the figures behind it."""
+
+    promote: bool
+    reason: str
+    candidate: PolicyFigures
+    current: PolicyFigures
+    margin: float
+    kl_budget: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def _sequence_kl(stack: ModelStack, rollouts: Sequence[Rollout], adapter: str, temperature: float) -> Tensor:
+    """Summed per-token ``log π - log π_base`` of each reply, (B,)."""
+    sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
+    response_len, chunk, parts = action_mask.shape[1], 16, []
+    for start in range(0, len(rollouts), chunk):
+        rows = slice(start, start + chunk)
+        with stack.use(adapter):
+            logprobs = policy_logprobs(stack, sequences[rows], attention_mask[rows], response_len, temperature)
+        with stack.use(None):
+            ref_logprobs = policy_logprobs(stack, sequences[rows], attention_mask[rows], response_len, temperature)
+        parts.append(((logprobs - ref_logprobs) * action_mask[rows]).sum(-1))  # (b,)
+    return torch.cat(parts)  # (B,)
+
+
+def evaluate_policy(
+    stack: ModelStack,
+    backend: RolloutBackend,
+    prompts: Sequence[list[int]],
+    adapter: str | None,
+    normalization: RewardNormalization,
+    config: GateConfig,
+    no_eos_penalty: float,
+) -> PolicyFigures:
+    """Sample one reply per prompt from ``adapter`` (None: the base), score it and measure its KL to the base."""
+    rollouts = backend.generate(stack, prompts, adapter, Sampling(config.temperature, config.max_new_tokens))
+    sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
+    ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
+    scores = score_rollouts(stack, sequences, attention_mask, normalization)  # (B,)
+    rewards = scores - no_eos_penalty * (~ended).float()  # (B,)
+    kl = _sequence_kl(stack, rollouts, adapter, config.temperature) if adapter is not None else torch.zeros(1)
+    return PolicyFigures(
+        mean_reward=rewards.mean().item(),
+        mean_score=scores.mean().item(),
+        kl=kl.mean().item(),
+        eos_rate=ended.float().mean().item(),
+        response_length=action_mask.sum(-1).float().mean().item(),
+        n=len(rollouts),
+    )
+
+
+def evaluate(
+    stack: ModelStack,
+    backend: RolloutBackend,
+    prompts: Sequence[list[int]],
+    candidate: str,
+    current: str | None,
+    normalization: RewardNormalization,
+    config: GateConfig,
+    no_eos_penalty: float,
+) -> tuple[PolicyFigures, PolicyFigures]:
+    """Figures of the candidate adapter and of the current policy (an adapter, or None for the base)."""
+    args = (normalization, config, no_eos_penalty)
+    return (
+        evaluate_policy(stack, backend, prompts, candidate, *args),
+        evaluate_policy(stack, backend, prompts, current, *args),
+    )
+
+
+def decide(candidate: PolicyFigures, current: PolicyFigures, margin: float, kl_budget: float) -> GateDecision:
+    """Promote only if the candidate gains at least ``margin`` in mean reward and its KL is within ``kl_budget``."""
+    gain = candidate.mean_reward - current.mean_reward
+    failures = []
+    if gain < margin:
+        failures.append(f"mean reward gain {gain:+.3f} is below the margin {margin:.3f}")
+    if candidate.kl > kl_budget:
+        failures.append(f"KL to the base {candidate.kl:.3f} exceeds the budget {kl_budget:.3f}")
+    reason = "; ".join(failures) or (
+        f"mean reward gain {gain:+.3f} ≥ margin {margin:.3f} and KL {candidate.kl:.3f} ≤ budget {kl_budget:.3f}"
+    )
+    return GateDecision(
+        promote=not failures, reason=reason, candidate=candidate, current=current, margin=margin, kl_budget=kl_budget
+    )
+
+
+def save_decision(folder: str | Path, decision: GateDecision) -> Path:
+    """Write the decision and its figures into the candidate's adapter folder; returns the file."""
+    path = Path(folder) / DECISION_FILE
+    path.write_text(json.dumps(decision.to_dict(), indent=2) + "\n")
+    return path

@@ -1,0 +1,327 @@
+"""PPO on the policy adapter, following "The N Implementation Details of RLHF with PPO".
+
+Per iteration: sample prompts, generate one reply each with the current policy (in the serving engine), recompute
+log-probs in the trainer at the sampling temperature, score replies with the reward model at their last token,
+turn ``score - β·KL`` into per-token rewards, estimate advantages with GAE, whiten them, and take epochs ×
+minibatches of clipped policy and value steps. β follows an adaptive controller towards a target KL.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from server.trainer.config import PPOConfig, TrainerConfig
+from server.trainer.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    KLController,
+    compute_gae,
+    explained_variance,
+    masked_mean,
+    policy_loss,
+    value_loss,
+    whiten,
+)
+from server.trainer.models import CRITIC, POLICY, REWARD, ModelStack, entropy_from_logits, logprobs_from_logits
+from server.trainer.reward_model import RewardNormalization, score_rollouts
+from server.trainer.rollout import Experience, Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
+
+__all__ = [
+    "IterationStats",
+    "UpdateStats",
+    "critic_values",
+    "init_critic",
+    "kl_penalized_rewards",
+    "make_experience",
+    "make_kl_controller",
+    "make_optimizer",
+    "ppo_update",
+    "run_ppo",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class UpdateStats:
+    """Means over the minibatch steps of one PPO update."""
+
+    policy_loss: float
+    value_loss: float
+    approx_kl: float
+    clip_fraction: float
+    grad_norm: float
+
+
+@dataclass
+class IterationStats:
+    """What one PPO iteration logs."""
+
+    iteration: int
+    reward: float
+    """Mean normalised reward-model score of the iteration's replies (no-EOS penalty included, KL not)."""
+    kl: float
+    """Mean over replies of the summed per-token ``log π - log π_ref`` (nats)."""
+    kl_coef: float
+    """β used for this iteration's rewards."""
+    entropy: float
+    """Mean per-token entropy of the policy at the sampling temperature."""
+    approx_kl: float
+    """How far the update moved the policy from the rollout policy."""
+    clip_fraction: float
+    policy_loss: float
+    value_loss: float
+    explained_variance: float
+    """Of the returns by the rollout-time values."""
+    eos_rate: float
+    """Share of replies that ended with EOS."""
+    response_length: float
+    """Mean reply length in tokens."""
+    tokens_per_s: float
+    """Reply tokens generated per second of the rollout phase."""
+    seconds: dict[str, float] = field(default_factory=dict)
+    """Wall time per phase: rollout, experience, update."""
+
+
+# --- setup ----------------------------------------------------------------------------------------------------
+
+
+def init_critic(stack: ModelStack, normalization: RewardNormalization) -> None:
+    """Create the critic adapter and value head as a copy of the reward model (a better start than random).
+
+    The head is rescaled by the reward normalisation, so the critic starts out predicting rewards on the scale
+    PPO trains it on.
+    """
+    stack.clone_adapter(REWARD, CRITIC)
+    head = stack.heads[CRITIC].linear
+    with torch.no_grad():
+        head.weight.div_(normalization.std)
+        head.bias.sub_(normalization.mean).div_(normalization.std)
+
+
+def make_optimizer(stack: ModelStack, config: PPOConfig) -> torch.optim.AdamW:
+    """One AdamW over policy and critic, each with its learning rate (they share the gradient-norm clip)."""
+    groups = [
+        {"params": stack.role_parameters(POLICY), "lr": config.learning_rate},
+        {"params": stack.role_parameters(CRITIC), "lr": config.critic_learning_rate},
+    ]
+    return torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
+
+
+def make_kl_controller(config: PPOConfig) -> KLController:
+    """The adaptive controller towards ``target_kl``, or a fixed β when there is no target."""
+    if config.target_kl is None:
+        return FixedKLController(config.init_kl_coef)
+    return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+
+
+# --- experience -----------------------------------------------------------------------------------------------
+
+
+def critic_values(stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
+    """V(s_t) for each reply position t, read where the token a_t is predicted, (B, R); inside ``use(CRITIC)``."""
+    outputs = stack.head_outputs(CRITIC, sequences, attention_mask)  # (B, P + R)
+    return outputs[:, -response_len - 1 : -1]  # (B, R)
+
+
+def kl_penalized_rewards(
+    logprobs: Tensor,  # (B, R) policy
+    ref_logprobs: Tensor,  # (B, R) reference
+    scores: Tensor,  # (B,) reward-model score per reply
+    mask: Tensor,  # (B, R)
+    kl_coef: float,
+) -> tuple[Tensor, Tensor]:
+    """``(rewards, kl)``, both (B, R): ``-β·(log π - log π_ref)`` per token, the score added at the last token."""
+    kl = (logprobs - ref_logprobs) * mask  # (B, R)
+    rewards = -kl_coef * kl  # (B, R)
+    last = (mask.sum(-1).long() - 1).clamp(min=0)  # (B,) position of each reply's last token
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
+    return rewards, kl
+
+
+@torch.no_grad()
+def _forward_passes(
+    stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int, config: PPOConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(logprobs, entropy, ref_logprobs, values)``, each (B, R), in chunks of ``forward_batch_size``."""
+    parts: list[tuple[Tensor, ...]] = []
+    for start in range(0, sequences.shape[0], config.forward_batch_size):
+        seq = sequences[start : start + config.forward_batch_size]  # (b, P + R)
+        mask = attention_mask[start : start + config.forward_batch_size]  # (b, P + R)
+        with stack.use(POLICY):
+            logits = stack.response_logits(seq, mask, response_len, config.temperature)  # (b, R, V)
+            logprobs, entropy = logprobs_from_logits(logits, seq[:, -response_len:]), entropy_from_logits(logits)
+            del logits  # the largest tensor here; free it before the next pass
+        with stack.use(None):
+            ref_logprobs = policy_logprobs(stack, seq, mask, response_len, config.temperature)
+        with stack.use(CRITIC):
+            values = critic_values(stack, seq, mask, response_len)
+        parts.append((logprobs, entropy, ref_logprobs, values))
+    logprobs, entropy, ref_logprobs, values = (torch.cat(p) for p in zip(*parts, strict=True))
+    return logprobs, entropy, ref_logprobs, values
+
+
+def make_experience(
+    stack: ModelStack,
+    rollouts: Sequence[Rollout],
+    normalization: RewardNormalization,
+    kl_coef: float,
+    config: PPOConfig,
+) -> Experience:
+    """Score the rollouts and turn them into PPO training data."""
+    sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
+    response_len = action_mask.shape[1]
+    logprobs, entropy, ref_logprobs, values = _forward_passes(stack, sequences, attention_mask, response_len, config)
+    values = values * action_mask
+    ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
+    scores = score_rollouts(stack, sequences, attention_mask, normalization, config.forward_batch_size)  # (B,)
+    scores = scores - config.no_eos_penalty * (~ended).float()  # rambling to the limit must not pay
+    rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef)
+    advantages, returns = compute_gae(rewards, values, action_mask, config.gamma, config.lam)
+    return Experience(
+        sequences=sequences,
+        attention_mask=attention_mask,
+        action_mask=action_mask,
+        logprobs=logprobs,
+        ref_logprobs=ref_logprobs,
+        values=values,
+        rewards=rewards,
+        advantages=whiten(advantages, action_mask),
+        returns=returns,
+        scores=scores,
+        ended=ended,
+        kl=kl,
+        entropy=entropy,
+    )
+
+
+# --- update ---------------------------------------------------------------------------------------------------
+
+
+def ppo_update(
+    stack: ModelStack,
+    optimizer: torch.optim.Optimizer,
+    experience: Experience,
+    config: PPOConfig,
+    generator: torch.Generator,
+) -> UpdateStats:
+    """``config.epochs`` passes of shuffled minibatches: clipped policy loss, clipped value loss, one clip."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    totals = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clip_fraction", "grad_norm"), 0.0)
+    steps = 0
+    for _ in range(config.epochs):
+        order = torch.randperm(len(experience), generator=generator)
+        for start in range(0, len(experience), config.minibatch_size):
+            batch = experience.select(order[start : start + config.minibatch_size].to(stack.device))
+            optimizer.zero_grad(set_to_none=True)
+            # Policy and critic are different adapters: a forward and backward pass each (PEFT trains the active one).
+            with stack.use(POLICY):
+                logprobs = policy_logprobs(
+                    stack, batch.sequences, batch.attention_mask, batch.response_len, config.temperature
+                )
+                pg_loss, pg_stats = policy_loss(
+                    logprobs, batch.logprobs, batch.advantages, batch.action_mask, config.clip_eps
+                )
+                pg_loss.backward()
+            with stack.use(CRITIC):
+                values = critic_values(stack, batch.sequences, batch.attention_mask, batch.response_len)
+                vf_loss = value_loss(values, batch.values, batch.returns, batch.action_mask, config.value_clip)
+                (config.vf_coef * vf_loss).backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            for key, value in (
+                ("policy_loss", pg_loss.item()),
+                ("value_loss", vf_loss.item()),
+                ("approx_kl", pg_stats.approx_kl),
+                ("clip_fraction", pg_stats.clip_fraction),
+                ("grad_norm", grad_norm.item()),
+            ):
+                totals[key] += value
+    return UpdateStats(**{key: value / max(1, steps) for key, value in totals.items()})
+
+
+# --- the loop -------------------------------------------------------------------------------------------------
+
+
+def _sample_prompts(prompts: Sequence[list[int]], n: int, rng: random.Random) -> list[list[int]]:
+    """``n`` distinct prompts when there are enough, otherwise drawn with replacement."""
+    return rng.sample(list(prompts), n) if len(prompts) >= n else rng.choices(list(prompts), k=n)
+
+
+def _iteration_stats(
+    iteration: int, experience: Experience, update: UpdateStats, kl_coef: float, seconds: dict[str, float]
+) -> IterationStats:
+    mask = experience.action_mask
+    lengths = mask.sum(-1).float()  # (B,)
+    return IterationStats(
+        iteration=iteration,
+        reward=experience.scores.mean().item(),
+        kl=experience.kl.sum(-1).mean().item(),
+        kl_coef=kl_coef,
+        entropy=masked_mean(experience.entropy, mask).item(),
+        approx_kl=update.approx_kl,
+        clip_fraction=update.clip_fraction,
+        policy_loss=update.policy_loss,
+        value_loss=update.value_loss,
+        explained_variance=explained_variance(experience.values, experience.returns, mask),
+        eos_rate=experience.ended.float().mean().item(),
+        response_length=lengths.mean().item(),
+        tokens_per_s=lengths.sum().item() / max(seconds["rollout"], 1e-9),
+        seconds={k: round(v, 3) for k, v in seconds.items()},
+    )
+
+
+def run_ppo(
+    stack: ModelStack,
+    backend: RolloutBackend,
+    prompts: Sequence[list[int]],
+    normalization: RewardNormalization,
+    config: TrainerConfig,
+    on_iteration: Callable[[IterationStats], None] | None = None,
+) -> list[IterationStats]:
+    """Train the ``policy`` adapter of ``stack`` against its ``reward`` adapter; returns each iteration's stats.
+
+    ``prompts`` are rendered prompt token ids (see :func:`server.trainer.rollout.encode_prompt`). Each run starts
+    a fresh critic from the reward model.
+    """
+    ppo = config.ppo
+    init_critic(stack, normalization)
+    optimizer = make_optimizer(stack, ppo)
+    kl_controller = make_kl_controller(ppo)
+    torch.manual_seed(config.seed)  # trainer-side sampling (HF rollouts) draws from the global generator
+    rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
+    sampling = Sampling(temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens)
+    started, history = time.monotonic(), []
+    for iteration in range(ppo.iterations):
+        seconds: dict[str, float] = {}
+        # 1. Rollouts: the current policy answers a fresh sample of prompts.
+        tick = time.monotonic()
+        rollouts = backend.generate(stack, _sample_prompts(prompts, ppo.rollout_batch_size, rng), POLICY, sampling)
+        seconds["rollout"] = time.monotonic() - tick
+        # 2. Experience: log-probs, reference log-probs, values, scores, rewards, advantages.
+        tick = time.monotonic()
+        kl_coef = kl_controller.value
+        experience = make_experience(stack, rollouts, normalization, kl_coef, ppo)
+        seconds["experience"] = time.monotonic() - tick
+        # 3. Update: epochs × minibatches of clipped policy and value steps.
+        tick = time.monotonic()
+        update = ppo_update(stack, optimizer, experience, ppo, generator)
+        seconds["update"] = time.monotonic() - tick
+        # 4. Adapt β towards the target KL, and report.
+        stats = _iteration_stats(iteration, experience, update, kl_coef, seconds)
+        kl_controller.update(stats.kl, len(experience))
+        history.append(stats)
+        log.info("ppo iteration %d: reward %.3f kl %.3f β %.4f", iteration, stats.reward, stats.kl, kl_coef)
+        if on_iteration is not None:
+            on_iteration(stats)
+        if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:
+            break
+    return history

@@ -1,0 +1,331 @@
+"""The reward model: a LoRA adapter plus a scalar head on the frozen base, read at a reply's last token.
+
+Fitted with the Bradley–Terry loss on preference pairs (with margins and weights; a ranking's pairs share one batch
+and each reply in it is scored once, as in InstructGPT) plus binary cross-entropy for unpaired good/bad labels.
+Each run reports held-out pairwise accuracy, and rewards are normalised to mean 0, std 1 over the reference
+policy's own replies, so that β, penalties and the gate margin mean the same across runs.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from server.trainer.config import AdapterConfig, RewardConfig
+from server.trainer.losses import label_loss, reward_loss
+from server.trainer.models import REWARD, ModelStack
+from server.trainer.rollout import Rollout, collate_rollouts, encode_prompt
+
+__all__ = [
+    "MANIFEST",
+    "Comparison",
+    "LabelledReply",
+    "RewardFigures",
+    "RewardNormalization",
+    "evaluate_pairs",
+    "fit_normalization",
+    "last_token_rewards",
+    "load_reward_model",
+    "save_reward_model",
+    "score_rollouts",
+    "train_reward_model",
+]
+
+MANIFEST = "reward.json"
+"""Figures of a saved reward model, next to its adapter."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """For ``prompt``, reply ``chosen`` beats ``rejected``."""
+
+    prompt: list[dict[str, Any]]
+    """The conversation before the reply, as ``{"role", "content"}`` dicts."""
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    """Required reward gap, subtracted inside the Bradley–Terry loss."""
+    weight: float = 1.0
+    """Loss weight (1/C(K,2) for each pair of a K-way ranking)."""
+    group: str | None = None
+    """Pairs of one group (e.g. one ranking's feedback id) share a batch and a held-out side."""
+
+
+@dataclass(frozen=True)
+class LabelledReply:
+    """An unpaired judgement: ``reply`` to ``prompt`` is good or bad."""
+
+    prompt: list[dict[str, Any]]
+    reply: str
+    good: bool
+    weight: float = 1.0
+
+
+@dataclass
+class RewardNormalization:
+    """Affine map from raw head outputs to rewards with mean 0, std 1 over reference-policy replies."""
+
+    mean: float = 0.0
+    std: float = 1.0
+
+    def apply(self, raw: Tensor) -> Tensor:
+        return (raw - self.mean) / self.std
+
+
+@dataclass
+class RewardFigures:
+    """What a reward-model fit reports (saved with it)."""
+
+    train_loss: float
+    """Mean training loss over the last epoch."""
+    heldout_accuracy: float | None
+    """Share of held-out pairs whose chosen reply scores higher (None without held-out pairs)."""
+    heldout_loss: float | None
+    """Bradley–Terry loss on the held-out pairs."""
+    train_pairs: int
+    heldout_pairs: int
+    labels: int
+    steps: int
+    seconds: float
+    normalization: RewardNormalization = field(default_factory=RewardNormalization)
+    """Raw-score mean and std over reference replies (identity until :func:`fit_normalization`)."""
+
+
+# --- data -----------------------------------------------------------------------------------------------------
+
+_Unit = list[Comparison] | LabelledReply  # what is never split across batches
+
+
+class _Encoder:
+    """Token ids of ``prompt + reply + EOS``, cached: a reply appears in many pairs and every epoch."""
+
+    def __init__(self, stack: ModelStack, config: RewardConfig) -> None:
+        self.tokenizer = stack.tokenizer
+        self.config = config
+        self._cache: dict[tuple[str, str], tuple[int, ...]] = {}
+
+    def __call__(self, prompt: list[dict[str, Any]], reply: str) -> tuple[int, ...]:
+        key = (json.dumps(prompt, sort_keys=True), reply)
+        if key not in self._cache:
+            prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.max_prompt_tokens)
+            reply_ids = self.tokenizer.encode(reply, add_special_tokens=False)[: self.config.max_reply_tokens]
+            self._cache[key] = (*prompt_ids, *reply_ids, self.tokenizer.eos_token_id)
+        return self._cache[key]
+
+
+@dataclass
+class _Batch:
+    """Unique replies of some pairs and labels, scored once each; pairs and labels index into them."""
+
+    sequences: Tensor  # (N, L) right-padded prompt + reply + EOS
+    attention_mask: Tensor  # (N, L)
+    chosen: Tensor  # (P,) row of each pair's chosen reply
+    rejected: Tensor  # (P,) row of each pair's rejected reply
+    margin: Tensor  # (P,)
+    weight: Tensor  # (P,)
+    labelled: Tensor  # (M,) row of each labelled reply
+    label: Tensor  # (M,) 1.0 good, 0.0 bad
+    label_weight: Tensor  # (M,)
+
+
+def _units(comparisons: Sequence[Comparison], labels: Sequence[LabelledReply]) -> list[_Unit]:
+    """Comparisons grouped (ungrouped ones alone), then labels, in first-seen order."""
+    groups: dict[object, list[Comparison]] = {}
+    for index, pair in enumerate(comparisons):
+        groups.setdefault(pair.group if pair.group is not None else ("pair", index), []).append(pair)
+    return [*groups.values(), *labels]
+
+
+def _split_heldout(
+    comparisons: Sequence[Comparison], fraction: float, rng: random.Random
+) -> tuple[list[Comparison], list[Comparison]]:
+    """Hold out whole groups, about ``fraction`` of them."""
+    groups = [u for u in _units(comparisons, []) if isinstance(u, list)]
+    rng.shuffle(groups)
+    n_heldout = max(1, round(len(groups) * fraction)) if fraction > 0 and len(groups) > 1 else 0
+    return [p for g in groups[n_heldout:] for p in g], [p for g in groups[:n_heldout] for p in g]
+
+
+def _pack(units: Sequence[_Unit], batch_size: int) -> list[list[_Unit]]:
+    """Consecutive units per batch until it holds ``batch_size`` sequences (a ranking may run over)."""
+    batches: list[list[_Unit]] = [[]]
+    size = 0
+    for unit in units:
+        if size >= batch_size:
+            batches.append([])
+            size = 0
+        batches[-1].append(unit)
+        size += 2 * len(unit) if isinstance(unit, list) else 1  # an upper bound; duplicates are merged later
+    return [b for b in batches if b]
+
+
+def _collate(units: Sequence[_Unit], encoder: _Encoder, pad_id: int, device: torch.device) -> _Batch:
+    rows: dict[tuple[int, ...], int] = {}
+
+    def row(prompt: list[dict[str, Any]], reply: str) -> int:
+        return rows.setdefault(encoder(prompt, reply), len(rows))
+
+    pairs = [p for u in units if isinstance(u, list) for p in u]
+    labels = [u for u in units if isinstance(u, LabelledReply)]
+    chosen = [row(p.prompt, p.chosen) for p in pairs]
+    rejected = [row(p.prompt, p.rejected) for p in pairs]
+    labelled = [row(x.prompt, x.reply) for x in labels]
+    width = max(len(ids) for ids in rows)
+    sequences = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (N, L)
+    attention_mask = torch.zeros_like(sequences)  # (N, L)
+    for ids, index in rows.items():
+        sequences[index, : len(ids)] = torch.tensor(ids)
+        attention_mask[index, : len(ids)] = 1
+
+    def floats(values: list[float]) -> Tensor:
+        return torch.tensor(values, dtype=torch.float32, device=device)
+
+    return _Batch(
+        sequences=sequences.to(device),
+        attention_mask=attention_mask.to(device),
+        chosen=torch.tensor(chosen, dtype=torch.long, device=device),
+        rejected=torch.tensor(rejected, dtype=torch.long, device=device),
+        margin=floats([p.margin for p in pairs]),
+        weight=floats([p.weight for p in pairs]),
+        labelled=torch.tensor(labelled, dtype=torch.long, device=device),
+        label=floats([1.0 if x.good else 0.0 for x in labels]),
+        label_weight=floats([x.weight for x in labels]),
+    )
+
+
+# --- scoring --------------------------------------------------------------------------------------------------
+
+
+def last_token_rewards(stack: ModelStack, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+    """Raw reward-head output at each row's last real token, (N,); call inside ``stack.use(REWARD)``."""
+    outputs = stack.head_outputs(REWARD, sequences, attention_mask)  # (N, L)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # (N,) works for either padding side
+    return outputs.gather(1, last.unsqueeze(1)).squeeze(1)  # (N,)
+
+
+@torch.no_grad()
+def score_rollouts(
+    stack: ModelStack, sequences: Tensor, attention_mask: Tensor, normalization: RewardNormalization, chunk: int = 16
+) -> Tensor:
+    """Normalised reward of each sequence (prompt + reply), (B,) float32."""
+    scores = []
+    with stack.use(REWARD):
+        for start in range(0, sequences.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            scores.append(last_token_rewards(stack, sequences[rows], attention_mask[rows]))
+    return normalization.apply(torch.cat(scores))  # (B,)
+
+
+def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float) -> tuple[Tensor, Tensor]:
+    """``(loss, correct)``: BT over pairs plus ``label_coef`` × BCE over labels; correct is (P,) bool."""
+    r = last_token_rewards(stack, batch.sequences, batch.attention_mask)  # (N,)
+    r_chosen, r_rejected = r[batch.chosen], r[batch.rejected]  # (P,), (P,)
+    loss = torch.zeros((), device=r.device)
+    if len(batch.chosen):
+        loss = loss + reward_loss(r_chosen, r_rejected, batch.margin, batch.weight)
+    if len(batch.labelled):
+        loss = loss + label_coef * label_loss(r[batch.labelled], batch.label, batch.label_weight)
+    return loss, (r_chosen > r_rejected).detach()
+
+
+# --- fitting --------------------------------------------------------------------------------------------------
+
+
+def train_reward_model(
+    stack: ModelStack,
+    comparisons: Sequence[Comparison],
+    config: RewardConfig,
+    adapter: AdapterConfig,
+    labels: Sequence[LabelledReply] = (),
+    heldout: Sequence[Comparison] | None = None,
+    seed: int = 0,
+) -> RewardFigures:
+    """Fit a fresh ``reward`` adapter and head; hold out groups of ``comparisons`` unless ``heldout`` is given."""
+    started = time.monotonic()
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    train = list(comparisons)
+    if heldout is None:
+        train, heldout = _split_heldout(train, config.heldout_fraction, rng)
+    stack.add_adapter(REWARD, adapter, head=True)
+    params = stack.role_parameters(REWARD)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    encoder = _Encoder(stack, config)
+    pad_id = stack.tokenizer.pad_token_id
+    units = _units(train, labels)
+    steps, epoch_losses = 0, [0.0]
+    for _ in range(config.epochs):
+        rng.shuffle(units)
+        epoch_losses = []
+        for batch_units in _pack(units, config.batch_size):
+            batch = _collate(batch_units, encoder, pad_id, stack.device)
+            with stack.use(REWARD):
+                loss, _ = _batch_loss(stack, batch, config.label_coef)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            optimizer.step()
+            steps += 1
+            epoch_losses.append(loss.item())
+    accuracy, heldout_loss = evaluate_pairs(stack, heldout, config, encoder) if heldout else (None, None)
+    return RewardFigures(
+        train_loss=sum(epoch_losses) / max(1, len(epoch_losses)),
+        heldout_accuracy=accuracy,
+        heldout_loss=heldout_loss,
+        train_pairs=len(train),
+        heldout_pairs=len(heldout),
+        labels=len(labels),
+        steps=steps,
+        seconds=round(time.monotonic() - started, 2),
+    )
+
+
+@torch.no_grad()
+def evaluate_pairs(
+    stack: ModelStack, comparisons: Sequence[Comparison], config: RewardConfig, encoder: _Encoder | None = None
+) -> tuple[float, float]:
+    """``(accuracy, loss)`` of the reward model on pairs: share ranked right (ties count wrong), mean BT loss."""
+    encoder = encoder or _Encoder(stack, config)
+    correct, losses, total = 0, 0.0, 0
+    with stack.use(REWARD):
+        for batch_units in _pack(_units(comparisons, []), config.batch_size):
+            batch = _collate(batch_units, encoder, stack.tokenizer.pad_token_id, stack.device)
+            loss, right = _batch_loss(stack, batch, 0.0)
+            correct += int(right.sum())
+            losses += loss.item() * len(right)
+            total += len(right)
+    return correct / max(1, total), losses / max(1, total)
+
+
+def fit_normalization(stack: ModelStack, reference_rollouts: Sequence[Rollout]) -> RewardNormalization:
+    """Mean and std of raw rewards over replies sampled from the reference policy (the base, adapters off)."""
+    sequences, attention_mask, _ = collate_rollouts(reference_rollouts, stack.tokenizer.pad_token_id, stack.device)
+    raw = score_rollouts(stack, sequences, attention_mask, RewardNormalization())  # (B,)
+    std = raw.std().item() if len(raw) > 1 else 1.0
+    return RewardNormalization(mean=raw.mean().item(), std=max(std, 1e-6))
+
+
+# --- disk -----------------------------------------------------------------------------------------------------
+
+
+def save_reward_model(stack: ModelStack, folder: str | Path, figures: RewardFigures) -> Path:
+    """Write the reward adapter, its head and :data:`MANIFEST` (figures and normalisation) to ``folder``."""
+    folder = stack.save_adapter(REWARD, folder)
+    (folder / MANIFEST).write_text(json.dumps(asdict(figures), indent=2) + "\n")
+    return folder
+
+
+def load_reward_model(stack: ModelStack, folder: str | Path) -> RewardFigures:
+    """Load a saved reward model into ``stack`` as adapter ``reward``; returns its figures."""
+    stack.load_adapter(REWARD, folder)
+    saved = json.loads((Path(folder) / MANIFEST).read_text())
+    normalization = RewardNormalization(**saved.pop("normalization"))
+    return RewardFigures(**saved, normalization=normalization)

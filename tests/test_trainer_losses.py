@@ -1,0 +1,184 @@
+"""The trainer's pure functions against hand-computed values, padding masked out everywhere."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from server.trainer.gate import PolicyFigures, decide
+from server.trainer.losses import (
+    AdaptiveKLController,
+    FixedKLController,
+    compute_gae,
+    explained_variance,
+    label_loss,
+    masked_mean,
+    policy_loss,
+    reward_loss,
+    value_loss,
+    whiten,
+)
+from server.trainer.models import entropy_from_logits, logprobs_from_logits
+from server.trainer.ppo import kl_penalized_rewards
+from server.trainer.rollout import Rollout, collate_rollouts
+
+GARBAGE = 100.0  # what sits under the mask; no result may depend on it
+
+
+def t(rows: list[list[float]]) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float32)
+
+
+def close(actual: torch.Tensor | float, expected: list | float) -> None:
+    expected_t = torch.tensor(expected, dtype=torch.float32)
+    actual_t = actual if isinstance(actual, torch.Tensor) else torch.tensor(actual)
+    torch.testing.assert_close(actual_t.float(), expected_t, atol=1e-5, rtol=1e-5)
+
+
+def test_masked_mean_over_all_and_along_a_dim() -> None:
+    x = t([[1, 2, GARBAGE], [GARBAGE, GARBAGE, GARBAGE]])
+    mask = t([[1, 1, 0], [0, 0, 0]])
+    close(masked_mean(x, mask), 1.5)
+    close(masked_mean(x, mask, dim=-1), [1.5, 0.0])  # an all-padding row is 0, not NaN
+
+
+def test_whiten_uses_masked_entries_only() -> None:
+    x = t([[1, 2, 3], [4, GARBAGE, GARBAGE]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    # mean 2.5, unbiased variance (2.25 + 0.25 + 0.25 + 2.25) / 3 = 5/3
+    s = math.sqrt(5 / 3)
+    close(whiten(x, mask), [[-1.5 / s, -0.5 / s, 0.5 / s], [1.5 / s, 0, 0]])
+    # without the shift the mean is kept: only the spread is normalised
+    close(whiten(x, mask, shift_mean=False), [[2.5 - 1.5 / s, 2.5 - 0.5 / s, 2.5 + 0.5 / s], [2.5 + 1.5 / s, 0, 0]])
+
+
+def test_compute_gae_by_hand() -> None:
+    rewards = t([[1.0, 0.0, 2.0], [0.5, 1.0, GARBAGE]])
+    values = t([[0.5, 1.0, 1.5], [1.0, 2.0, GARBAGE]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    advantages, returns = compute_gae(rewards, values, mask, gamma=1.0, lam=0.5)
+    # row 0: δ2 = 2 - 1.5 = 0.5;        A2 = 0.5
+    #        δ1 = 0 + 1.5 - 1 = 0.5;    A1 = 0.5 + 0.5·0.5 = 0.75
+    #        δ0 = 1 + 1 - 0.5 = 1.5;    A0 = 1.5 + 0.5·0.75 = 1.875
+    # row 1: ends after t=1, so V(s_2) counts as 0:
+    #        δ1 = 1 + 0 - 2 = -1;       A1 = -1
+    #        δ0 = 0.5 + 2 - 1 = 1.5;    A0 = 1.5 + 0.5·(-1) = 1.0
+    close(advantages, [[1.875, 0.75, 0.5], [1.0, -1.0, 0.0]])
+    close(returns, [[2.375, 1.75, 2.0], [2.0, 1.0, 0.0]])
+
+
+def test_compute_gae_discounts_with_gamma() -> None:
+    advantages, returns = compute_gae(t([[0, 0, 1]]), t([[0, 0, 0]]), t([[1, 1, 1]]), gamma=0.5, lam=1.0)
+    close(advantages, [[0.25, 0.5, 1.0]])
+    close(returns, [[0.25, 0.5, 1.0]])
+
+
+def test_policy_loss_by_hand() -> None:
+    old = torch.zeros(2, 3)
+    # ratios: 1.5, 0.5, 0.5 | 1.0, (10, masked), (masked)
+    new = t([[math.log(1.5), math.log(0.5), math.log(0.5)], [0.0, math.log(10.0), 0.0]])
+    advantages = t([[1.0, 2.0, -1.0], [3.0, 5.0, 5.0]])
+    mask = t([[1, 1, 1], [1, 0, 0]])
+    loss, stats = policy_loss(new, old, advantages, mask, clip_eps=0.2)
+    # per token max(-A·r, -A·clip(r)): max(-1.5, -1.2) = -1.2 (clipped); max(-1.0, -1.6) = -1.0;
+    # max(0.5, 0.8) = 0.8 (clipped); max(-3, -3) = -3  ->  mean -4.4 / 4
+    close(loss, -1.1)
+    assert stats.clip_fraction == pytest.approx(0.5)
+    # (r - 1) - log r: 0.5 - ln 1.5, -0.5 + ln 2 (twice), 0
+    expected_kl = ((0.5 - math.log(1.5)) + 2 * (-0.5 + math.log(2.0))) / 4
+    assert stats.approx_kl == pytest.approx(expected_kl, rel=1e-5)
+
+
+def test_policy_loss_gradient_vanishes_where_clipped() -> None:
+    new = torch.tensor([[math.log(1.5), math.log(0.9)]], requires_grad=True)
+    loss, _ = policy_loss(new, torch.zeros(1, 2), t([[1.0, 1.0]]), t([[1, 1]]), clip_eps=0.2)
+    loss.backward()
+    assert new.grad is not None
+    close(new.grad, [[0.0, -0.9 / 2]])  # d(-A·r)/d log π = -A·r, over 2 tokens
+
+
+def test_value_loss_by_hand() -> None:
+    values = t([[1.0, 0.0, 2.0], [GARBAGE, 0.0, 0.0]])
+    old_values = t([[0.5, 0.1, 2.0], [0.0, 0.0, 0.0]])
+    returns = t([[1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [0, 0, 0]])
+    # token 0: V moved 0.5 -> clipped to 0.7: max(0², 0.3²) = 0.09; token 1: max(1, 1); token 2: max(1, 1)
+    close(value_loss(values, old_values, returns, mask, clip=0.2), 0.5 * (0.09 + 1 + 1) / 3)
+
+
+def test_reward_loss_with_margins_and_weights() -> None:
+    r_chosen, r_rejected = torch.tensor([2.0, 0.0, 1.0]), torch.tensor([0.0, 1.0, 1.0])
+    margin, weight = torch.tensor([0.0, 0.0, 1.0]), torch.tensor([1.0, 0.5, 0.5])
+    # -log σ(2) = log(1 + e^-2); -log σ(-1) = log(1 + e) twice (the margin turns a tie into a gap of -1)
+    expected = (math.log1p(math.exp(-2)) + 0.5 * math.log1p(math.e) + 0.5 * math.log1p(math.e)) / 2.0
+    close(reward_loss(r_chosen, r_rejected, margin, weight), expected)
+
+
+def test_label_loss_by_hand() -> None:
+    r, label, weight = torch.tensor([0.0, 2.0, -1.0]), torch.tensor([1.0, 0.0, 0.0]), torch.tensor([1.0, 1.0, 2.0])
+    # good at σ(0): ln 2; bad at σ(2): ln(1 + e²); bad at σ(-1), weight 2: ln(1 + e^-1)
+    expected = (math.log(2) + math.log1p(math.exp(2)) + 2 * math.log1p(math.exp(-1))) / 4
+    close(label_loss(r, label, weight), expected)
+
+
+def test_adaptive_kl_controller_moves_towards_target_within_limits() -> None:
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=2.0, horizon=100)
+    controller.update(current_kl=3.0, n_samples=10)  # error 0.5, clipped to 0.2: × (1 + 0.2 · 10/100)
+    assert controller.value == pytest.approx(0.102)
+    controller.update(current_kl=1.0, n_samples=50)  # error -0.5, clipped to -0.2: × (1 - 0.2 · 0.5)
+    assert controller.value == pytest.approx(0.102 * 0.9)
+    controller.update(current_kl=2.2, n_samples=100)  # error 0.1: × 1.1
+    assert controller.value == pytest.approx(0.102 * 0.9 * 1.1)
+    fixed = FixedKLController(0.3)
+    fixed.update(current_kl=50.0, n_samples=100)
+    assert fixed.value == 0.3
+
+
+def test_kl_penalized_rewards_put_the_score_on_the_last_token() -> None:
+    logprobs = t([[-1.0, -2.0, -3.0], [-1.0, -1.0, GARBAGE]])
+    ref_logprobs = t([[-1.5, -2.0, -2.0], [-2.0, -3.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, torch.tensor([1.0, -1.0]), mask, kl_coef=0.1)
+    close(kl, [[0.5, 0.0, -1.0], [1.0, 2.0, 0.0]])
+    close(rewards, [[-0.05, 0.0, 0.1 + 1.0], [-0.1, -0.2 - 1.0, 0.0]])
+
+
+def test_explained_variance() -> None:
+    returns, mask = t([[1.0, 2.0, 3.0, GARBAGE]]), t([[1, 1, 1, 0]])
+    assert explained_variance(returns, returns, mask) == pytest.approx(1.0)
+    # residuals -1, 0, 1 against returns 1, 2, 3: equal variance, nothing explained
+    assert explained_variance(t([[2.0, 2.0, 2.0, 0.0]]), returns, mask) == pytest.approx(0.0)
+
+
+def test_collate_rollouts_pads_prompts_left_and_replies_right() -> None:
+    rollouts = [Rollout([7, 8], [1], ended=True), Rollout([9], [3, 4, 1], ended=True)]
+    sequences, attention_mask, action_mask = collate_rollouts(rollouts, pad_id=2, device=torch.device("cpu"))
+    assert sequences.tolist() == [[7, 8, 1, 2, 2], [2, 9, 3, 4, 1]]
+    assert attention_mask.tolist() == [[1, 1, 1, 0, 0], [0, 1, 1, 1, 1]]
+    assert action_mask.tolist() == [[1, 0, 0], [1, 1, 1]]
+
+
+def figures(reward: float, kl: float) -> PolicyFigures:
+    return PolicyFigures(mean_reward=reward, mean_score=reward, kl=kl, eos_rate=1.0, response_length=10.0, n=8)
+
+
+def test_gate_decisions() -> None:
+    current = figures(0.0, 0.0)
+    promoted = decide(figures(0.3, 4.0), current, margin=0.1, kl_budget=5.0)
+    assert promoted.promote and "≥ margin" in promoted.reason
+    too_little = decide(figures(0.05, 1.0), current, margin=0.1, kl_budget=5.0)
+    assert not too_little.promote and "below the margin" in too_little.reason
+    too_far = decide(figures(1.0, 6.0), current, margin=0.1, kl_budget=5.0)
+    assert not too_far.promote and "exceeds the budget" in too_far.reason
+    both = decide(figures(-1.0, 6.0), current, margin=0.1, kl_budget=5.0)
+    assert not both.promote and "margin" in both.reason and "budget" in both.reason
+    assert both.to_dict()["candidate"]["kl"] == 6.0
+
+
+def test_logprobs_and_entropy_from_logits() -> None:
+    logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])  # (1, 2, 2): probabilities (1/4, 3/4), (1/2, 1/2)
+    close(logprobs_from_logits(logits, torch.tensor([[1, 0]])), [[math.log(0.75), math.log(0.5)]])
+    h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    close(entropy_from_logits(logits), [[h, math.log(2.0)]])
