@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -31,6 +32,29 @@ def postgres_server_url() -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    """The ``demo`` preset model, built once and cached across sessions.
+
+    The cache lives in ``ALIGND_TEST_CACHE`` (default ``<repo>/.alignd-test-cache``); the first run
+    builds it (a few minutes on two CPU cores), later runs reuse it while the build config is unchanged.
+    """
+    from server.demo.build import ensure_demo_model  # torch and transformers only when a test needs the model
+
+    default = Path(__file__).resolve().parent.parent / ".alignd-test-cache"
+    return ensure_demo_model(Path(os.environ.get("ALIGND_TEST_CACHE", default)), preset="demo", progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    """The ``tiny`` preset model (seconds per training step on two cores), built once and cached like
+    :func:`demo_model_dir`; for trainer tests that need a real model but not a good one."""
+    from server.demo.build import ensure_demo_model
+
+    default = Path(__file__).resolve().parent.parent / ".alignd-test-cache"
+    return ensure_demo_model(Path(os.environ.get("ALIGND_TEST_CACHE", default)), preset="tiny", progress=False)
 
 
 # The real engine and apps served on it (started once per session).
