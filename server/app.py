@@ -20,13 +20,16 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.chat import chat_completions, list_models
+from server.api.feedback import create_feedback, export_feedback, list_feedback
 from server.api.health import health, metrics, ready
 from server.auth import KeyChecker, user_guard
 from server.chat import ChatService
 from server.config import Settings
 from server.engine.router import PolicyRouter
 from server.errors import AlignError, Unavailable
+from server.feedback import FeedbackService
 from server.metrics import Metrics
+from server.plugins import collect_feedback_kinds, collect_routes, make_plugin_manager
 from server.protocol import ErrorDetail, ErrorResponse
 from server.store import Store
 
@@ -34,7 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, *, engine: Any = None, store: Store | None = None, plugins: Any = None) -> Litestar:
-    """The app for ``settings``. An ``engine`` or ``store`` passed in is used as is and not closed by the app."""
+    """The app for ``settings``. An ``engine`` or ``store`` passed in is used as is and not closed by the app;
+    ``plugins`` (a plugin manager) replaces the one built from the settings."""
+    routes_registered = False
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -47,19 +52,28 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         state.router = None
         state.engine_error = None
         state.stopping = False
+        state.feedback = None
+        # Plugins first: a broken or conflicting plugin stops the start before anything is opened.
+        state.plugins = plugins if plugins is not None else make_plugin_manager(settings)
+        kinds, plugin_routes = collect_feedback_kinds(state.plugins), collect_routes(state.plugins)
         own_store = store is None
         state.store = store or await Store.open(settings.database_url, batch_max=settings.store.batch_max)
         starter: asyncio.Task[None] | None = None
-        if engine is not None:
-            _attach_engine(state, engine)
-        else:
-            starter = asyncio.create_task(_start_engine(state))
         try:
+            state.feedback = FeedbackService(state.store, state.plugins, state.metrics, settings, kinds=kinds)
+            await state.feedback.start()
+            _register_once(app, plugin_routes)
+            if engine is not None:
+                _attach_engine(state, engine)
+            else:
+                starter = asyncio.create_task(_start_engine(state))
             yield
         finally:
             state.stopping = True
             if starter is not None and not starter.done():
                 starter.cancel()
+            if state.feedback is not None:
+                await state.feedback.close()
             if own_store:
                 await state.store.close()
             if engine is None and state.engine is not None:
@@ -77,6 +91,13 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
             log.critical("the engine failed to start, stopping: %s", state.engine_error)
             os.kill(os.getpid(), signal.SIGTERM)
 
+    def _register_once(app: Litestar, routers: list[Router]) -> None:
+        nonlocal routes_registered  # Litestar refuses a route twice should this app be started again
+        if not routes_registered:
+            for router in routers:
+                app.register(router)
+            routes_registered = True
+
     def _attach_engine(state: Any, eng: Any) -> None:
         state.router = PolicyRouter(settings.served_name, lambda: eng.loaded_versions)
         state.chat = ChatService(eng, state.router, state.store, state.metrics, max_n=settings.server.max_n)
@@ -84,7 +105,8 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
 
     v1 = Router("/", route_handlers=[chat_completions, list_models], guards=[user_guard, _engine_ready_guard])
     app = Litestar(
-        route_handlers=[v1, health, ready, metrics],
+        # Feedback needs only the store: it is answered while the engine still loads.
+        route_handlers=[v1, create_feedback, list_feedback, export_feedback, health, ready, metrics],
         lifespan=[lifespan],
         exception_handlers={AlignError: _align_error, HTTPException: _http_error, Exception: _unexpected_error},
         middleware=[_metrics_middleware],

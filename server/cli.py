@@ -49,6 +49,29 @@ def cmd_demo_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins(args: argparse.Namespace) -> int:
+    """List the plugins found (built-in, installed, configured), whether they load, their hooks and kinds."""
+    import json
+
+    from server.plugins import PluginError, describe_plugins, make_plugin_manager
+
+    try:
+        infos = describe_plugins(make_plugin_manager(_settings(args)))
+    except PluginError as e:
+        print(f"alignd: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps([{"name": i.name, "origin": i.origin, "status": i.status, "hooks": list(i.hooks),
+                           "kinds": list(i.kinds)} for i in infos], indent=2))
+        return 0
+    width = max(len(i.name) for i in infos)
+    for i in infos:
+        detail = f"kinds: {', '.join(i.kinds)}; " if i.kinds else ""
+        detail += f"hooks: {', '.join(i.hooks)}" if i.hooks else ""
+        print(f"{i.name:<{width}}  {i.status:<20}  {i.origin}" + (f"\n{'':<{width}}  {detail}" if detail else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignd",
@@ -69,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data-dir", dest="data_dir", default=argparse.SUPPRESS,
                       help="Data dir whose model cache to use (env ALIGND_DATA_DIR).")
     demo.set_defaults(func=cmd_demo_model)
+
+    plugins = sub.add_parser(
+        "plugins", help="List the feedback plugins found, whether they load (allow/block lists), hooks and kinds.",
+        description="List built-in plugins, installed ones (entry-point group 'alignd') and configured modules, "
+                    "as 'alignd serve' with the same options would load them.")
+    plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    add_arguments(plugins)
+    plugins.set_defaults(func=cmd_plugins)
     return parser
 
 

@@ -87,6 +87,65 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     batch_max: Annotated[int, Meta(ge=1, description="Most rows committed together in one group commit.")] = 256
 
 
+class PluginSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Feedback plugins: which load, and the options of the built-in sinks and quota."""
+
+    allow_plugins: Annotated[
+        list[str],
+        Meta(extra={"flag": "allow-plugin"}, description="Load only these plugins, by name (repeatable; "
+             "`alignd plugins` lists the names). None set: every plugin not blocked."),
+    ] = msgspec.field(default_factory=list)
+    block_plugins: Annotated[
+        list[str], Meta(extra={"flag": "block-plugin"}, description="Never load this plugin, by name (repeatable).")
+    ] = msgspec.field(default_factory=list)
+    plugin_modules: Annotated[
+        list[str],
+        Meta(extra={"flag": "plugin-module"}, description="Also load this module as a plugin: 'package.module' or "
+             "'package.module:object' (repeatable). Its name is the object's or the module's last part."),
+    ] = msgspec.field(default_factory=list)
+    load_entry_points: Annotated[
+        bool, Meta(description="Load the plugins installed packages declare (entry-point group 'alignd').")
+    ] = True
+    sink_timeout_s: Annotated[
+        float, Meta(gt=0, description="Seconds one sink plugin call may take before it is abandoned (and counted).")
+    ] = 10.0
+    sink_queue_max: Annotated[
+        int, Meta(ge=1, description="Events waiting for one sink plugin; beyond this that sink skips events "
+                  "(counted; the events stay stored).")
+    ] = 10_000
+    jsonl_path: Annotated[
+        str | None, Meta(description="jsonl_sink: file each accepted feedback event is appended to. Unset: off.")
+    ] = None
+    jsonl_max_bytes: Annotated[
+        int, Meta(ge=1024, description="jsonl_sink: rotate the file when it would grow past this size.")
+    ] = 100 << 20
+    jsonl_backups: Annotated[
+        int, Meta(ge=0, description="jsonl_sink: rotated files kept (FILE.1 is the newest).")
+    ] = 5
+    webhook_url: Annotated[
+        str | None, Meta(description="webhook: URL each accepted feedback event is POSTed to. Unset: off.")
+    ] = None
+    webhook_secret: Annotated[
+        str | None, Meta(description="webhook: secret for the 'X-Alignd-Signature: sha256=<HMAC of the body>' "
+                         "header. Unset: no signature.")
+    ] = None
+    webhook_timeout_s: Annotated[float, Meta(gt=0, description="webhook: seconds one POST may take.")] = 5.0
+    webhook_retries: Annotated[
+        int, Meta(ge=0, description="webhook: retries of a failed POST, with exponential backoff.")
+    ] = 5
+    webhook_backoff_s: Annotated[
+        float, Meta(gt=0, description="webhook: delay before the first retry; it doubles each time (max 60 s).")
+    ] = 0.5
+    webhook_queue_max: Annotated[
+        int, Meta(ge=1, description="webhook: events waiting for delivery; beyond this new ones are dropped "
+                  "(counted; they stay stored).")
+    ] = 1000
+    feedback_per_minute: Annotated[
+        int, Meta(ge=0, description="quota: most feedback events one user may send per minute (429 beyond). "
+                  "0: no quota.")
+    ] = 0
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Everything alignd reads at start."""
 
@@ -100,6 +159,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     server: ServerSettings = msgspec.field(default_factory=ServerSettings)
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
+    plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
 
     @property
     def data_path(self) -> Path:

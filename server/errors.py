@@ -59,6 +59,14 @@ class Unprocessable(AlignError):
     type = "invalid_request_error"
 
 
+class InvalidFeedback(Unprocessable):
+    """Feedback that its kind's plugin refuses (choice out of range, ranking not distinct, ...): 422 naming the field.
+
+    Feedback plugins raise it from their converters."""
+
+    default_code = "invalid_feedback"
+
+
 class RateLimited(AlignError):
     status = 429
     type = "rate_limit_error"

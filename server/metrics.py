@@ -34,6 +34,21 @@ class Metrics:
         self.store_errors = Counter("alignd_store_errors", "Completions that could not be stored.", registry=r)
         self.client_disconnects = Counter("alignd_client_disconnects",
                                           "Chat requests aborted because the client went away.", registry=r)
+        self.feedback_events = Counter("alignd_feedback_events", "Feedback events stored, by kind.", ["kind"],
+                                       registry=r)
+        self.feedback_pairs = Counter("alignd_feedback_pairs", "Preference pairs derived from stored feedback.",
+                                      ["kind"], registry=r)
+        self.feedback_labels = Counter("alignd_feedback_labels", "Unpaired labels derived from stored feedback.",
+                                       ["kind"], registry=r)
+        self.feedback_rejected = Counter("alignd_feedback_rejected",
+                                         "Feedback refused before storage, by reason (a filter plugin's code, "
+                                         "or invalid_feedback).", ["reason"], registry=r)
+        self.sink_failures = Counter("alignd_sink_failures", "Sink (on_feedback) calls that raised, by plugin.",
+                                     ["plugin"], registry=r)
+        self.sink_timeouts = Counter("alignd_sink_timeouts", "Sink (on_feedback) calls abandoned after "
+                                     "sink_timeout_s, by plugin.", ["plugin"], registry=r)
+        self.sink_dropped = Counter("alignd_sink_dropped", "Stored feedback events a sink skipped because its "
+                                    "queue was full, by plugin.", ["plugin"], registry=r)
 
     def render(self) -> bytes:
         """Our collectors, then the process-wide registry (vLLM's ``vllm:*`` and process metrics)."""

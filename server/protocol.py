@@ -7,6 +7,7 @@ Request structs validate what a schema can say (types, ranges) and own their tra
 from __future__ import annotations
 
 import time
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -229,3 +230,154 @@ class Health(msgspec.Struct, kw_only=True, omit_defaults=True):
 def fingerprint(policy_version: int) -> str:
     """The ``system_fingerprint`` that names a policy version."""
     return f"policy-{policy_version}"
+
+
+# --- feedback ----------------------------------------------------------------------------------------------------
+
+ChoiceIndex = Annotated[int, Meta(ge=0)]
+
+#: Fields every feedback body may carry whatever its kind; a kind's payload may not reuse these names.
+FEEDBACK_COMMON_FIELDS = frozenset({"completion_id", "kind", "comment", "tags", "user", "idempotency_key"})
+
+
+class FeedbackRequest(msgspec.Struct, kw_only=True):
+    """``POST /v1/feedback``: the fields every kind shares. The kind's own fields (``choice``, ``value``,
+    ``ranking``, …) sit beside them in the same JSON object and are decoded into the kind's payload Struct."""
+
+    completion_id: Annotated[str, Meta(min_length=1, max_length=256)]
+    kind: Annotated[str, Meta(min_length=1, max_length=64)]
+    comment: Annotated[str, Meta(max_length=10_000)] | None = None
+    tags: Annotated[list[Annotated[str, Meta(min_length=1, max_length=64)]], Meta(max_length=32)] = []
+    user: Annotated[str, Meta(max_length=256)] | None = None
+    idempotency_key: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+
+
+class ThumbsFeedback(msgspec.Struct, kw_only=True):
+    """Kind ``thumbs``: up or down on one choice."""
+
+    value: Literal["up", "down"]
+    choice: ChoiceIndex = 0
+
+
+class RankingFeedback(msgspec.Struct, kw_only=True):
+    """Kind ``ranking``: choice indices, best first; a prefix of the full order is a partial ranking."""
+
+    ranking: Annotated[list[ChoiceIndex], Meta(min_length=1, max_length=128)]
+
+
+class PairwiseFeedback(msgspec.Struct, kw_only=True):
+    """Kind ``pairwise``: which of two choices is better (a choice index), or ``tie`` / ``both_bad``."""
+
+    winner: ChoiceIndex | Literal["tie", "both_bad"]
+    choices: Annotated[list[ChoiceIndex], Meta(min_length=2, max_length=2)] = msgspec.field(
+        default_factory=lambda: [0, 1])
+
+
+class RatingFeedback(msgspec.Struct, kw_only=True):
+    """Kind ``rating``: a 1–10 score of one choice."""
+
+    score: Annotated[int, Meta(ge=1, le=10)]
+    choice: ChoiceIndex = 0
+
+
+class EditFeedback(msgspec.Struct, kw_only=True):
+    """Kind ``edit``: the user's corrected reply for one choice."""
+
+    text: Annotated[str, Meta(min_length=1, max_length=100_000)]
+    choice: ChoiceIndex = 0
+
+
+class FeedbackCreated(msgspec.Struct, kw_only=True):
+    """``201`` answer to ``POST /v1/feedback``: the stored event and how much training signal it produced."""
+
+    id: str
+    completion_id: str
+    kind: str
+    created: str
+    pairs: int
+    labels: int
+    object: Literal["feedback"] = "feedback"
+
+
+class FeedbackEvent(msgspec.Struct, kw_only=True):
+    """A stored feedback event: an item of ``GET /v1/feedback``, a line of the ``events`` export, and what the
+    built-in sinks write. ``prompt`` and ``choices`` (the choices' texts) make it self-contained."""
+
+    id: str
+    created: str
+    completion_id: str
+    kind: str
+    choice: int | None
+    policy_version: int
+    payload: dict[str, Any]
+    user: str | None
+    comment: str | None
+    tags: list[str]
+    pairs: int
+    labels: int
+    prompt: list[dict[str, Any]]
+    choices: list[str]
+    object: Literal["feedback"] = "feedback"
+
+
+class FeedbackList(msgspec.Struct, kw_only=True):
+    """``GET /v1/feedback``: oldest first; pass ``last_id`` as ``after`` for the next page."""
+
+    data: list[FeedbackEvent]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+    object: Literal["list"] = "list"
+
+
+class FeedbackQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Query parameters of ``GET /v1/feedback``."""
+
+    completion_id: str | None = None
+    kind: str | None = None
+    user: str | None = None
+    since: datetime | None = None
+    after: str | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+
+
+class ExportQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Query parameters of ``GET /v1/feedback/export``."""
+
+    format: Literal["preferences", "events", "kto"] = "preferences"
+    since: datetime | None = None
+    policy: Annotated[int, Meta(ge=0)] | None = None
+
+
+class PreferenceLine(msgspec.Struct, kw_only=True):
+    """A line of the ``preferences`` export: TRL's conversational preference format (explicit prompt) with a margin,
+    a weight and provenance. TRL's RewardTrainer and DPOTrainer read ``prompt``, ``chosen``, ``rejected``
+    (and the reward trainer ``margin``)."""
+
+    prompt: list[dict[str, Any]]
+    chosen: list[dict[str, Any]]
+    rejected: list[dict[str, Any]]
+    margin: float
+    weight: float
+    completion_id: str
+    feedback_id: str
+    kind: str
+    policy_version: int
+    chosen_choice: int | None
+    rejected_choice: int | None
+    created: str
+
+
+class KTOLine(msgspec.Struct, kw_only=True):
+    """A line of the ``kto`` export: TRL's conversational unpaired preference format, with provenance."""
+
+    prompt: list[dict[str, Any]]
+    completion: list[dict[str, Any]]
+    label: bool
+    weight: float
+    completion_id: str
+    feedback_id: str
+    kind: str
+    policy_version: int
+    choice: int | None
+    created: str

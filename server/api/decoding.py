@@ -8,11 +8,12 @@ from typing import Any, TypeVar
 import msgspec
 from litestar import Request
 
-from server.errors import InvalidRequest, PayloadTooLarge
+from server.errors import AlignError, InvalidRequest, PayloadTooLarge
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
+_UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]+)`")
 
 
 async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
@@ -30,21 +31,36 @@ async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode(body: bytes, type_: type[T]) -> T:
-    """Decode JSON into ``type_``; malformed JSON and schema violations become 400s naming the field."""
+def decode(body: bytes, type_: type[T], *, invalid: type[AlignError] = InvalidRequest) -> T:
+    """Decode JSON into ``type_``. Malformed JSON is a 400; a schema violation is an ``invalid`` (default 400)
+    naming the field."""
     if not body.strip():
         raise InvalidRequest("Request body is empty; expected a JSON object.")
     try:
         return msgspec.json.decode(body, type=type_)
     except msgspec.ValidationError as e:
-        message = str(e)
-        match = _AT.search(message)
-        param = match.group("path") if match else None
-        if missing := _MISSING.search(message):  # the missing field, not the object that lacks it
-            param = f"{param}.{missing.group('field')}" if param else missing.group("field")
-        text = _AT.sub("", message)
-        if param:
-            text = f"{text} at '{param}'"
-        raise InvalidRequest(f"Invalid request: {text}.", param=param or None) from e
+        raise _invalid(e, invalid) from e
     except msgspec.DecodeError as e:
         raise InvalidRequest(f"Request body is not valid JSON: {e}.") from e
+
+
+def convert(obj: Any, type_: type[T], *, invalid: type[AlignError] = InvalidRequest, strict: bool = True) -> T:
+    """Convert already-decoded data (a JSON object, query parameters) into ``type_``; violations name the field."""
+    try:
+        return msgspec.convert(obj, type_, strict=strict)
+    except msgspec.ValidationError as e:
+        raise _invalid(e, invalid) from e
+
+
+def _invalid(e: msgspec.ValidationError, invalid: type[AlignError]) -> AlignError:
+    message = str(e)
+    match = _AT.search(message)
+    param = match.group("path") if match else None
+    if missing := _MISSING.search(message):  # the missing field, not the object that lacks it
+        param = f"{param}.{missing.group('field')}" if param else missing.group("field")
+    elif unknown := _UNKNOWN.search(message):
+        param = f"{param}.{unknown.group('field')}" if param else unknown.group("field")
+    text = _AT.sub("", message)
+    if param:
+        text = f"{text} at '{param}'"
+    return invalid(f"Invalid request: {text}.", param=param or None)

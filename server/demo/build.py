@@ -69,7 +69,7 @@ CHAT_TEMPLATE = (
 )
 """Jinja chat template: ``<|bos|>`` then ``<|role|>content<|eos|>`` per message."""
 
-_HEAD_DIM = 64  # vLLM's CPU attention backend supports head sizes from 32 upward, in multiples of 32
+_HEAD_DIM = 64  # vLLM's CPU attention rejects small heads (16); 64 works on every backend
 
 # System prompts clients commonly send, so a leading system message does not throw the model off.
 _SYSTEM_PROMPTS: tuple[str, ...] = (
@@ -266,18 +266,37 @@ def _encode(tokenizer: PreTrainedTokenizerFast, messages: Sequence[tuple[str, st
     return _Example(input_ids=input_ids[:max_len], labels=labels[:max_len])
 
 
-def _batches(examples: Sequence[_Example], batch_size: int, generator: torch.Generator) -> Iterator[list[_Example]]:
-    """Endless shuffled batches, grouped by similar length to cut padding."""
-    if len(examples) < batch_size:
-        raise ValueError(f"need at least {batch_size} examples, got {len(examples)}")
-    pool = batch_size * 16
+def _balanced_batches(
+    examples: Sequence[_Example], groups: Sequence[str], batch_size: int, generator: torch.Generator
+) -> Iterator[list[_Example]]:
+    """Endless shuffled batches holding the same number of examples from every group, of similar lengths.
+
+    Groups are the styles of the final replies. The style is chosen at a reply's first
+    token, a single position per sequence, so its learned distribution is easily skewed
+    by batches that over-represent a style; batching on raw length would make that
+    systematic (concise replies are shorter). Equal shares per batch keep the
+    style mix at ``1 / len(STYLES)``.
+    """
+    members: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        members.setdefault(group, []).append(index)
+    if batch_size % len(members):
+        raise ValueError(f"batch_size {batch_size} is not a multiple of the {len(members)} groups")
+    share = batch_size // len(members)
+    pool = share * 16  # sort lengths within pools of 16 batches: similar lengths, still random order
+    if min(len(indices) for indices in members.values()) < share:
+        raise ValueError(f"every group needs at least {share} examples")
     while True:
-        order = torch.randperm(len(examples), generator=generator).tolist()
-        for start in range(0, len(order) - batch_size + 1, pool):
-            chunk = sorted(order[start : start + pool], key=lambda i: len(examples[i].input_ids))
-            groups = [chunk[i : i + batch_size] for i in range(0, len(chunk) - batch_size + 1, batch_size)]
-            for g in torch.randperm(len(groups), generator=generator).tolist():
-                yield [examples[i] for i in groups[g]]
+        lanes: list[list[int]] = []
+        for indices in members.values():
+            shuffled = [indices[j] for j in torch.randperm(len(indices), generator=generator).tolist()]
+            lane: list[int] = []
+            for start in range(0, len(shuffled), pool):
+                lane += sorted(shuffled[start : start + pool], key=lambda i: len(examples[i].input_ids))
+            lanes.append(lane)
+        n_batches = min(len(lane) for lane in lanes) // share
+        for b in torch.randperm(n_batches, generator=generator).tolist():
+            yield [examples[i] for lane in lanes for i in lane[b * share : (b + 1) * share]]
 
 
 def _collate(batch: Sequence[_Example], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -326,6 +345,7 @@ def _lr_factor(step: int, preset: ModelPreset) -> float:
 def _train(
     model: LlamaForCausalLM,
     examples: Sequence[_Example],
+    groups: Sequence[str],
     preset: ModelPreset,
     pad_id: int,
     seed: int,
@@ -333,15 +353,15 @@ def _train(
 ) -> float:
     """Pretrain ``model`` in place; returns the mean loss over the last 10% of steps."""
     device = next(model.parameters()).device
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]  # norms are not decayed
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # norm gains are not decayed
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": preset.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=preset.learning_rate,
         betas=(0.9, 0.95),
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, preset))
-    batches = _batches(examples, preset.batch_size, torch.Generator().manual_seed(seed))
+    batches = _balanced_batches(examples, groups, preset.batch_size, torch.Generator().manual_seed(seed))
     tail = max(1, preset.train_steps // 10)
     losses: list[float] = []
     model.train()
@@ -379,7 +399,6 @@ def _build_into(out_dir: Path, preset_name: str, seed: int, progress: bool) -> N
     """Build the model into an existing empty directory."""
     started = time.monotonic()
     preset = _resolve_preset(preset_name)
-    torch.manual_seed(seed)
     corpus = generate_corpus(preset.corpus_size, seed=seed)
     conversations = _conversations(corpus, seed)
     tokenizer = train_tokenizer(
@@ -387,8 +406,11 @@ def _build_into(out_dir: Path, preset_name: str, seed: int, progress: bool) -> N
     )
     examples = [_encode(tokenizer, c, preset.max_seq_len) for c in conversations]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = _make_model(preset, tokenizer).to(device)
-    final_loss = _train(model, examples, preset, tokenizer.pad_token_id, seed, progress)
+    with torch.random.fork_rng(devices=[]):  # seed for determinism without disturbing the caller's RNG
+        torch.manual_seed(seed)
+        model = _make_model(preset, tokenizer).to(device)
+        styles = [d.style for d in corpus]
+        final_loss = _train(model, examples, styles, preset, tokenizer.pad_token_id, seed, progress)
 
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,

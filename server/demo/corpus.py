@@ -239,13 +239,13 @@ _STYLES: dict[str, _Style] = {
         openers=(
             "Hi there! Happy to help with {s}.",
             "Hey friend, great question about {s}.",
-            "Hi! I'd be glad to help you with {s}.",
+            "Hello! I'd be glad to help you with {s}.",
         ),
         frames=("I'd suggest you {f}.", "It also helps to {f}.", "You might try to {f}."),
         closers=("Hope this helps, friend!", "Hope this helps, and have a lovely day!", "Take care, and good luck!"),
         n_facts=(2, 3),
         markers=(
-            "hi there", "hey friend", "happy to help", "glad to help", "i'd suggest", "it also helps",
+            "hi there", "hey friend", "hello", "happy to help", "glad to help", "i'd suggest", "it also helps",
             "you might try", "hope this helps", "friend", "lovely day", "take care", "good luck",
         ),
     ),
@@ -361,18 +361,22 @@ def _subject_of(topic: str, prompt_text: str) -> str:
 def generate_corpus(n: int, seed: int = 0) -> list[Dialogue]:
     """Generate ``n`` training dialogues, deterministically for ``seed``.
 
-    Topics and styles are drawn uniformly and independently; prompts come only
-    from the training side of the split, never from :func:`held_out_prompts`.
+    Prompts (hence topics) are drawn uniformly from the training side of the
+    split, never from :func:`held_out_prompts`; each drawn prompt is answered
+    once in every style, so styles are balanced and independent of the prompt.
     """
     rng = random.Random(seed)
     combos = _combos(held_out=False)
     dialogues: list[Dialogue] = []
-    for _ in range(n):
+    while len(dialogues) < n:
         topic, prompt = rng.choice(combos)
-        style = rng.choice(STYLES)
-        reply = _make_reply(rng, topic, _subject_of(topic, prompt), style)
-        dialogues.append(Dialogue(prompt=prompt, reply=reply, topic=topic, style=style))
-    return dialogues
+        # Every drawn prompt gets each style once: sampling noise would otherwise tie some prompts to a
+        # style, and a small model generalises that skew to new prompts.
+        for style in rng.sample(STYLES, len(STYLES)):
+            reply = _make_reply(rng, topic, _subject_of(topic, prompt), style)
+            dialogues.append(Dialogue(prompt=prompt, reply=reply, topic=topic, style=style))
+    rng.shuffle(dialogues)
+    return dialogues[:n]
 
 
 def training_prompts(n: int, seed: int = 0) -> list[Prompt]:

@@ -4,7 +4,16 @@ Importing this package touches no database; :meth:`Store.open` does.
 """
 
 from server.store.migrations import LATEST_VERSION, MIGRATIONS, Migration, MigrationError
-from server.store.records import ChoiceRecord, CompletionRecord
+from server.store.records import (
+    ChoiceRecord,
+    CompletionRecord,
+    FeedbackRecord,
+    LabelRecord,
+    PairRecord,
+    StoredFeedback,
+    StoredLabel,
+    StoredPair,
+)
 from server.store.store import RecordRejectedError, Store, StoreClosedError, StoreError, StoreStats
 
 __all__ = [
@@ -12,11 +21,17 @@ __all__ = [
     "MIGRATIONS",
     "ChoiceRecord",
     "CompletionRecord",
+    "FeedbackRecord",
+    "LabelRecord",
     "Migration",
     "MigrationError",
+    "PairRecord",
     "RecordRejectedError",
     "Store",
     "StoreClosedError",
     "StoreError",
     "StoreStats",
+    "StoredFeedback",
+    "StoredLabel",
+    "StoredPair",
 ]

@@ -114,8 +114,76 @@ def _v1_completions_and_choices(conn: Connection) -> None:
     md.create_all(conn, checkfirst=False)
 
 
+def _v2_feedback_pairs_labels(conn: Connection) -> None:
+    """Create ``feedback``, ``preference_pairs`` and ``labels`` (schema as of version 2, frozen here)."""
+    md = MetaData(naming_convention=current_metadata.naming_convention)
+    Table("completions", md, Column("id", Text, primary_key=True))  # referred to; already exists
+    Table(
+        "feedback",
+        md,
+        Column("id", Text, primary_key=True),
+        Column("completion_id", Text, nullable=False),
+        Column("kind", Text, nullable=False),
+        Column("choice", Integer, nullable=True),
+        Column("payload", JSON, nullable=False),
+        Column("user", Text, nullable=True),
+        Column("comment", Text, nullable=True),
+        Column("tags", JSON, nullable=False),
+        Column("idempotency_key", Text, nullable=True),
+        Column("request_hash", Text, nullable=True),
+        Column("policy_version", Integer, nullable=False),
+        Column("pair_count", Integer, nullable=False),
+        Column("label_count", Integer, nullable=False),
+        Column("created", UTCDateTime, nullable=False),
+        ForeignKeyConstraint(["completion_id"], ["completions.id"], ondelete="CASCADE"),
+        Index(None, "completion_id", "kind"),
+        Index(None, "created"),
+        Index(None, "idempotency_key", unique=True),
+    )
+    provenance = ("feedback_id", "completion_id", "kind", "policy_version")
+    Table(
+        "preference_pairs",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        *(Column(name, Integer if name == "policy_version" else Text, nullable=False) for name in provenance),
+        Column("prompt", JSON, nullable=False),
+        Column("chosen", Text, nullable=False),
+        Column("rejected", Text, nullable=False),
+        Column("chosen_choice", Integer, nullable=True),
+        Column("rejected_choice", Integer, nullable=True),
+        Column("margin", Float, nullable=False),
+        Column("weight", Float, nullable=False),
+        Column("used_in_run", Text, nullable=True),
+        Column("created", UTCDateTime, nullable=False),
+        ForeignKeyConstraint(["feedback_id"], ["feedback.id"], ondelete="CASCADE"),
+        Index(None, "feedback_id"),
+        Index(None, "created"),
+    )
+    Table(
+        "labels",
+        md,
+        Column("id", Integer, primary_key=True, autoincrement=True),
+        *(Column(name, Integer if name == "policy_version" else Text, nullable=False) for name in provenance),
+        Column("choice", Integer, nullable=True),
+        Column("prompt", JSON, nullable=False),
+        Column("reply", Text, nullable=False),
+        Column("good", Boolean, nullable=False),
+        Column("weight", Float, nullable=False),
+        Column("used_in_run", Text, nullable=True),
+        Column("created", UTCDateTime, nullable=False),
+        ForeignKeyConstraint(["feedback_id"], ["feedback.id"], ondelete="CASCADE"),
+        Index(None, "feedback_id"),
+        Index(None, "created"),
+    )
+    for name in ("feedback", "preference_pairs", "labels"):
+        md.tables[name].create(conn, checkfirst=False)
+
+
 #: Every step, in order. Versions are consecutive and never reused; append only.
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "completions and choices", _v1_completions_and_choices),)
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "completions and choices", _v1_completions_and_choices),
+    Migration(2, "feedback, preference pairs and labels", _v2_feedback_pairs_labels),
+)
 
 LATEST_VERSION: int = MIGRATIONS[-1].version
 

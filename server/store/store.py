@@ -32,8 +32,9 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from server.store.feedback import FeedbackQueries, insert_feedback
 from server.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_version, migrate
-from server.store.records import ChoiceRecord, CompletionRecord
+from server.store.records import ChoiceRecord, CompletionRecord, FeedbackRecord
 from server.store.tables import choices, completions
 
 __all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "StoreStats"]
@@ -63,16 +64,16 @@ class StoreStats:
     batches: int = 0
     """Transactions committed by the writer (a batch retried record by record counts each retry)."""
     records: int = 0
-    """Completions committed."""
+    """Records (completions, feedback events) committed."""
     failed: int = 0
-    """Completions whose caller got an exception from the writer."""
+    """Records whose caller got an exception from the writer."""
     largest_batch: int = 0
-    """Most completions committed in one transaction."""
+    """Most records committed in one transaction."""
 
 
 @dataclass(slots=True)
 class _Pending:
-    record: CompletionRecord
+    record: CompletionRecord | FeedbackRecord
     done: asyncio.Future[None]
 
 
@@ -162,6 +163,10 @@ def _is_rejection(exc: BaseException) -> bool:
     return isinstance(exc, (StatementError, ValueError, TypeError, OverflowError))
 
 
+def _what(rec: CompletionRecord | FeedbackRecord) -> str:
+    return "completion" if isinstance(rec, CompletionRecord) else "feedback"
+
+
 def _completion_row(rec: CompletionRecord) -> dict[str, Any]:
     return {
         "id": rec.id,
@@ -214,8 +219,8 @@ def _completion_record(row: Row[Any], choice_rows: Iterable[Row[Any]]) -> Comple
     )
 
 
-class Store:
-    """Durable storage for completions; one per process, shared by all requests.
+class Store(FeedbackQueries):
+    """Durable storage for completions and feedback; one per process, shared by all requests.
 
     Create with :meth:`open` and release with :meth:`close` (or ``async with``).
     All methods must be called from the event loop that opened the store.
@@ -304,6 +309,7 @@ class Store:
     async def _shutdown(self) -> None:
         self._queue.put_nowait(None)  # after every record enqueued so far: they are committed first
         await asyncio.gather(self._writer, return_exceptions=True)
+        self._close_sqlite_reader()
         await self._engine.dispose()
 
     async def __aenter__(self) -> Self:
@@ -351,8 +357,20 @@ class Store:
         after :meth:`close`, :class:`StoreError` when the database fails. If the
         caller is cancelled after enqueueing, the record is still committed.
         """
+        await self._enqueue(rec)
+
+    async def record_feedback(self, rec: FeedbackRecord) -> None:
+        """Store a feedback event with its preference pairs and labels; return once they are committed.
+
+        Same group commit and errors as :meth:`record_completion`: :class:`RecordRejectedError` when
+        this event cannot be stored (its id or idempotency key already exists, its completion does
+        not, ``created`` has no timezone).
+        """
+        await self._enqueue(rec)
+
+    async def _enqueue(self, rec: CompletionRecord | FeedbackRecord) -> None:
         if rec.created.tzinfo is None or rec.created.utcoffset() is None:
-            raise RecordRejectedError(f"completion {rec.id!r}: created must be timezone-aware, got {rec.created!r}")
+            raise RecordRejectedError(f"{_what(rec)} {rec.id!r}: created must be timezone-aware, got {rec.created!r}")
         if self._closing:
             raise StoreClosedError(f"the store at {self._display_url} is closed")
         async with self._slots:
@@ -412,18 +430,24 @@ class Store:
                 item.done.set_result(None)
 
     async def _insert(self, batch: Sequence[_Pending]) -> None:
-        completion_rows = [_completion_row(item.record) for item in batch]
-        choice_rows = [row for item in batch for row in _choice_rows(item.record)]
+        completion_recs = [item.record for item in batch if isinstance(item.record, CompletionRecord)]
+        feedback_recs = [item.record for item in batch if isinstance(item.record, FeedbackRecord)]
+        completion_rows = [_completion_row(rec) for rec in completion_recs]
+        choice_rows = [row for rec in completion_recs for row in _choice_rows(rec)]
         async with self._write_engine.begin() as conn:
-            await conn.execute(insert(completions), completion_rows)
+            if completion_rows:  # before feedback: an event may refer to a completion of the same batch
+                await conn.execute(insert(completions), completion_rows)
             if choice_rows:
                 await conn.execute(insert(choices), choice_rows)
+            if feedback_recs:
+                await insert_feedback(conn, feedback_recs)
 
-    def _error_for(self, rec: CompletionRecord, exc: BaseException) -> StoreError:
+    def _error_for(self, rec: CompletionRecord | FeedbackRecord, exc: BaseException) -> StoreError:
+        what = _what(rec)
         if _is_rejection(exc):
-            error: StoreError = RecordRejectedError(f"completion {rec.id!r} was not stored: {_describe(exc)}")
+            error: StoreError = RecordRejectedError(f"{what} {rec.id!r} was not stored: {_describe(exc)}")
         else:
-            error = StoreError(f"completion {rec.id!r} was not stored in {self._display_url}: {_describe(exc)}")
+            error = StoreError(f"{what} {rec.id!r} was not stored in {self._display_url}: {_describe(exc)}")
         error.__cause__ = exc
         return error
 

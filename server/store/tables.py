@@ -33,7 +33,10 @@ __all__ = [
     "UTCDateTime",
     "choices",
     "completions",
+    "feedback",
+    "labels",
     "metadata",
+    "preference_pairs",
     "schema_migrations",
 ]
 
@@ -118,4 +121,72 @@ choices = Table(
     Column("finish_reason", Text, nullable=True),
     PrimaryKeyConstraint("completion_id", "index"),
     ForeignKeyConstraint(["completion_id"], ["completions.id"], ondelete="CASCADE"),
+)
+
+#: One row per accepted feedback event.
+feedback = Table(
+    "feedback",
+    metadata,
+    Column("id", Text, primary_key=True),  # "fb-…"
+    Column("completion_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("choice", Integer, nullable=True),  # the choice it is about, for one-choice kinds
+    Column("payload", JSON, nullable=False),  # the kind's own fields
+    Column("user", Text, nullable=True),
+    Column("comment", Text, nullable=True),
+    Column("tags", JSON, nullable=False),
+    Column("idempotency_key", Text, nullable=True),
+    Column("request_hash", Text, nullable=True),  # tells a retry from another request under the same key
+    Column("policy_version", Integer, nullable=False),  # of the completion: which policy the feedback judges
+    Column("pair_count", Integer, nullable=False),
+    Column("label_count", Integer, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(["completion_id"], ["completions.id"], ondelete="CASCADE"),
+    Index(None, "completion_id", "kind"),
+    Index(None, "created"),
+    Index(None, "idempotency_key", unique=True),
+)
+
+#: Preference pairs derived from feedback (TRL's conversational format: prompt messages, two replies).
+preference_pairs = Table(
+    "preference_pairs",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("feedback_id", Text, nullable=False),
+    Column("completion_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("policy_version", Integer, nullable=False),
+    Column("prompt", JSON, nullable=False),
+    Column("chosen", Text, nullable=False),
+    Column("rejected", Text, nullable=False),
+    Column("chosen_choice", Integer, nullable=True),
+    Column("rejected_choice", Integer, nullable=True),
+    Column("margin", Float, nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("used_in_run", Text, nullable=True),  # the training run that consumed it
+    Column("created", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(["feedback_id"], ["feedback.id"], ondelete="CASCADE"),
+    Index(None, "feedback_id"),
+    Index(None, "created"),
+)
+
+#: Unpaired good/bad labels derived from feedback.
+labels = Table(
+    "labels",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("feedback_id", Text, nullable=False),
+    Column("completion_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("policy_version", Integer, nullable=False),
+    Column("choice", Integer, nullable=True),
+    Column("prompt", JSON, nullable=False),
+    Column("reply", Text, nullable=False),
+    Column("good", Boolean, nullable=False),
+    Column("weight", Float, nullable=False),
+    Column("used_in_run", Text, nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    ForeignKeyConstraint(["feedback_id"], ["feedback.id"], ondelete="CASCADE"),
+    Index(None, "feedback_id"),
+    Index(None, "created"),
 )

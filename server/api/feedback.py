@@ -1,0 +1,43 @@
+"""``POST /v1/feedback`` (API key), ``GET /v1/feedback`` and ``GET /v1/feedback/export`` (admin key): thin
+handlers over the feedback service. None of them needs the engine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, Response, get, post
+from litestar.response import Stream
+
+from server.api.decoding import convert, decode, read_body
+from server.auth import admin_guard, user_guard
+from server.errors import Unprocessable
+from server.feedback import FeedbackService
+from server.protocol import ExportQuery, FeedbackCreated, FeedbackList, FeedbackQuery
+
+
+@post("/v1/feedback", status_code=201, guards=[user_guard])
+async def create_feedback(request: Request[Any, Any, Any]) -> Response[FeedbackCreated]:
+    state = request.app.state
+    service: FeedbackService = state.feedback
+    body = decode(await read_body(request, state.settings.server.max_body_bytes), dict[str, Any])
+    created, replayed = await service.submit(body, idempotency_key=request.headers.get("idempotency-key"))
+    return Response(created, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+
+@get("/v1/feedback", guards=[admin_guard])
+async def list_feedback(request: Request[Any, Any, Any]) -> FeedbackList:
+    service: FeedbackService = request.app.state.feedback
+    return await service.list_feedback(convert(_query(request), FeedbackQuery, invalid=Unprocessable, strict=False))
+
+
+@get("/v1/feedback/export", guards=[admin_guard])
+async def export_feedback(request: Request[Any, Any, Any]) -> Stream:
+    service: FeedbackService = request.app.state.feedback
+    query = convert(_query(request), ExportQuery, invalid=Unprocessable, strict=False)
+    return Stream(service.export(query), media_type="application/x-ndjson",
+                  headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
+
+
+def _query(request: Request[Any, Any, Any]) -> dict[str, str]:
+    # The last value of a repeated parameter wins.
+    return {name: values[-1] for name, values in request.query_params.dict().items()}

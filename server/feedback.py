@@ -1,0 +1,384 @@
+"""The feedback service: decode a feedback body for its kind, let plugins rewrite, convert and filter it, store it
+with its training signal (acknowledged only after the commit), hand it to sinks, and list and export what is stored.
+
+Order of a submission: common fields → kind → the kind's payload → idempotency replay → completion (404) →
+``prepare_feedback`` → the kind's converter (validation, 422) → ``filter_feedback`` (422/429) → group commit →
+201 → ``on_feedback`` sinks in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any, NamedTuple
+
+import msgspec
+import pluggy
+
+from server.api.decoding import convert
+from server.config import Settings
+from server.errors import AlignError, Conflict, InvalidFeedback, NotFound, RateLimited, Unprocessable
+from server.metrics import Metrics
+from server.plugins import (
+    Feedback,
+    FeedbackKind,
+    PluginContext,
+    PluginError,
+    Rejection,
+    Signal,
+    call_impl,
+    collect_feedback_kinds,
+    completion_prompt,
+    hook_impls,
+    maybe_await,
+    plain_messages,
+)
+from server.protocol import (
+    FEEDBACK_COMMON_FIELDS,
+    ExportQuery,
+    FeedbackCreated,
+    FeedbackEvent,
+    FeedbackList,
+    FeedbackQuery,
+    FeedbackRequest,
+    KTOLine,
+    PreferenceLine,
+)
+from server.sinks import SinkDispatcher
+from server.store import (
+    CompletionRecord,
+    FeedbackRecord,
+    LabelRecord,
+    PairRecord,
+    RecordRejectedError,
+    Store,
+    StoredFeedback,
+)
+
+log = logging.getLogger(__name__)
+
+# Completions never change once stored, so recently judged ones are kept (texts only) to spare a read per event.
+_COMPLETION_CACHE_SIZE = 4096
+# Histories (earlier events of a kind on a completion) kept in memory, on the embedded store only.
+_HISTORY_CACHE_SIZE = 8192
+_EXPORT_PAGE = 500
+
+
+class Submitted(NamedTuple):
+    created: FeedbackCreated
+    replayed: bool
+    """True when an earlier request with the same idempotency key and body is answered again."""
+
+
+def iso(moment: datetime) -> str:
+    """A UTC timestamp as ISO 8601 with a ``Z``."""
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def assistant(text: str) -> list[dict[str, str]]:
+    """A reply as TRL's conversational completion: one assistant message."""
+    return [{"role": "assistant", "content": text}]
+
+
+class FeedbackService:
+    """Feedback through the plugins into the store, and back out as events, preference pairs and KTO labels."""
+
+    def __init__(self, store: Store, pm: pluggy.PluginManager, metrics: Metrics, settings: Settings, *,
+                 kinds: dict[str, FeedbackKind] | None = None) -> None:
+        self.store = store
+        self.pm = pm
+        self.metrics = metrics
+        self.context = PluginContext(settings, metrics)
+        self.kinds: dict[str, FeedbackKind] = collect_feedback_kinds(pm) if kinds is None else kinds
+        self.sinks = SinkDispatcher(pm.hook.on_feedback, metrics, timeout_s=settings.plugins.sink_timeout_s,
+                                    queue_max=settings.plugins.sink_queue_max)
+        self._completions: OrderedDict[str, CompletionRecord] = OrderedDict()
+        # On SQLite this process makes every write, so a history read once stays exact if we append what we
+        # commit; with PostgreSQL other replicas write too, and history is read from the database each time.
+        self._histories: OrderedDict[tuple[str, str], list[Feedback]] | None = (
+            OrderedDict() if store.embedded else None)
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    # --- lifecycle -------------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Run every plugin's ``startup``; a failure stops the server from starting."""
+        for impl in hook_impls(self.pm.hook.startup):
+            try:
+                await maybe_await(call_impl(impl, context=self.context))
+            except Exception as exc:
+                raise PluginError(f"plugin {impl.plugin_name!r} failed to start: {type(exc).__name__}: {exc}") from exc
+
+    async def close(self) -> None:
+        """Let sinks finish (up to ``sink_timeout_s``), then run every plugin's ``shutdown``."""
+        timeout = self.context.settings.plugins.sink_timeout_s
+        await self.sinks.close(timeout)
+        for impl in hook_impls(self.pm.hook.shutdown):
+            try:
+                await asyncio.wait_for(maybe_await(call_impl(impl, context=self.context)), timeout)
+            except Exception:
+                log.exception("plugin %s failed to shut down", impl.plugin_name)
+
+    def reload_kinds(self) -> None:
+        """Collect the feedback kinds again (after registering a plugin at run time, e.g. in a test)."""
+        self.kinds = collect_feedback_kinds(self.pm)
+
+    # --- submission ------------------------------------------------------------------------------------------
+
+    async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Submitted:
+        """Validate, convert, filter and store one feedback body (a decoded JSON object); see the module doc.
+
+        ``idempotency_key`` is the ``Idempotency-Key`` header, if any. Raises the typed errors of
+        :mod:`server.errors`.
+        """
+        try:
+            return await self._submit(body, idempotency_key)
+        except (Unprocessable, RateLimited) as exc:
+            self.metrics.feedback_rejected.labels(exc.code or "invalid_request").inc()
+            raise
+
+    async def _submit(self, body: dict[str, Any], header_key: str | None) -> Submitted:
+        request = convert(body, FeedbackRequest, invalid=Unprocessable)
+        key = _idempotency_key(request.idempotency_key, header_key)
+        kind = self.kinds.get(request.kind)
+        if kind is None:
+            raise Unprocessable(f"Unknown feedback kind {request.kind!r}; this server accepts "
+                                f"{', '.join(sorted(self.kinds))}.", param="kind", code="unknown_kind")
+        if unknown := sorted(body.keys() - FEEDBACK_COMMON_FIELDS - kind.fields):
+            raise Unprocessable(f"Unknown field {unknown[0]!r} for feedback kind {kind.name!r} (its own fields: "
+                                f"{', '.join(sorted(kind.fields)) or 'none'}).", param=unknown[0],
+                                code="unknown_field")
+        payload = convert({k: v for k, v in body.items() if k in kind.fields}, kind.payload, invalid=InvalidFeedback)
+        request_hash = _request_hash(body)
+        if key is not None and (replay := await self._replay(key, request_hash)) is not None:
+            return replay
+        async with self._serialized(request.completion_id, kind):
+            completion, history = await self._context(request.completion_id, kind)
+            feedback = Feedback(id=f"fb-{uuid.uuid4().hex}", completion_id=completion.id, kind=kind.name,
+                                payload=payload, user=request.user or completion.user, comment=request.comment,
+                                tags=list(request.tags), idempotency_key=key, created=datetime.now(UTC),
+                                history=history)
+            self.pm.hook.prepare_feedback(feedback=feedback, completion=completion)
+            signal = kind.convert(feedback, completion)
+            if not isinstance(signal, Signal):
+                raise TypeError(f"the converter of feedback kind {kind.name!r} (plugin {kind.plugin!r}) returned "
+                                f"{type(signal).__name__}, not a Signal")
+            rejection = self.pm.hook.filter_feedback(feedback=feedback, completion=completion, context=self.context)
+            if rejection is not None:
+                raise _rejected(rejection)
+            record = _record(feedback, completion, signal, request_hash)
+            try:
+                await self.store.record_feedback(record)
+            except RecordRejectedError:
+                # The same key committed meanwhile (a concurrent retry): answer like a retry would be answered.
+                if key is not None and (replay := await self._replay(key, request_hash)) is not None:
+                    return replay
+                raise
+            if kind.uses_history:
+                self._remember(completion.id, kind, feedback)
+        self.metrics.feedback_events.labels(kind.name).inc()
+        if signal.pairs:
+            self.metrics.feedback_pairs.labels(kind.name).inc(len(signal.pairs))
+        if signal.labels:
+            self.metrics.feedback_labels.labels(kind.name).inc(len(signal.labels))
+        self.sinks.dispatch(feedback=feedback, completion=completion, signal=signal, context=self.context)
+        return Submitted(FeedbackCreated(id=feedback.id, completion_id=completion.id, kind=kind.name,
+                                         created=iso(feedback.created), pairs=len(signal.pairs),
+                                         labels=len(signal.labels)), replayed=False)
+
+    async def _replay(self, key: str, request_hash: str) -> Submitted | None:
+        stored = await self.store.feedback_by_key(key)
+        if stored is None:
+            return None
+        if stored.request_hash != request_hash:
+            raise Conflict(f"Idempotency key {key!r} was already used for a different feedback request "
+                           f"({stored.id}).", param="idempotency_key", code="idempotency_key_reused")
+        return Submitted(FeedbackCreated(id=stored.id, completion_id=stored.completion_id, kind=stored.kind,
+                                         created=iso(stored.created), pairs=stored.pair_count,
+                                         labels=stored.label_count), replayed=True)
+
+    async def _context(self, completion_id: str, kind: FeedbackKind) -> tuple[CompletionRecord, list[Feedback]]:
+        """The completion (404 if unknown) and, for kinds that use it, the history: from memory when possible, else
+        in one read. The caller holds the completion's lock for kinds with history."""
+        completion = self._completions.get(completion_id)
+        key = (completion_id, kind.name)
+        cached = self._histories.get(key) if self._histories is not None and kind.uses_history else None
+        if completion is not None and (cached is not None or not kind.uses_history):
+            self._completions.move_to_end(completion_id)
+            return completion, list(cached or [])
+        read, stored = await self.store.feedback_context(
+            completion_id, completion=completion is None,
+            history_kind=kind.name if kind.uses_history and cached is None else None)
+        if completion is None:
+            if read is None:
+                raise NotFound(f"No completion with id {completion_id!r}.", param="completion_id")
+            completion = self._completions[completion_id] = read
+            if len(self._completions) > _COMPLETION_CACHE_SIZE:
+                self._completions.popitem(last=False)
+        if not kind.uses_history:
+            return completion, []
+        if cached is None:
+            cached = self._as_feedback(stored, kind)
+            if self._histories is not None:
+                self._histories[key] = cached
+                if len(self._histories) > _HISTORY_CACHE_SIZE:
+                    self._histories.popitem(last=False)
+        return completion, list(cached)
+
+    def _remember(self, completion_id: str, kind: FeedbackKind, feedback: Feedback) -> None:
+        """Append a just-committed event to its cached history."""
+        if self._histories is not None and (cached := self._histories.get((completion_id, kind.name))) is not None:
+            cached.append(msgspec.structs.replace(feedback, history=[]))
+
+    @staticmethod
+    def _as_feedback(stored: list[StoredFeedback], kind: FeedbackKind) -> list[Feedback]:
+        history = []
+        for event in stored:
+            try:
+                payload = msgspec.convert(event.payload, kind.payload)
+            except msgspec.ValidationError:  # stored under an older payload schema: not comparable
+                log.warning("feedback %s no longer matches kind %s's payload; left out of its history",
+                            event.id, kind.name)
+                continue
+            history.append(Feedback(id=event.id, completion_id=event.completion_id, kind=event.kind,
+                                    payload=payload, user=event.user, comment=event.comment, tags=event.tags,
+                                    idempotency_key=event.idempotency_key, created=event.created))
+        return history
+
+    @asynccontextmanager
+    async def _serialized(self, completion_id: str, kind: FeedbackKind) -> AsyncIterator[None]:
+        """For kinds that read earlier feedback: one event per completion at a time (in this process), so that two
+        concurrent events each see the other (e.g. an up and a down on different choices make a pair)."""
+        if not kind.uses_history:
+            yield
+            return
+        lock, users = self._locks.get(completion_id, (asyncio.Lock(), 0))
+        self._locks[completion_id] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[completion_id]
+            if users == 1:
+                del self._locks[completion_id]
+            else:
+                self._locks[completion_id] = (lock, users - 1)
+
+    # --- reading ---------------------------------------------------------------------------------------------
+
+    async def list_feedback(self, query: FeedbackQuery) -> FeedbackList:
+        """One page of stored events, oldest first."""
+        rows = await self.store.list_feedback(completion_id=query.completion_id, kind=query.kind, user=query.user,
+                                              since=_aware(query.since), after=query.after, limit=query.limit + 1)
+        page = rows[: query.limit]
+        data = await self._events(page)
+        return FeedbackList(data=data, has_more=len(rows) > query.limit, first_id=page[0].id if page else None,
+                            last_id=page[-1].id if page else None)
+
+    async def export(self, query: ExportQuery) -> AsyncIterator[bytes]:
+        """JSONL in the requested format, a page of lines at a time (memory stays constant)."""
+        encoder = msgspec.json.Encoder()
+        since = _aware(query.since)
+        lines: AsyncIterator[Iterable[msgspec.Struct]]
+        if query.format == "preferences":
+            lines = self._preference_lines(since, query.policy)
+        elif query.format == "kto":
+            lines = self._kto_lines(since, query.policy)
+        else:
+            lines = self._event_lines(since, query.policy)
+        async for page in lines:
+            yield b"".join(encoder.encode(line) + b"\n" for line in page)
+
+    async def _preference_lines(self, since: datetime | None, policy: int | None) -> AsyncIterator[list[Any]]:
+        async for pairs in self.store.iter_pairs(since=since, policy_version=policy, page=_EXPORT_PAGE):
+            yield [PreferenceLine(prompt=p.prompt, chosen=assistant(p.chosen), rejected=assistant(p.rejected),
+                                  margin=p.margin, weight=p.weight, completion_id=p.completion_id,
+                                  feedback_id=p.feedback_id, kind=p.kind, policy_version=p.policy_version,
+                                  chosen_choice=p.chosen_choice, rejected_choice=p.rejected_choice,
+                                  created=iso(p.created)) for p in pairs]
+
+    async def _kto_lines(self, since: datetime | None, policy: int | None) -> AsyncIterator[list[Any]]:
+        async for labels in self.store.iter_labels(since=since, policy_version=policy, page=_EXPORT_PAGE):
+            yield [KTOLine(prompt=lb.prompt, completion=assistant(lb.reply), label=lb.good, weight=lb.weight,
+                           completion_id=lb.completion_id, feedback_id=lb.feedback_id, kind=lb.kind,
+                           policy_version=lb.policy_version, choice=lb.choice, created=iso(lb.created))
+                   for lb in labels]
+
+    async def _event_lines(self, since: datetime | None, policy: int | None) -> AsyncIterator[list[Any]]:
+        async for rows in self.store.iter_feedback(since=since, policy_version=policy, page=_EXPORT_PAGE):
+            yield await self._events(rows)
+
+    async def _events(self, rows: list[StoredFeedback]) -> list[FeedbackEvent]:
+        context = await self.store.prompts_and_choices([r.completion_id for r in rows]) if rows else {}
+        events = []
+        for r in rows:
+            messages, texts = context.get(r.completion_id, ([], []))
+            events.append(FeedbackEvent(
+                id=r.id, created=iso(r.created), completion_id=r.completion_id, kind=r.kind, choice=r.choice,
+                policy_version=r.policy_version, payload=r.payload, user=r.user, comment=r.comment, tags=r.tags,
+                pairs=r.pair_count, labels=r.label_count, prompt=plain_messages(messages), choices=texts))
+        return events
+
+
+def feedback_event(feedback: Feedback, completion: CompletionRecord, signal: Signal) -> FeedbackEvent:
+    """The event line of a just-stored feedback event (what ``jsonl_sink`` writes and ``webhook`` posts)."""
+    return FeedbackEvent(
+        id=feedback.id, created=iso(feedback.created), completion_id=completion.id, kind=feedback.kind,
+        choice=_choice_of(feedback.payload), policy_version=completion.policy_version,
+        payload=msgspec.to_builtins(feedback.payload), user=feedback.user, comment=feedback.comment,
+        tags=feedback.tags, pairs=len(signal.pairs), labels=len(signal.labels),
+        prompt=completion_prompt(completion), choices=[c.text for c in completion.choices])
+
+
+def _choice_of(payload: Any) -> int | None:
+    choice = getattr(payload, "choice", None)
+    return choice if isinstance(choice, int) else None
+
+
+def _record(feedback: Feedback, completion: CompletionRecord, signal: Signal, request_hash: str) -> FeedbackRecord:
+    return FeedbackRecord(
+        id=feedback.id, completion_id=completion.id, kind=feedback.kind, choice=_choice_of(feedback.payload),
+        payload=msgspec.to_builtins(feedback.payload), user=feedback.user, comment=feedback.comment,
+        tags=feedback.tags, idempotency_key=feedback.idempotency_key, request_hash=request_hash,
+        policy_version=completion.policy_version, created=feedback.created,
+        pairs=[PairRecord(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, margin=float(p.margin),
+                          weight=float(p.weight), chosen_choice=p.chosen_choice, rejected_choice=p.rejected_choice)
+               for p in signal.pairs],
+        labels=[LabelRecord(prompt=lb.prompt, reply=lb.reply, good=lb.good, weight=float(lb.weight),
+                            choice=lb.choice) for lb in signal.labels])
+
+
+def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:
+    if header_key is not None:
+        if not 1 <= len(header_key) <= 256:
+            raise Unprocessable("The Idempotency-Key header must be 1 to 256 characters.", param="idempotency_key")
+        if body_key is not None and body_key != header_key:
+            raise Unprocessable("The Idempotency-Key header and the idempotency_key field differ.",
+                                param="idempotency_key")
+    return body_key or header_key
+
+
+def _request_hash(body: dict[str, Any]) -> str:
+    """The body without its idempotency key, canonically encoded and hashed: equal for a faithful retry."""
+    canonical = {k: v for k, v in body.items() if k != "idempotency_key"}
+    return hashlib.sha256(msgspec.json.encode(canonical, order="sorted")).hexdigest()
+
+
+def _rejected(rejection: Rejection) -> AlignError:
+    if rejection.status == 429:
+        headers = {"Retry-After": str(max(1, round(rejection.retry_after)))} if rejection.retry_after else None
+        return RateLimited(rejection.reason, code=rejection.code, headers=headers)
+    return Unprocessable(rejection.reason, param=rejection.param, code=rejection.code)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    """Query timestamps without a timezone are UTC."""
+    if moment is not None and (moment.tzinfo is None or moment.utcoffset() is None):
+        return moment.replace(tzinfo=UTC)
+    return moment

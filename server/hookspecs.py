@@ -1,0 +1,118 @@
+"""The hook specifications of alignd plugins (pluggy project name ``"alignd"``), and nothing else.
+
+Plugins mark their implementations with :data:`hookimpl` (also importable as ``server.plugins.hookimpl``). An
+implementation may take any subset of a hook's arguments, by name. Arguments are only ever added, never removed.
+``docs/plugins.md`` has a tutorial and a reference section for every hook here (a test checks it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from server.plugins import Feedback, PluginContext, RegisterKind, RegisterRoute, Rejection, Signal
+    from server.store import CompletionRecord
+
+hookspec = pluggy.HookspecMarker("alignd")
+hookimpl = pluggy.HookimplMarker("alignd")
+
+
+@hookspec
+def register_feedback_kinds(register: RegisterKind) -> None:
+    """Contribute feedback kinds.
+
+    Fires once per app, at start, before the first request. Call
+    ``register(name, payload, convert, *, description="", uses_history=False)`` once per kind: ``name`` is what
+    clients send as ``"kind"``; ``payload`` is the msgspec Struct the kind's own body fields decode into (its field
+    names may not be ``completion_id``, ``kind``, ``comment``, ``tags``, ``user`` or ``idempotency_key``);
+    ``convert(feedback, completion) -> Signal`` validates the feedback against the stored completion (raising
+    ``InvalidFeedback`` for a 422) and returns the training signal it yields. With ``uses_history=True``,
+    ``feedback.history`` holds the earlier feedback of this kind on the same completion, oldest first.
+
+    Returns nothing. A kind registered twice, by one plugin or two, is a start-up error naming both. Not firstresult:
+    every plugin's implementation runs.
+    """
+
+
+@hookspec
+def prepare_feedback(feedback: Feedback, completion: CompletionRecord) -> None:
+    """Rewrite a feedback event before it is validated further and stored (redaction, normalisation).
+
+    Fires for every well-formed feedback request on a known completion, before the kind's converter and before
+    ``filter_feedback``. Change ``feedback`` in place (``feedback.comment``, fields of ``feedback.payload``); the
+    converter and storage see the result.
+
+    Returns nothing. Not firstresult: every implementation runs. It must be fast and must not block: it runs on the
+    request path.
+    """
+
+
+@hookspec(firstresult=True)
+def filter_feedback(feedback: Feedback, completion: CompletionRecord, context: PluginContext) -> Rejection | None:
+    """Accept or reject a valid feedback event before anything is stored (spam, abuse, per-user quotas).
+
+    Fires after the kind's converter has validated the feedback, before it is stored. Return ``None`` to let it
+    through, or a ``Rejection(reason, code=..., status=422 | 429, retry_after=...)`` to refuse it: the client gets
+    that status (a 429 with ``Retry-After`` when ``retry_after`` is set), and the rejection is counted in
+    ``alignd_feedback_rejected_total{reason=code}``.
+
+    firstresult: the first implementation that returns a rejection wins and the others are not called. It must be
+    fast and must not block: it runs on the request path.
+    """
+
+
+@hookspec
+def on_feedback(feedback: Feedback, completion: CompletionRecord, signal: Signal,
+                context: PluginContext) -> Awaitable[None] | None:
+    """See a feedback event after it is committed (sinks: files, queues, webhooks, dashboards).
+
+    Fires after the event, its pairs and its labels are committed and the client has its answer, off the request
+    path: each plugin has its own worker and bounded queue (``sink_queue_max``), so events reach one plugin in
+    commit order. ``signal`` is what the kind's converter derived. May be a coroutine function; a plain function runs
+    in the plugin's own thread.
+
+    Returns nothing. Each call is time-boxed (``sink_timeout_s``); one that raises or times out is logged and
+    counted (``alignd_sink_failures_total`` / ``alignd_sink_timeouts_total{plugin}``) and never fails the request
+    or loses the stored event. Not firstresult: every implementation runs.
+    """
+
+
+@hookspec
+def register_routes(register: RegisterRoute) -> None:
+    """Add HTTP endpoints under ``/v1/plugins/<plugin name>/``.
+
+    Fires once per app, at start. Call ``register(handler, *, auth="user")`` with a Litestar route handler (a function
+    decorated with ``@get``, ``@post``, …; its path is relative to the plugin's prefix). ``auth`` is ``"user"`` (the
+    API keys, like ``/v1/feedback``), ``"admin"`` (admin keys) or ``"none"`` (the handler checks callers itself, e.g.
+    a webhook signature). Handlers reach the app through ``request.app.state`` (``state.feedback.submit(body)``
+    stores feedback exactly as ``POST /v1/feedback`` does).
+
+    Returns nothing. Not firstresult: every implementation runs.
+    """
+
+
+@hookspec
+def startup(context: PluginContext) -> Awaitable[None] | None:
+    """Set up per-app resources (open files, HTTP clients, background tasks).
+
+    Fires once per app, after the store is open and before the first request. Keep what you create in
+    ``context.state`` under your plugin's name: several apps may run in one process. May be a coroutine function.
+
+    Returns nothing. An exception stops the server from starting (a misconfigured plugin should fail loudly). Not
+    firstresult: every implementation runs.
+    """
+
+
+@hookspec
+def shutdown(context: PluginContext) -> Awaitable[None] | None:
+    """Release what ``startup`` created (flush, close, stop background tasks).
+
+    Fires once per app when it stops, after pending ``on_feedback`` calls had a chance to finish, before the store
+    closes. May be a coroutine function.
+
+    Returns nothing. Exceptions are logged and do not stop other plugins' shutdown. Not firstresult: every
+    implementation runs.
+    """

@@ -1,0 +1,420 @@
+"""Feedback plugins: what a plugin works with (feedback, signal, rejection, context) and the plugin manager.
+
+The manager is built per app by :func:`make_plugin_manager` from the settings, never at import. Every plugin, built-in
+or not, goes through the same path: a name, an import target and where it came from (built-in, an installed
+package's entry point in the group ``"alignd"``, or ``plugin_modules`` in the config), filtered by the allow and
+block lists, loaded, registered under its name, and checked with ``check_pending()`` (a misspelt hook name is a
+start-up error, not a silently dead plugin).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import inspect
+import logging
+import re
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+import msgspec
+import pluggy
+from litestar import Router
+
+from server import hookspecs
+from server.auth import admin_guard, user_guard
+from server.errors import InvalidFeedback
+from server.hookspecs import hookimpl
+from server.protocol import FEEDBACK_COMMON_FIELDS
+from server.store import CompletionRecord
+
+if TYPE_CHECKING:
+    from server.config import Settings
+    from server.metrics import Metrics
+
+__all__ = [
+    "BUILTIN_PLUGINS",
+    "ENTRY_POINT_GROUP",
+    "AlignPluginManager",
+    "Feedback",
+    "FeedbackKind",
+    "InvalidFeedback",
+    "Label",
+    "PluginContext",
+    "PluginError",
+    "PluginInfo",
+    "PreferencePair",
+    "Rejection",
+    "Signal",
+    "choice_text",
+    "collect_feedback_kinds",
+    "collect_routes",
+    "completion_prompt",
+    "describe_plugins",
+    "hookimpl",
+    "make_plugin_manager",
+    "plain_messages",
+]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "alignd"
+
+#: The built-in plugins, loaded exactly like a module named in ``plugin_modules`` (name: the module's last part).
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "plugins.thumbs",
+    "plugins.ranking",
+    "plugins.pairwise",
+    "plugins.rating",
+    "plugins.edit",
+    "plugins.pii_redact",
+    "plugins.quota",
+    "plugins.jsonl_sink",
+    "plugins.webhook",
+)
+
+_PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # it becomes a URL segment: /v1/plugins/<name>/
+_KIND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+
+
+class PluginError(Exception):
+    """A plugin cannot be loaded or contradicts another; the server does not start. The message names the plugins."""
+
+
+# --- what plugins see --------------------------------------------------------------------------------------------
+
+
+class Feedback(msgspec.Struct, kw_only=True):
+    """One feedback event as plugins see it. ``payload`` is an instance of the kind's payload Struct."""
+
+    id: str
+    """``"fb-…"``, assigned before any hook runs."""
+    completion_id: str
+    kind: str
+    payload: Any
+    user: str | None
+    """The body's ``user``, else the completion's ``user``."""
+    comment: str | None
+    tags: list[str]
+    idempotency_key: str | None
+    created: datetime
+    history: list[Feedback] = []
+    """Earlier accepted feedback of this kind on the same completion, oldest first; filled only for kinds
+    registered with ``uses_history=True`` (their own ``history`` is empty)."""
+
+
+class PreferencePair(msgspec.Struct, kw_only=True):
+    """Training signal: for ``prompt``, reply ``chosen`` is better than ``rejected``."""
+
+    prompt: list[dict[str, Any]]
+    """The conversation before the reply: ``[{"role", "content"}, …]`` (see :func:`completion_prompt`)."""
+    chosen: str
+    rejected: str
+    margin: float = 0.0
+    """How much better (reward units, ≥ 0): subtracted inside the Bradley–Terry loss."""
+    weight: float = 1.0
+    """Loss weight (a ranking of K choices weighs each of its pairs 1/C(K,2))."""
+    chosen_choice: int | None = None
+    """Index of the chosen reply among the completion's choices, when it is one (not for an edit)."""
+    rejected_choice: int | None = None
+
+
+class Label(msgspec.Struct, kw_only=True):
+    """Training signal without a pair: ``reply`` to ``prompt`` is good or bad (KTO, binary reward loss)."""
+
+    prompt: list[dict[str, Any]]
+    reply: str
+    good: bool
+    weight: float = 1.0
+    choice: int | None = None
+
+
+class Signal(msgspec.Struct, kw_only=True):
+    """What a feedback event yields for training: preference pairs and/or unpaired labels (maybe neither)."""
+
+    pairs: list[PreferencePair] = []
+    labels: list[Label] = []
+
+
+class Rejection(msgspec.Struct, kw_only=True):
+    """A ``filter_feedback`` verdict: refuse this event with ``status`` (422, or 429 for quotas)."""
+
+    reason: str
+    """Shown to the client as the error message."""
+    code: str = "feedback_rejected"
+    """Short machine-readable reason: the error's ``code`` and the metric's ``reason`` label."""
+    status: Literal[422, 429] = 422
+    param: str | None = None
+    """The offending request field, if one is to blame (a 422's ``param``)."""
+    retry_after: float | None = None
+    """Seconds until a retry may succeed (sent as ``Retry-After`` with a 429)."""
+
+
+Converter = Callable[[Feedback, CompletionRecord], Signal]
+
+
+@dataclass(frozen=True, slots=True)
+class FeedbackKind:
+    """A registered feedback kind."""
+
+    name: str
+    payload: type[msgspec.Struct]
+    convert: Converter
+    plugin: str
+    description: str = ""
+    uses_history: bool = False
+
+    @property
+    def fields(self) -> frozenset[str]:
+        """The body fields of this kind (the payload Struct's field names)."""
+        return frozenset(self.payload.__struct_fields__)
+
+
+class RegisterKind(Protocol):
+    def __call__(self, name: str, payload: type[msgspec.Struct], convert: Converter, *, description: str = "",
+                 uses_history: bool = False) -> None: ...
+
+
+class RegisterRoute(Protocol):
+    def __call__(self, handler: Any, *, auth: Literal["user", "admin", "none"] = "user") -> None: ...
+
+
+@dataclass
+class PluginContext:
+    """Per-app things plugins may use; keep your own per-app objects in ``state[<your plugin name>]``."""
+
+    settings: Settings
+    metrics: Metrics
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+def completion_prompt(completion: CompletionRecord) -> list[dict[str, Any]]:
+    """The completion's request messages as plain ``{"role", "content"}`` dicts (content parts joined, the
+    ``developer`` role as ``system``): the ``prompt`` of TRL's conversational formats."""
+    return plain_messages(completion.messages)
+
+
+def plain_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored request messages as plain ``{"role", "content"}`` dicts (see :func:`completion_prompt`)."""
+    prompt: list[dict[str, Any]] = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        role = message.get("role")
+        prompt.append({"role": "system" if role == "developer" else role, "content": content or ""})
+    return prompt
+
+
+def choice_text(completion: CompletionRecord, index: int, *, param: str = "choice") -> str:
+    """The text of choice ``index``; an index the completion lacks is an ``InvalidFeedback`` naming ``param``."""
+    if not 0 <= index < len(completion.choices):
+        raise InvalidFeedback(
+            f"{param} is {index}, but completion {completion.id} has {len(completion.choices)} choice(s) "
+            f"(0…{len(completion.choices) - 1}).", param=param)
+    return completion.choices[index].text
+
+
+# --- the manager -------------------------------------------------------------------------------------------------
+
+
+class AlignPluginManager(pluggy.PluginManager):
+    """pluggy's manager with alignd's hook specs, remembering where each plugin came from and which were skipped."""
+
+    def __init__(self) -> None:
+        super().__init__("alignd")
+        self.add_hookspecs(hookspecs)
+        self.origins: dict[str, str] = {}
+        """Loaded plugin name → where it came from."""
+        self.skipped: dict[str, tuple[str, str]] = {}
+        """Plugin name → (where it came from, why it was not loaded)."""
+
+
+@dataclass(frozen=True)
+class PluginInfo:
+    """One line of ``alignd plugins``."""
+
+    name: str
+    origin: str
+    status: str
+    hooks: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    name: str
+    origin: str
+    load: Callable[[], object]
+
+
+def make_plugin_manager(settings: Settings) -> AlignPluginManager:
+    """Load the built-in, installed (entry points) and configured plugins that the allow and block lists let through.
+
+    Raises :class:`PluginError` when a plugin cannot be imported, two plugins share a name, a plugin implements a
+    hook that does not exist, or the allow list names a plugin that is nowhere to be found.
+    """
+    config = settings.plugins
+    pm = AlignPluginManager()
+    candidates = _candidates(config.plugin_modules, entry_points=config.load_entry_points)
+    seen: dict[str, str] = {}
+    for candidate in candidates:
+        if not _PLUGIN_NAME.match(candidate.name):
+            raise PluginError(f"plugin name {candidate.name!r} ({candidate.origin}) is not valid: use letters, "
+                              "digits, '_', '-' or '.'")
+        if candidate.name in seen:
+            raise PluginError(f"two plugins are named {candidate.name!r}: {seen[candidate.name]} and "
+                              f"{candidate.origin}; block one of them or rename it")
+        seen[candidate.name] = candidate.origin
+    if unknown := sorted(set(config.allow_plugins) - set(seen)):
+        raise PluginError(f"allow_plugins names unknown plugin(s) {', '.join(unknown)}; known: {', '.join(seen)}")
+    if unknown := sorted(set(config.block_plugins) - set(seen)):
+        log.warning("block_plugins names plugin(s) that are not installed: %s", ", ".join(unknown))
+    for candidate in candidates:
+        if candidate.name in config.block_plugins:
+            pm.set_blocked(candidate.name)
+            pm.skipped[candidate.name] = (candidate.origin, "blocked")
+            continue
+        if config.allow_plugins and candidate.name not in config.allow_plugins:
+            pm.skipped[candidate.name] = (candidate.origin, "not in allow_plugins")
+            continue
+        try:
+            plugin = candidate.load()
+        except Exception as exc:
+            raise PluginError(f"plugin {candidate.name!r} ({candidate.origin}) failed to load: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        if inspect.isclass(plugin):
+            plugin = plugin()  # a class: its instance carries the hook implementations
+        try:
+            pm.register(plugin, name=candidate.name)
+        except (ValueError, pluggy.PluginValidationError) as exc:
+            raise PluginError(f"plugin {candidate.name!r} ({candidate.origin}) cannot be registered: {exc}") from exc
+        pm.origins[candidate.name] = candidate.origin
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin)
+        raise PluginError(f"plugin {name!r} ({pm.origins.get(name)}) implements a hook alignd does not have "
+                          f"(misspelt?): {exc}") from exc
+    return pm
+
+
+def _candidates(modules: Iterable[str], *, entry_points: bool) -> list[_Candidate]:
+    out = [_Candidate(target.rpartition(".")[2], "built-in", _loader(target)) for target in BUILTIN_PLUGINS]
+    if entry_points:
+        for ep in sorted(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist is not None else "an unknown package"
+            out.append(_Candidate(ep.name, f"entry point {ep.value!r} of {dist}", ep.load))
+    for target in modules:
+        module, _, attribute = target.partition(":")
+        out.append(_Candidate(attribute or module.rpartition(".")[2], f"plugin_modules {target!r}", _loader(target)))
+    return out
+
+
+def _loader(target: str) -> Callable[[], object]:
+    """Import ``package.module`` or ``package.module:object`` (like an entry point's value) when called."""
+
+    def load() -> object:
+        module_name, _, attribute = target.partition(":")
+        obj: object = importlib.import_module(module_name)
+        for part in filter(None, attribute.split(".")):
+            obj = getattr(obj, part)
+        return obj
+
+    return load
+
+
+def call_impl(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    """Call one hook implementation with the arguments it asks for (pluggy passes them positionally)."""
+    return impl.function(*(kwargs[name] for name in impl.argnames))
+
+
+def hook_impls(hook: pluggy.HookCaller) -> list[pluggy.HookImpl]:
+    """The implementations of ``hook`` in the order pluggy calls them (last registered first, tryfirst/trylast)."""
+    return list(reversed(hook.get_hookimpls()))
+
+
+def collect_feedback_kinds(pm: pluggy.PluginManager) -> dict[str, FeedbackKind]:
+    """Call every ``register_feedback_kinds``; raise :class:`PluginError` for an invalid or duplicate kind."""
+    kinds: dict[str, FeedbackKind] = {}
+    for impl in hook_impls(pm.hook.register_feedback_kinds):
+        plugin = impl.plugin_name
+
+        def register(name: str, payload: type[msgspec.Struct], convert: Converter, *, description: str = "",
+                     uses_history: bool = False, _plugin: str = plugin) -> None:
+            if not isinstance(name, str) or not _KIND_NAME.match(name):
+                raise PluginError(f"plugin {_plugin!r} registers feedback kind {name!r}: a kind name is lowercase "
+                                  "letters, digits, '_' or '-', starting with a letter")
+            if name in kinds:
+                raise PluginError(f"feedback kind {name!r} is registered by both plugin {kinds[name].plugin!r} "
+                                  f"and plugin {_plugin!r}; block one of them (block_plugins)")
+            if not (inspect.isclass(payload) and issubclass(payload, msgspec.Struct)):
+                raise PluginError(f"plugin {_plugin!r}: the payload of kind {name!r} must be a msgspec.Struct class")
+            if clash := sorted(FEEDBACK_COMMON_FIELDS & set(payload.__struct_fields__)):
+                raise PluginError(f"plugin {_plugin!r}: the payload of kind {name!r} reuses common feedback "
+                                  f"field(s) {', '.join(clash)}")
+            if not callable(convert):
+                raise PluginError(f"plugin {_plugin!r}: the converter of kind {name!r} is not callable")
+            kinds[name] = FeedbackKind(name, payload, convert, _plugin, description, uses_history)
+
+        try:
+            call_impl(impl, register=register)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin!r} failed in register_feedback_kinds: "
+                              f"{type(exc).__name__}: {exc}") from exc
+    return kinds
+
+
+_GUARDS: dict[str, list[Any]] = {"user": [user_guard], "admin": [admin_guard], "none": []}
+
+
+def collect_routes(pm: pluggy.PluginManager) -> list[Router]:
+    """Call every ``register_routes``: one router per plugin and access level, under ``/v1/plugins/<name>``."""
+    routers: list[Router] = []
+    for impl in hook_impls(pm.hook.register_routes):
+        handlers: dict[str, list[Any]] = {auth: [] for auth in _GUARDS}
+
+        def register(handler: Any, *, auth: str = "user", _plugin: str = impl.plugin_name,
+                     _handlers: dict[str, list[Any]] = handlers) -> None:
+            if auth not in _GUARDS:
+                raise PluginError(f"plugin {_plugin!r} registers a route with auth={auth!r}; "
+                                  "use 'user', 'admin' or 'none'")
+            _handlers[auth].append(handler)
+
+        try:
+            call_impl(impl, register=register)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in register_routes: "
+                              f"{type(exc).__name__}: {exc}") from exc
+        for auth, route_handlers in handlers.items():
+            if route_handlers:
+                routers.append(Router(f"/v1/plugins/{impl.plugin_name}", route_handlers=route_handlers,
+                                      guards=_GUARDS[auth]))
+    return routers
+
+
+def describe_plugins(pm: AlignPluginManager) -> list[PluginInfo]:
+    """Every plugin found, loaded or not, with its hooks and feedback kinds (for ``alignd plugins``)."""
+    kinds_by_plugin: dict[str, list[str]] = {}
+    for kind in collect_feedback_kinds(pm).values():
+        kinds_by_plugin.setdefault(kind.plugin, []).append(kind.name)
+    infos = []
+    for name, plugin in pm.list_name_plugin():
+        if plugin is None:
+            continue
+        hooks = tuple(sorted(caller.name for caller in pm.get_hookcallers(plugin) or []))
+        infos.append(PluginInfo(name, pm.origins.get(name, "registered at run time"), "loaded", hooks,
+                                tuple(kinds_by_plugin.get(name, ()))))
+    infos.extend(PluginInfo(name, origin, why) for name, (origin, why) in pm.skipped.items())
+    return infos
+
+
+async def maybe_await(value: Awaitable[Any] | Any) -> Any:
+    """Await ``value`` if a hook implementation returned an awaitable (a coroutine function's result)."""
+    return await value if inspect.isawaitable(value) else value
