@@ -6,12 +6,27 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from server.config import ConfigError, Settings, add_arguments, cli_values, load_settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(cli_values(args), config_file=getattr(args, "config", None))
+
+
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn re-raises SIGTERM/SIGINT once it has drained, so the process would die "killed by signal";
+        alignd has shut down cleanly by then, and exits with its own status (0, or 1 if the engine failed)."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            getattr(self, "_captured_signals", []).clear()
+
+    return DrainingServer
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -31,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
                             log_level=settings.server.log_level, lifespan="on", access_log=False)
-    server = uvicorn.Server(config)
+    server = _draining_server_class()(config)
     server.run()
     return 1 if getattr(app.state, "engine_error", None) else 0
 
