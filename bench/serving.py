@@ -713,7 +713,12 @@ def report_markdown(*, table: str, cpu: str, rounds: str, info: dict[str, str], 
         "process (web framework, chat template and tokenizer, vLLM's engine client and detokenizer; for alignd also "
         "the store); *engine* is vLLM's engine-core and worker processes (scheduling and the model); *other "
         "processes* is the average number of cores that anything else on the machine used meanwhile (the load "
-        "generator itself excluded), which should be near 0 for the figures to mean much.", width=120)
+        "generator itself excluded), which should be near 0 for the figures to mean much. On a machine with few "
+        "cores, expect large run-to-run differences at high concurrency even when it is otherwise idle: vLLM's CPU "
+        "backend binds its model worker to some cores and leaves the rest to its engine-core process, which "
+        "busy-polls for the worker's results, to the HTTP process and here to the load generator, and where the "
+        "kernel places these moves the throughput of either server; compare ratios with the spread between rounds.",
+        width=120)
     rounds_block = f"\nRequests/s of every round:\n\n{rounds}\n" if rounds else ""
     machine = "\n".join(f"- {k}: {v}" for k, v in info.items())
     servers = "\n".join(server_commands)
@@ -855,7 +860,7 @@ def run(args: argparse.Namespace) -> int:
     table = results_table(best, args.concurrency, args.modes)
     cpu = cpu_table(best, args.concurrency, args.modes)
     rounds = rounds_table(levels, args.concurrency, args.modes) if args.rounds > 1 else ""
-    notes = error_notes(best, args.max_tokens)
+    notes = error_notes(best, args.max_tokens) + spread_notes(levels)
     print(f"\n{table}\n\n{cpu}\n\n{rounds}\n")
     for note in notes:
         print(f"WARNING: {note}")
@@ -875,6 +880,19 @@ def best_levels(levels: Sequence[LevelResult]) -> list[LevelResult]:
         if key not in best or lv.requests_per_s > best[key].requests_per_s:
             best[key] = lv
     return list(best.values())
+
+
+def spread_notes(levels: Sequence[LevelResult]) -> list[str]:
+    """With several rounds: how far the same server's requests/s moved between rounds (the noise floor)."""
+    runs: dict[tuple[str, str, int], list[float]] = {}
+    for lv in levels:
+        runs.setdefault((lv.server, lv.mode, lv.concurrency), []).append(lv.requests_per_s)
+    spreads = {key: max(v) / min(v) for key, v in runs.items() if len(v) > 1 and min(v) > 0}
+    if not spreads:
+        return []
+    (server, mode, c), worst = max(spreads.items(), key=lambda kv: kv[1])
+    return [f"the same server's requests/s differed by up to {worst:.2f}x between rounds ({server} {mode} c={c}); "
+            "alignd/vLLM ratios closer to 1 than that are within this machine's run-to-run noise"]
 
 
 def rounds_table(levels: Sequence[LevelResult], concurrency: Sequence[int], modes: Sequence[str]) -> str:

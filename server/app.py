@@ -7,6 +7,7 @@ The HTTP server listens as soon as the store is open; the engine starts in the b
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -67,6 +68,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
                 _attach_engine(state, engine)
             else:
                 starter = asyncio.create_task(_start_engine(state))
+            _settle_gc()
             yield
         finally:
             state.stopping = True
@@ -86,6 +88,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         try:
             _attach_engine(state, await VLLMEngine.start(model, settings.engine))
             log.info("engine ready: %s (context %d)", model, state.engine.max_model_len)
+            _settle_gc()
         except Exception as e:
             state.engine_error = f"{type(e).__name__}: {e}"
             log.critical("the engine failed to start, stopping: %s", state.engine_error)
@@ -124,6 +127,15 @@ def resolve_model(settings: Settings) -> str:
     from server.demo.build import ensure_demo_model
 
     return str(ensure_demo_model(settings.data_path / "models"))
+
+
+def _settle_gc() -> None:
+    """Take what start-up built (modules, the engine's objects, caches) out of the cyclic collector's view, and
+    collect young objects less often: full collections over them paused requests for tens of milliseconds
+    (feedback p99 70 ms -> 30 ms in bench/feedback.py)."""
+    gc.freeze()
+    gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(max(gen0, 50_000), max(gen1, 50), max(gen2, 100))
 
 
 def _engine_ready_guard(connection: Any, _: Any) -> None:

@@ -132,15 +132,19 @@ class FeedbackQueries:
         """What a feedback event needs, in one round trip: the completion with its choices' texts (without token
         ids: ``token_ids`` is empty), if ``completion``; and with ``history_kind``, the earlier events of that
         kind on it, oldest first. The completion is None when asked for and unknown."""
+        completion_query, history_query = _context_queries(completion_id, completion, history_kind)
+        return _context_result(*await self._point_reads(completion_query, history_query))
+
+    async def _point_reads(self, *queries: Any) -> list[list[Any] | None]:
+        """Run small indexed reads (None: skipped) on one connection. On a SQLite file they run right here on the
+        event loop's thread: they take tens of microseconds, far less than the async driver's hops to its thread
+        and back (this is the hot path of POST /v1/feedback). Scans (listing, exports) stay asynchronous."""
         self._check_open()
-        queries = _context_queries(completion_id, completion, history_kind)
         if (reader := self._sqlite_reader()) is not None:
-            # Two indexed reads on SQLite take tens of microseconds; doing them right here costs far less than
-            # the async driver's hops to its thread and back (this is the hot path of POST /v1/feedback).
             with reader.connect() as sync_conn:
-                return _context_result(*(sync_conn.execute(q).all() if q is not None else None for q in queries))
+                return [sync_conn.execute(q).all() if q is not None else None for q in queries]
         async with self._engine.connect() as conn:
-            return _context_result(*[(await conn.execute(q)).all() if q is not None else None for q in queries])
+            return [(await conn.execute(q)).all() if q is not None else None for q in queries]
 
     def _sqlite_reader(self) -> Engine | None:
         """On a SQLite file, a synchronous read-only engine for the event loop's thread (created on first use)."""
@@ -161,10 +165,8 @@ class FeedbackQueries:
 
     async def feedback_by_key(self, idempotency_key: str) -> StoredFeedback | None:
         """The feedback event stored under this idempotency key, if any."""
-        self._check_open()
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(select(feedback).where(feedback.c.idempotency_key == idempotency_key))).first()
-        return None if row is None else _stored_feedback(row)
+        [rows] = await self._point_reads(select(feedback).where(feedback.c.idempotency_key == idempotency_key))
+        return _stored_feedback(rows[0]) if rows else None
 
     async def feedback_history(self, completion_id: str, kind: str) -> list[StoredFeedback]:
         """Every feedback event of ``kind`` on the completion, oldest first."""

@@ -41,6 +41,8 @@ __all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "St
 
 # How long an SQLite connection waits for another writer's lock before giving up.
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Pooled PostgreSQL connections kept open (and as many more opened under bursts).
+_PG_POOL_SIZE = 32
 # Bound on bind parameters per ``IN (…)`` when loading choices (both backends allow far more).
 _IN_CHUNK = 500
 
@@ -137,7 +139,10 @@ def _create_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
         event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
         return engine
     # pre_ping: replicas outlive database restarts; a stale pooled connection is replaced, not failed.
-    return create_async_engine(url, connect_args={"timeout": connect_timeout}, pool_pre_ping=True, **json_kwargs)
+    # A pool as wide as the usual concurrency: connections beyond it are opened and closed per use, and a new
+    # PostgreSQL connection (TCP, SCRAM, setup) costs more than many queries.
+    return create_async_engine(url, connect_args={"timeout": connect_timeout}, pool_pre_ping=True,
+                               pool_size=_PG_POOL_SIZE, max_overflow=_PG_POOL_SIZE, **json_kwargs)
 
 
 def _describe(exc: BaseException) -> str:
