@@ -1,11 +1,13 @@
 """Serving throughput and latency: alignd vs vLLM's own OpenAI server, on the same model and engine settings.
 
     python bench/serving.py --model DIR [--concurrency 1 16 64] [--requests-per-level 256] [--duration-s 30]
-                            [--max-tokens 64] [--kv-cache-space-gib 2] [--out docs/benchmarks.md]
+                            [--max-tokens 64] [--kv-cache-space-gib 2] [--rounds 1] [--out docs/benchmarks.md]
 
 One server at a time (this is meant for small machines): alignd (``python -m server.cli serve``) first, then
 ``python -m vllm.entrypoints.openai.api_server`` with the engine arguments alignd gives vLLM (``engine_args()`` in
-``server/engine/vllm_engine.py``). Each gets a few warm-up requests, then a closed-loop load per (mode, concurrency):
+``server/engine/vllm_engine.py``); with ``--rounds N`` each is started N times in alternating order and the table
+shows each level's best round. Each start gets uncounted warm-up requests (as many at once as the largest
+concurrency), then a closed-loop load per (mode, concurrency):
 C workers, each sending its next request as soon as the previous one finished, until ``--requests-per-level``
 requests were sent or ``--duration-s`` passed. Every request asks for exactly ``--max-tokens`` tokens
 (``ignore_eos``, temperature 0.7), with the same prompts in the same order on both servers. Any non-200 answer,

@@ -138,7 +138,7 @@ def _settle_gc() -> None:
     gc.set_threshold(max(gen0, 50_000), max(gen1, 50), max(gen2, 100))
 
 
-def _engine_ready_guard(connection: Any, _: Any) -> None:
+async def _engine_ready_guard(connection: Any, _: Any) -> None:
     if connection.app.state.chat is None:
         detail = connection.app.state.engine_error
         raise Unavailable(f"The engine failed to start: {detail}" if detail else

@@ -56,11 +56,11 @@ class KeyChecker:
         raise Unauthorized("Invalid admin key.")
 
 
-def user_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def user_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for the client API."""
     connection.app.state.key_checker.check_user(bearer(connection))
 
 
-def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for operator endpoints."""
     connection.app.state.key_checker.check_admin(bearer(connection))
