@@ -73,7 +73,8 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         finally:
             state.stopping = True
             if starter is not None and not starter.done():
-                starter.cancel()
+                starter.cancel()  # waits for a half-started engine and shuts it down (see VLLMEngine.start)
+                await asyncio.gather(starter, return_exceptions=True)
             if state.feedback is not None:
                 await state.feedback.close()
             if own_store:

@@ -216,7 +216,6 @@ def test_client_disconnect_aborts_engine_request(server: AppServer, stream: bool
                 if line.startswith("data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
                     completion_id = json.loads(line[6:])["id"]
                     break
-            assert server.state.engine.num_unfinished_requests() == 1
     else:
         with pytest.raises(httpx.ReadTimeout):
             client.post(f"{server.url}/v1/chat/completions", json=body, timeout=1.0)

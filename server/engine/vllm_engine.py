@@ -85,7 +85,14 @@ class VLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         args = engine_args(model, settings)
-        llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+        try:
+            llm = await asyncio.shield(building)
+        except asyncio.CancelledError:
+            # Cancelling cannot stop the thread, which would go on to start engine processes that nobody stops.
+            llm = await building
+            llm.shutdown()
+            raise
         tokenizer = AutoTokenizer.from_pretrained(model)
         return cls(llm, tokenizer, model, llm.model_config.max_model_len)
 
