@@ -381,3 +381,96 @@ class KTOLine(msgspec.Struct, kw_only=True):
     policy_version: int
     choice: int | None
     created: str
+
+
+# --- policies and training runs (operators) ----------------------------------------------------------------------
+
+PolicyStatus = Literal["base", "candidate", "promoted", "rejected", "retired"]
+"""``base``: version 0, the frozen model. ``candidate``: passed the gate or awaits promotion. ``promoted``: the one
+``alignd`` serves (exactly one). ``rejected``: failed the gate (kept with its figures and reason; may still be
+promoted by hand). ``retired``: was promoted before."""
+
+
+class Policy(msgspec.Struct, kw_only=True):
+    """A policy version: item of ``GET /v1/policies``, answer of promote and rollback."""
+
+    version: int
+    status: PolicyStatus
+    parent: int | None
+    """The version the run started from."""
+    run_id: str | None
+    """The training run that produced it (None for the base)."""
+    created: str
+    promoted_at: str | None
+    """When it was last promoted."""
+    loaded: bool
+    """Whether the engine holds it now (pinnable as ``alignd@<version>``)."""
+    metrics: dict[str, Any]
+    """Gate figures: ``reward``, ``kl`` and the current policy's ones it was compared with."""
+    reason: str | None
+    """Why the gate rejected it, or why it was promoted by hand."""
+    object: Literal["policy"] = "policy"
+
+
+class PolicyList(msgspec.Struct, kw_only=True):
+    """``GET /v1/policies``: newest first."""
+
+    data: list[Policy]
+    promoted: int
+    object: Literal["list"] = "list"
+
+
+class RollbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/policies/rollback`` (optional): without ``version``, the previously promoted one."""
+
+    version: Annotated[int, Meta(ge=0)] | None = None
+
+
+RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
+RunPhase = Literal["starting", "data", "reward_model", "normalize", "ppo", "gate", "register", "done"]
+
+
+class TrainingRunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/training/runs`` (optional): per-run overrides of the configured budget."""
+
+    iterations: Annotated[int, Meta(ge=1, le=10_000)] | None = None
+    """PPO iterations."""
+    rollout_batch_size: Annotated[int, Meta(ge=1, le=4096)] | None = None
+    """Prompts per PPO iteration."""
+    time_limit_s: Annotated[float, Meta(gt=0)] | None = None
+    """Wall-time budget of the PPO phase."""
+    promote: bool = True
+    """Promote the candidate when it passes the gate (False: keep it as a candidate)."""
+
+
+class TrainingRun(msgspec.Struct, kw_only=True):
+    """A training run: answer of ``POST /v1/training/runs`` and ``GET /v1/training/runs/{id}``.
+
+    ``metrics`` holds ``data`` (counts), ``reward_model`` (held-out accuracy, loss), ``ppo`` (one dict per
+    iteration: reward, kl, entropy, approx_kl, clip_fraction, explained_variance, tokens_per_s, …), ``gate`` and
+    ``seconds`` (per phase)."""
+
+    id: str
+    status: RunStatus
+    phase: RunPhase
+    progress: float
+    """0 to 1 over the whole run."""
+    trigger: Literal["manual", "auto"]
+    parent: int
+    """The policy version the run started from."""
+    candidate: int | None
+    """The version it registered, once it has."""
+    promoted: bool
+    created: str
+    finished: str | None
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None
+    object: Literal["training.run"] = "training.run"
+
+
+class TrainingRunList(msgspec.Struct, kw_only=True):
+    """``GET /v1/training/runs``: newest first."""
+
+    data: list[TrainingRun]
+    object: Literal["list"] = "list"

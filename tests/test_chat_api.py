@@ -208,6 +208,7 @@ def _wait_idle(srv: AppServer, timeout: float = 20) -> bool:
 @pytest.mark.parametrize("stream", [True, False])
 def test_client_disconnect_aborts_engine_request(server: AppServer, stream: bool) -> None:
     assert _wait_idle(server)
+    before = count_stored(server)
     body = {"model": "alignd", "messages": HELLO, "stream": stream, "max_tokens": 480, "ignore_eos": True}
     client = httpx.Client(timeout=60)
     if stream:
@@ -222,10 +223,13 @@ def test_client_disconnect_aborts_engine_request(server: AppServer, stream: bool
         completion_id = None
     client.close()
     assert _wait_idle(server), "the engine kept generating for a client that was gone"
+    # The partial completion is stored in the background; wait for it so later tests count a settled store.
+    deadline = time.monotonic() + 10
+    while count_stored(server) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert count_stored(server) == before + 1
     if completion_id:
-        deadline = time.monotonic() + 10
-        while (rec := stored(server, completion_id)) is None and time.monotonic() < deadline:
-            time.sleep(0.1)
+        rec = stored(server, completion_id)
         assert rec is not None and rec.choices[0].finish_reason == "abort"
         assert len(rec.choices[0].token_ids) < 480
 
