@@ -21,18 +21,25 @@ from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.api.chat import chat_completions, list_models
-from server.api.feedback import create_feedback, export_feedback, list_feedback
+from server.api.feedback import create_feedback, export_feedback, feedback_stats, list_feedback
 from server.api.health import health, metrics, ready
+from server.api.plugins import list_plugins
+from server.api.policies import get_policy, list_policies, promote_policy, rollback_policy
+from server.api.training import cancel_run, get_run, list_runs, start_run
+from server.api.web import web_router
 from server.auth import KeyChecker, user_guard
 from server.chat import ChatService
-from server.config import Settings
+from server.config import ConfigError, Settings
 from server.engine.router import PolicyRouter
 from server.errors import AlignError, Unavailable
 from server.feedback import FeedbackService
 from server.metrics import Metrics
 from server.plugins import collect_feedback_kinds, collect_routes, make_plugin_manager
+from server.policies import PolicyRegistry
 from server.protocol import ErrorDetail, ErrorResponse
 from server.store import Store
+from server.trainer.config import trainer_config
+from server.trainer.worker import TrainerSupervisor, TriggerPolicy, default_threads
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +57,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         state.key_checker = KeyChecker(settings.server.api_keys, settings.server.admin_keys)
         state.engine = None
         state.chat = None
-        state.router = None
+        state.trainer = None
         state.engine_error = None
         state.stopping = False
         state.feedback = None
@@ -64,14 +71,23 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
             state.feedback = FeedbackService(state.store, state.plugins, state.metrics, settings, kinds=kinds)
             await state.feedback.start()
             _register_once(app, plugin_routes)
+            state.router = PolicyRouter(settings.served_name,
+                                        lambda: state.engine.loaded_versions if state.engine is not None else [0])
+            state.registry = PolicyRegistry(state.store, state.router, state.metrics, settings.data_path / "policies",
+                                            max_rank=settings.engine.max_lora_rank,
+                                            keep_loaded=settings.engine.max_loras - 1)  # one slot for rollouts
+            state.trainer = _make_trainer(state)
+            await state.trainer.open()
             if engine is not None:
-                _attach_engine(state, engine)
+                await _attach_engine(state, engine)
             else:
                 starter = asyncio.create_task(_start_engine(state))
             _settle_gc()
             yield
         finally:
             state.stopping = True
+            if state.trainer is not None:
+                await state.trainer.close()
             if starter is not None and not starter.done():
                 starter.cancel()  # waits for a half-started engine and shuts it down (see VLLMEngine.start)
                 await asyncio.gather(starter, return_exceptions=True)
@@ -87,7 +103,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
 
         model = resolve_model(settings)
         try:
-            _attach_engine(state, await VLLMEngine.start(model, settings.engine))
+            await _attach_engine(state, await VLLMEngine.start(model, settings.engine))
             log.info("engine ready: %s (context %d)", model, state.engine.max_model_len)
             _settle_gc()
         except Exception as e:
@@ -102,15 +118,30 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
                 app.register(router)
             routes_registered = True
 
-    def _attach_engine(state: Any, eng: Any) -> None:
-        state.router = PolicyRouter(settings.served_name, lambda: eng.loaded_versions)
-        state.chat = ChatService(eng, state.router, state.store, state.metrics, max_n=settings.server.max_n)
+    async def _attach_engine(state: Any, eng: Any) -> None:
+        await state.registry.bootstrap(eng)  # the promoted version is loaded before chat opens
         state.engine = eng
+        state.chat = ChatService(eng, state.router, state.store, state.metrics, max_n=settings.server.max_n)
+
+    def _make_trainer(state: Any) -> TrainerSupervisor:
+        t = settings.trainer
+        if t.lora_rank > settings.engine.max_lora_rank:
+            raise ConfigError(f"trainer.lora_rank ({t.lora_rank}, --lora-rank) exceeds engine.max_lora_rank "
+                              f"({settings.engine.max_lora_rank}, --max-lora-rank): the engine could not serve it")
+        trigger = TriggerPolicy(auto=t.training_trigger == "auto", min_new_pairs=t.min_new_pairs,
+                                min_new_labels=t.min_new_labels, min_interval_s=t.min_interval_s)
+        return TrainerSupervisor(state.store, state.registry, state.metrics, base_model=lambda: resolve_model(settings),
+                                 database_url=settings.database_url, runs_dir=settings.data_path / "runs",
+                                 config=lambda request: trainer_config(t, request),
+                                 threads=t.trainer_threads or default_threads(), trigger=trigger,
+                                 run_timeout_s=t.run_timeout_s)
 
     v1 = Router("/", route_handlers=[chat_completions, list_models], guards=[user_guard, _engine_ready_guard])
     app = Litestar(
         # Feedback needs only the store: it is answered while the engine still loads.
-        route_handlers=[v1, create_feedback, list_feedback, export_feedback, health, ready, metrics],
+        route_handlers=[v1, create_feedback, list_feedback, export_feedback, feedback_stats, list_plugins, health,
+                        ready, metrics, list_policies, get_policy, promote_policy, rollback_policy, start_run,
+                        list_runs, get_run, cancel_run, web_router()],
         lifespan=[lifespan],
         exception_handlers={AlignError: _align_error, HTTPException: _http_error, Exception: _unexpected_error},
         middleware=[_metrics_middleware],

@@ -146,6 +146,58 @@ class PluginSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 0
 
 
+class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The embedded RLHF trainer: when runs start, their budget, the promotion gate and the adapters."""
+
+    training_trigger: Annotated[
+        str, Meta(pattern="^(auto|manual)$", description="auto: start a run when enough new feedback has arrived "
+                  "(see --min-new-pairs, --min-new-labels, --min-interval-s); manual: only on request "
+                  "(POST /v1/training/runs, `alignd train`).")
+    ] = "auto"
+    min_new_pairs: Annotated[
+        int, Meta(ge=1, description="auto trigger: new preference pairs (not yet trained on) that start a run.")
+    ] = 64
+    min_new_labels: Annotated[
+        int, Meta(ge=1, description="auto trigger: new unpaired labels (thumbs) that start a run.")
+    ] = 128
+    min_interval_s: Annotated[
+        float, Meta(ge=0, description="auto trigger: seconds between the starts of two runs, at least.")
+    ] = 300.0
+    ppo_iterations: Annotated[int, Meta(ge=1, description="PPO iterations per run.")] = 8
+    rollout_batch_size: Annotated[int, Meta(ge=1, description="Prompts (one reply each) per PPO iteration.")] = 32
+    ppo_time_limit_s: Annotated[
+        float | None, Meta(description="Stop PPO after the iteration that crosses this many seconds. "
+                           "Unset: run every iteration.")
+    ] = None
+    run_timeout_s: Annotated[
+        float, Meta(gt=0, description="Kill a run that takes longer than this (it is marked failed).")
+    ] = 3600.0
+    max_new_tokens: Annotated[int, Meta(ge=1, description="Reply length limit of rollouts and the gate.")] = 64
+    gate_margin: Annotated[
+        float, Meta(description="Promote only if the candidate's mean normalised reward beats the current "
+                    "policy's by this much on held-out prompts.")
+    ] = 0.05
+    kl_budget: Annotated[
+        float, Meta(gt=0, description="Promote only if the candidate's mean KL to the base (nats per reply) stays "
+                    "within this.")
+    ] = 8.0
+    target_kl: Annotated[
+        float, Meta(gt=0, description="KL per reply (nats) the adaptive KL controller steers PPO towards.")
+    ] = 2.0
+    lora_rank: Annotated[
+        int, Meta(ge=1, description="LoRA rank of the policy, critic and reward adapters (at most --max-lora-rank).")
+    ] = 8
+    lora_alpha: Annotated[int, Meta(ge=1, description="LoRA alpha (updates scale by alpha / rank).")] = 16
+    trainer_device: Annotated[
+        str, Meta(pattern="^(auto|cuda|cpu)$", description="Where the trainer runs: auto picks CUDA when present.")
+    ] = "auto"
+    trainer_threads: Annotated[
+        int, Meta(ge=0, description="CPU threads of the trainer process; 0: half the CPUs (the engine needs the "
+                  "rest).")
+    ] = 0
+    trainer_seed: Annotated[int, Meta(description="Seed of the trainer (adapter init, data order, sampling).")] = 0
+
+
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Everything alignd reads at start."""
 
@@ -160,6 +212,7 @@ class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     engine: EngineSettings = msgspec.field(default_factory=EngineSettings)
     store: StoreSettings = msgspec.field(default_factory=StoreSettings)
     plugins: PluginSettings = msgspec.field(default_factory=PluginSettings)
+    trainer: TrainerSettings = msgspec.field(default_factory=TrainerSettings)
 
     @property
     def data_path(self) -> Path:

@@ -6,6 +6,9 @@ from collections.abc import Callable
 
 from server.errors import NotFound
 
+RESERVED_VERSIONS = 1_000_000_000
+"""Versions from here up are the trainer's (rollout adapters): loaded in the engine, never served to users."""
+
 
 class PolicyRouter:
     """Maps model names to policy versions. Swapping ``promoted`` is atomic for new requests; running ones keep
@@ -21,11 +24,15 @@ class PolicyRouter:
         if model == self.served_name:
             return self.promoted
         name, sep, version = model.rpartition("@")
-        if sep and name == self.served_name and version.isdigit() and int(version) in self._loaded():
+        if sep and name == self.served_name and version.isdigit() and int(version) in self.versions():
             return int(version)
         raise NotFound(f"The model '{model}' does not exist; see GET /v1/models.", param="model",
                        code="model_not_found")
 
     def model_names(self) -> list[str]:
         """The served name, then each loaded version pinned."""
-        return [self.served_name, *(f"{self.served_name}@{v}" for v in self._loaded())]
+        return [self.served_name, *(f"{self.served_name}@{v}" for v in self.versions())]
+
+    def versions(self) -> list[int]:
+        """Loaded versions users may pin (the trainer's reserved ones hidden)."""
+        return [v for v in self._loaded() if v < RESERVED_VERSIONS]

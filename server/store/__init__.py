@@ -15,6 +15,7 @@ from server.store.records import (
     StoredPair,
 )
 from server.store.store import RecordRejectedError, Store, StoreClosedError, StoreError, StoreStats
+from server.store.training import PolicyRow, RunRow
 
 __all__ = [
     "LATEST_VERSION",
@@ -26,7 +27,9 @@ __all__ = [
     "Migration",
     "MigrationError",
     "PairRecord",
+    "PolicyRow",
     "RecordRejectedError",
+    "RunRow",
     "Store",
     "StoreClosedError",
     "StoreError",

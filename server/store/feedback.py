@@ -8,11 +8,11 @@ Exports page through the tables by key (``created``, ``id``), so memory stays co
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal
 
 import msgspec
-from sqlalchemy import Engine, Select, and_, create_engine, event, func, insert, or_, select
+from sqlalchemy import Engine, Select, and_, create_engine, event, func, insert, literal_column, or_, select
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
@@ -71,6 +71,21 @@ def _stored_feedback(row: Any) -> StoredFeedback:
 def _after(query: Select[Any], table: Any, created: datetime, id_: Any) -> Select[Any]:
     """Keyset pagination: rows strictly after (created, id)."""
     return query.where(or_(table.c.created > created, and_(table.c.created == created, table.c.id > id_)))
+
+
+def _bucket_start(column: Any, bucket: Literal["hour", "day"], dialect: str) -> Any:
+    """SQL for the start of ``column``'s UTC hour or day. The units are literals, not bound parameters: PostgreSQL
+    would not see ``date_trunc($1, …)`` in SELECT and ``date_trunc($3, …)`` in GROUP BY as the same expression."""
+    if dialect == "sqlite":  # naive UTC text (see UTCDateTime)
+        pattern = "%Y-%m-%d %H:00:00" if bucket == "hour" else "%Y-%m-%d 00:00:00"
+        return func.strftime(literal_column(f"'{pattern}'"), column)
+    return func.date_trunc(literal_column(f"'{bucket}'"), func.timezone(literal_column("'UTC'"), column))
+
+
+def _as_utc(value: datetime | str) -> datetime:
+    """A bucket start read back: text on SQLite, a naive UTC timestamp on PostgreSQL."""
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment.astimezone(UTC)
 
 
 def _read_only_connection(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -257,6 +272,21 @@ class FeedbackQueries:
                 return
             yield rows
             last = rows[-1]
+
+    async def feedback_volume(self, *, bucket: Literal["hour", "day"], since: datetime | None = None
+                              ) -> list[tuple[datetime, str, int]]:
+        """How many feedback events of each kind were created per ``bucket`` (UTC): ``(bucket start, kind, count)``
+        oldest first, counted in the database so that only one row per bucket and kind comes back."""
+        _check_aware("since", since)
+        self._check_open()
+        start = _bucket_start(feedback.c.created, bucket, self._engine.dialect.name)
+        query = (select(start.label("start"), feedback.c.kind, func.count().label("events"))
+                 .group_by(start, feedback.c.kind).order_by(start, feedback.c.kind))
+        if since is not None:
+            query = query.where(feedback.c.created >= since)
+        async with self._engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [(_as_utc(row.start), row.kind, row.events) for row in rows]
 
     async def count_feedback(self) -> tuple[int, int, int]:
         """How many feedback events, preference pairs and labels are stored."""

@@ -179,10 +179,51 @@ def _v2_feedback_pairs_labels(conn: Connection) -> None:
         md.tables[name].create(conn, checkfirst=False)
 
 
+def _v3_policies_and_runs(conn: Connection) -> None:
+    """Create ``policies`` and ``training_runs`` (schema as of version 3, frozen here)."""
+    md = MetaData(naming_convention=current_metadata.naming_convention)
+    Table(
+        "policies",
+        md,
+        Column("version", Integer, primary_key=True, autoincrement=False),
+        Column("status", Text, nullable=False),
+        Column("parent", Integer, nullable=True),
+        Column("run_id", Text, nullable=True),
+        Column("adapter_path", Text, nullable=True),
+        Column("metrics", JSON, nullable=False),
+        Column("reason", Text, nullable=True),
+        Column("created", UTCDateTime, nullable=False),
+        Column("promoted_at", UTCDateTime, nullable=True),
+        Index(None, "status"),
+    )
+    Table(
+        "training_runs",
+        md,
+        Column("id", Text, primary_key=True),
+        Column("status", Text, nullable=False),
+        Column("phase", Text, nullable=False),
+        Column("progress", Float, nullable=False),
+        Column("trigger", Text, nullable=False),
+        Column("parent", Integer, nullable=False),
+        Column("candidate", Integer, nullable=True),
+        Column("promoted", Boolean, nullable=False),
+        Column("config", JSON, nullable=False),
+        Column("metrics", JSON, nullable=False),
+        Column("error", Text, nullable=True),
+        Column("created", UTCDateTime, nullable=False),
+        Column("finished", UTCDateTime, nullable=True),
+        Index(None, "status"),
+        Index(None, "created"),
+    )
+    for name in ("policies", "training_runs"):
+        md.tables[name].create(conn, checkfirst=False)
+
+
 #: Every step, in order. Versions are consecutive and never reused; append only.
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "completions and choices", _v1_completions_and_choices),
     Migration(2, "feedback, preference pairs and labels", _v2_feedback_pairs_labels),
+    Migration(3, "policies and training runs", _v3_policies_and_runs),
 )
 
 LATEST_VERSION: int = MIGRATIONS[-1].version

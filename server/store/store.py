@@ -36,6 +36,7 @@ from server.store.feedback import FeedbackQueries, insert_feedback
 from server.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_version, migrate
 from server.store.records import ChoiceRecord, CompletionRecord, FeedbackRecord
 from server.store.tables import choices, completions
+from server.store.training import TrainingQueries
 
 __all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "StoreStats"]
 
@@ -224,7 +225,7 @@ def _completion_record(row: Row[Any], choice_rows: Iterable[Row[Any]]) -> Comple
     )
 
 
-class Store(FeedbackQueries):
+class Store(FeedbackQueries, TrainingQueries):
     """Durable storage for completions and feedback; one per process, shared by all requests.
 
     Create with :meth:`open` and release with :meth:`close` (or ``async with``).

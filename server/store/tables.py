@@ -36,8 +36,10 @@ __all__ = [
     "feedback",
     "labels",
     "metadata",
+    "policies",
     "preference_pairs",
     "schema_migrations",
+    "training_runs",
 ]
 
 
@@ -188,5 +190,42 @@ labels = Table(
     Column("created", UTCDateTime, nullable=False),
     ForeignKeyConstraint(["feedback_id"], ["feedback.id"], ondelete="CASCADE"),
     Index(None, "feedback_id"),
+    Index(None, "created"),
+)
+
+#: Policy versions: the registry's source of truth (adapter folders on disk are named by it).
+policies = Table(
+    "policies",
+    metadata,
+    Column("version", Integer, primary_key=True, autoincrement=False),
+    Column("status", Text, nullable=False),  # base | candidate | promoted | rejected | retired
+    Column("parent", Integer, nullable=True),
+    Column("run_id", Text, nullable=True),
+    Column("adapter_path", Text, nullable=True),
+    Column("metrics", JSON, nullable=False),
+    Column("reason", Text, nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    Column("promoted_at", UTCDateTime, nullable=True),
+    Index(None, "status"),
+)
+
+#: Training runs: phase and progress as the trainer reports them, figures, outcome.
+training_runs = Table(
+    "training_runs",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("status", Text, nullable=False),  # running | succeeded | failed | cancelled
+    Column("phase", Text, nullable=False),
+    Column("progress", Float, nullable=False),
+    Column("trigger", Text, nullable=False),
+    Column("parent", Integer, nullable=False),
+    Column("candidate", Integer, nullable=True),
+    Column("promoted", Boolean, nullable=False),
+    Column("config", JSON, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("error", Text, nullable=True),
+    Column("created", UTCDateTime, nullable=False),
+    Column("finished", UTCDateTime, nullable=True),
+    Index(None, "status"),
     Index(None, "created"),
 )

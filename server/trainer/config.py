@@ -9,15 +9,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from server.config import TrainerSettings
+from server.protocol import TrainingRunRequest
+
 __all__ = [
     "AdapterConfig",
     "DTypeName",
+    "DataConfig",
     "DeviceName",
     "GateConfig",
     "PPOConfig",
     "RewardConfig",
     "RolloutBackendName",
     "TrainerConfig",
+    "trainer_config",
 ]
 
 RolloutBackendName = Literal["vllm", "hf"]
@@ -137,6 +142,24 @@ class GateConfig:
 
 
 @dataclass
+class DataConfig:
+    """What one run trains on: the feedback collected since the last run, a replay of older signal, and prompts."""
+
+    max_pairs: int = 4096
+    """Most new preference pairs one run takes (oldest unused first; the rest wait for the next run)."""
+    max_labels: int = 4096
+    """Most new unpaired labels one run takes."""
+    replay_fraction: float = 0.25
+    """Older, already trained-on signal added to a run, as a share of its new signal (keeps the reward model
+    from forgetting)."""
+    heldout_fraction: float = 0.1
+    """Share of feedback events, chosen by a stable hash of their id, that never trains: the reward model's held-out
+    accuracy is measured on their pairs. Prompts are split the same way: held-out ones are the gate's."""
+    max_prompts: int = 512
+    """Most distinct recent user prompts drawn for PPO and the gate."""
+
+
+@dataclass
 class TrainerConfig:
     """Everything one training run needs to know, besides its data."""
 
@@ -148,9 +171,30 @@ class TrainerConfig:
     """Policy optimisation."""
     gate: GateConfig = field(default_factory=GateConfig)
     """Promotion gate."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Training data selection."""
     device: DeviceName = "auto"
     """Where to train."""
     dtype: DTypeName = "auto"
     """Base-model dtype (adapters and heads always train in float32)."""
     seed: int = 0
     """Seed for adapter initialisation, data order, prompt sampling and trainer-side generation."""
+
+
+def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None = None) -> TrainerConfig:
+    """The run's config: the server's ``[trainer]`` settings, then the run request's overrides."""
+    request = request or TrainingRunRequest()
+    config = TrainerConfig(
+        lora=AdapterConfig(r=settings.lora_rank, alpha=settings.lora_alpha),
+        device=settings.trainer_device,  # type: ignore[arg-type]
+        seed=settings.trainer_seed,
+    )
+    ppo = config.ppo
+    ppo.iterations = request.iterations or settings.ppo_iterations
+    ppo.rollout_batch_size = request.rollout_batch_size or settings.rollout_batch_size
+    ppo.time_limit_s = request.time_limit_s or settings.ppo_time_limit_s
+    ppo.max_new_tokens = settings.max_new_tokens
+    ppo.target_kl = settings.target_kl
+    config.gate.margin, config.gate.kl_budget = settings.gate_margin, settings.kl_budget
+    config.gate.max_new_tokens = settings.max_new_tokens
+    return config

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import tempfile
-import uuid
 from collections.abc import AsyncIterator, Coroutine, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,6 +19,8 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
+from server.engine.rollouts import generate_replies
+from server.engine.router import RESERVED_VERSIONS
 from server.protocol import SamplingOptions
 from server.trainer.config import RolloutBackendName
 from server.trainer.models import ModelStack, logprobs_from_logits
@@ -29,8 +30,10 @@ __all__ = [
     "Experience",
     "HFRollouts",
     "PolicyEngine",
+    "RemoteRollouts",
     "Rollout",
     "RolloutBackend",
+    "RolloutLink",
     "Sampling",
     "VLLMRollouts",
     "collate_rollouts",
@@ -41,7 +44,7 @@ __all__ = [
 
 T = TypeVar("T")
 
-ROLLOUT_VERSION = 1_000_000_000
+ROLLOUT_VERSION = RESERVED_VERSIONS
 """Engine policy version the candidate is loaded under while generating rollouts; far above any real version
 (the router must not serve it to users)."""
 
@@ -196,27 +199,39 @@ class VLLMRollouts:
     async def _generate_all(
         self, prompts: Sequence[list[int]], version: int, sampling: Sampling, eos_id: int
     ) -> list[Rollout]:
-        options = SamplingOptions(
-            n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=1.0, top_k=0
-        )
+        replies = await generate_replies(self.engine, prompts, version, temperature=sampling.temperature,
+                                         max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
+                                         request_prefix=self.request_prefix)
+        return [Rollout(prompt_ids=list(p), response_ids=r, ended=e)
+                for p, (r, e) in zip(prompts, replies, strict=True)]
 
-        batch_id = uuid.uuid4().hex[:12]
 
-        async def one(index: int, prompt: list[int]) -> Rollout:
-            final = None
-            request_id = f"{self.request_prefix}-{batch_id}-{index}"
-            async for step in self.engine.generate(list(prompt), options, request_id, version, stream=False):
-                final = step
-            if final is None or not final.choices:
-                raise RuntimeError(f"the engine returned nothing for rollout request {request_id}")
-            choice = final.choices[0]
-            response = list(choice.token_ids)
-            ended = choice.finish_reason == "stop"
-            if ended and (not response or response[-1] != eos_id):
-                response.append(eos_id)  # stopped on a stop token other than EOS: end the episode the same way
-            return Rollout(prompt_ids=list(prompt), response_ids=response, ended=ended)
+class RolloutLink(Protocol):
+    """How a trainer process asks the server for something (see ``server.trainer.worker``)."""
 
-        return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+    def call(self, method: str, payload: dict[str, Any]) -> Any: ...
+
+
+class RemoteRollouts:
+    """Rollouts from the serving engine of the server that started this trainer process: the adapter is saved
+    into the run's folder and the server loads it under a reserved version, generates and unloads it."""
+
+    def __init__(self, link: RolloutLink, workdir: str | Path) -> None:
+        self.link = link
+        self.workdir = Path(workdir)
+
+    def generate(
+        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling
+    ) -> list[Rollout]:
+        payload: dict[str, Any] = {"prompts": [list(p) for p in prompts], "temperature": sampling.temperature,
+                                   "max_new_tokens": sampling.max_new_tokens,
+                                   "eos_id": stack.tokenizer.eos_token_id, "adapter_dir": None}
+        with tempfile.TemporaryDirectory(dir=self.workdir, prefix="rollout-") as tmp:
+            if adapter is not None:
+                payload["adapter_dir"] = str(stack.save_adapter(adapter, Path(tmp) / adapter))
+            replies = self.link.call("rollouts", payload)
+        return [Rollout(prompt_ids=list(p), response_ids=list(r), ended=bool(e))
+                for p, (r, e) in zip(prompts, replies, strict=True)]
 
 
 def make_rollout_backend(

@@ -1,0 +1,221 @@
+"""The policy registry: versions, their adapter folders, their status, and the hot-swap between them.
+
+The database is the source of truth (table ``policies``); each version > 0 is a PEFT adapter folder under
+``<data dir>/policies/<version>/`` (safetensors only) with a ``manifest.json`` (parent, run, figures, created, the
+adapter's SHA-256). Promotion loads the adapter into the engine first and only then routes new requests to it, so a
+failed load changes nothing; requests already generating finish on the version they started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import shutil
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from server.engine.router import PolicyRouter
+from server.errors import Conflict, NotFound, Unprocessable
+from server.metrics import Metrics
+from server.protocol import Policy, PolicyList
+from server.store import PolicyRow, Store
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+class AdapterError(Exception):
+    """An adapter folder that must not be loaded (missing, pickled, corrupt, or too large a rank)."""
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_adapter(folder: Path, max_rank: int, sha256: str | None = None) -> None:
+    """Refuse an adapter folder before vLLM sees it: config readable, rank within the engine's limit, weights in
+    safetensors (never pickle) that parse, and, when the manifest recorded one, the same SHA-256."""
+    if not folder.is_dir():
+        raise AdapterError(f"adapter folder {folder} does not exist")
+    try:
+        config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{folder / ADAPTER_CONFIG} is missing or not JSON: {e}") from e
+    rank = config.get("r")
+    if not isinstance(rank, int) or not 0 < rank <= max_rank:
+        raise AdapterError(f"adapter rank {rank!r} is not within the engine's max_lora_rank {max_rank}")
+    weights = folder / ADAPTER_WEIGHTS
+    if not weights.is_file():
+        raise AdapterError(f"{folder} has no {ADAPTER_WEIGHTS} (pickled weights are never loaded)")
+    if sha256 is not None and file_sha256(weights) != sha256:
+        raise AdapterError(f"{weights} does not match the SHA-256 its manifest recorded: the file is corrupt")
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="numpy") as f:
+            for key in f.keys():
+                f.get_slice(key).get_shape()
+    except Exception as e:
+        raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from e
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+class PolicyRegistry:
+    """Registered versions, which one is promoted, and the engine's loaded adapters."""
+
+    def __init__(self, store: Store, router: PolicyRouter, metrics: Metrics, policies_dir: Path, *,
+                 max_rank: int, keep_loaded: int) -> None:
+        self.store = store
+        self.router = router
+        self.metrics = metrics
+        self.policies_dir = policies_dir
+        self.max_rank = max_rank
+        self.keep_loaded = max(1, keep_loaded)
+        self.engine: Any = None
+        self._lock = asyncio.Lock()
+        self._loaded: dict[int, float] = {}  # version -> last promoted (monotonic), for eviction
+
+    # --- start ------------------------------------------------------------------------------------------------
+
+    async def bootstrap(self, engine: Any) -> None:
+        """Record the base as version 0 once, then load and route to the promoted version (after a restart, the
+        version promoted before it; if its adapter cannot be loaded, the base serves and the error is logged)."""
+        self.engine = engine
+        if await self.store.get_policy(0) is None:
+            now = datetime.now(UTC)
+            await self.store.insert_policy(PolicyRow(version=0, status="promoted", parent=None, run_id=None,
+                                                     adapter_path=None, metrics={}, reason="the base model",
+                                                     created=now, promoted_at=now))
+        promoted = [p for p in await self.store.list_policies() if p.status == "promoted"]
+        version = promoted[0].version if promoted else 0
+        if version:
+            try:
+                await self._load(await self._row(version))
+            except Unprocessable as e:
+                log.error("cannot load the promoted policy %d, serving the base model: %s", version, e.message)
+                version = 0
+        self.router.promoted = version
+        self.metrics.promoted_version.set(version)
+
+    # --- reads ------------------------------------------------------------------------------------------------
+
+    async def _row(self, version: int) -> PolicyRow:
+        row = await self.store.get_policy(version)
+        if row is None:
+            raise NotFound(f"There is no policy version {version}; see GET /v1/policies.", param="version",
+                           code="policy_not_found")
+        return row
+
+    def _wire(self, row: PolicyRow) -> Policy:
+        loaded = row.version == 0 or (self.engine is not None and row.version in self.engine.loaded_versions)
+        return Policy(version=row.version, status=row.status, parent=row.parent, run_id=row.run_id,  # type: ignore[arg-type]
+                      created=row.created.isoformat(), promoted_at=_iso(row.promoted_at), loaded=loaded,
+                      metrics=row.metrics, reason=row.reason)
+
+    async def list(self) -> PolicyList:
+        return PolicyList(data=[self._wire(r) for r in await self.store.list_policies()],
+                          promoted=self.router.promoted)
+
+    async def get(self, version: int) -> Policy:
+        return self._wire(await self._row(version))
+
+    # --- registration -----------------------------------------------------------------------------------------
+
+    async def register(self, staged: Path, *, parent: int, run_id: str, metrics: dict[str, Any], passed: bool,
+                       reason: str) -> PolicyRow:
+        """Move a trained adapter folder into the registry as the next version, ``candidate`` if it passed the
+        gate and ``rejected`` otherwise, with a manifest next to it."""
+        async with self._lock:
+            rows = await self.store.list_policies()
+            version = (rows[0].version if rows else 0) + 1
+            folder = self.policies_dir / str(version)
+            created = datetime.now(UTC)
+            sha = await asyncio.to_thread(_install, staged, folder, {
+                "version": version, "parent": parent, "run_id": run_id, "metrics": metrics,
+                "created": created.isoformat(), "gate": {"passed": passed, "reason": reason}})
+            row = PolicyRow(version=version, status="candidate" if passed else "rejected", parent=parent,
+                            run_id=run_id, adapter_path=str(folder), metrics={**metrics, "sha256": sha},
+                            reason=reason, created=created, promoted_at=None)
+            await self.store.insert_policy(row)
+            return row
+
+    # --- hot-swap ---------------------------------------------------------------------------------------------
+
+    async def promote(self, version: int, reason: str | None = None) -> Policy:
+        """Load ``version`` if it is not loaded, then route ``alignd`` to it; a failed load changes nothing."""
+        async with self._lock:
+            row = await self._row(version)
+            if self.engine is None:
+                raise Conflict("The engine is still loading; retry shortly.", code="engine_not_ready")
+            started = time.perf_counter()
+            if version and version not in self.engine.loaded_versions:
+                await self._load(row)
+            self.router.promoted = version  # new requests go to it from here on
+            self._loaded[version] = time.monotonic()
+            await self.store.set_promoted(version, datetime.now(UTC), reason)
+            self.metrics.promoted_version.set(version)
+            self.metrics.policy_swaps.inc()
+            self.metrics.policy_swap_seconds.observe(time.perf_counter() - started)
+            await self._evict()
+            log.info("policy %d promoted (%s)", version, reason or "by request")
+            return self._wire(await self._row(version))
+
+    async def rollback(self, version: int | None = None) -> Policy:
+        """Promote ``version``, or without one the version promoted before the current one."""
+        if version is None:
+            earlier = [r for r in await self.store.list_policies()
+                       if r.promoted_at is not None and r.version != self.router.promoted]
+            if not earlier:
+                raise Conflict("No earlier promoted version to roll back to.", code="nothing_to_roll_back")
+            version = max(earlier, key=lambda r: r.promoted_at or datetime.min.replace(tzinfo=UTC)).version
+        return await self.promote(version, reason=f"rollback from version {self.router.promoted}")
+
+    async def _load(self, row: PolicyRow) -> None:
+        from server.engine.vllm_engine import PolicyLoadError  # the engine package imports vLLM lazily
+
+        if row.adapter_path is None:
+            raise Unprocessable(f"Policy {row.version} has no adapter folder.", code="policy_load_failed")
+        folder = Path(row.adapter_path)
+        try:
+            await asyncio.to_thread(check_adapter, folder, self.max_rank, row.metrics.get("sha256"))
+            await self.engine.load_policy(row.version, folder)
+        except (AdapterError, PolicyLoadError) as e:
+            self.metrics.policy_load_failures.inc()
+            raise Unprocessable(f"Policy {row.version} could not be loaded, nothing changed: {e}",
+                                param="version", code="policy_load_failed") from e
+        self._loaded[row.version] = time.monotonic()
+
+    async def _evict(self) -> None:
+        """Keep the promoted version and the most recently promoted others, ``keep_loaded`` in all."""
+        loaded = [v for v in self.engine.loaded_versions if v in self._loaded and v != self.router.promoted]
+        loaded.sort(key=lambda v: self._loaded[v], reverse=True)
+        for version in loaded[self.keep_loaded - 1:]:
+            await self.engine.unload_policy(version)
+            self._loaded.pop(version, None)
+
+
+def _install(staged: Path, folder: Path, manifest: dict[str, Any]) -> str:
+    """Move the staged adapter to its version folder and write the manifest; returns the weights' SHA-256."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # a leftover of a registration that crashed before its row was written
+        shutil.rmtree(folder)
+    shutil.move(str(staged), str(folder))
+    for pickled in folder.glob("*.bin"):  # peft writes safetensors; never keep a pickle next to it
+        pickled.unlink()
+    sha = file_sha256(folder / ADAPTER_WEIGHTS)
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "sha256": sha}, indent=2) + "\n")
+    return sha

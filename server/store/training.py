@@ -1,0 +1,183 @@
+"""Reads and writes of policy versions, training runs and the training signal (a mixin of the Store).
+
+These writes are rare (a handful per run) and go straight to the database rather than through the group-commit
+queue, which exists for the request path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from server.store.tables import completions, labels, policies, preference_pairs, training_runs
+
+__all__ = ["PolicyRow", "RunRow", "TrainingQueries"]
+
+
+class PolicyRow(msgspec.Struct, kw_only=True):
+    """A row of ``policies``."""
+
+    version: int
+    status: str
+    """base | candidate | promoted | rejected | retired"""
+    parent: int | None
+    run_id: str | None
+    adapter_path: str | None
+    """The PEFT adapter folder (None for the base)."""
+    metrics: dict[str, Any]
+    reason: str | None
+    created: datetime
+    promoted_at: datetime | None
+
+
+class RunRow(msgspec.Struct, kw_only=True):
+    """A row of ``training_runs``."""
+
+    id: str
+    status: str
+    """running | succeeded | failed | cancelled"""
+    phase: str
+    progress: float
+    trigger: str
+    parent: int
+    candidate: int | None
+    promoted: bool
+    config: dict[str, Any]
+    metrics: dict[str, Any]
+    error: str | None
+    created: datetime
+    finished: datetime | None
+
+
+def _row(struct: type[Any], row: Any) -> Any:
+    return struct(**dict(row._mapping))
+
+
+class TrainingQueries:
+    """Policy registry rows, training runs, and the unused-signal bookkeeping (a mixin of ``Store``)."""
+
+    _engine: AsyncEngine
+    _write_engine: AsyncEngine
+
+    def _check_open(self) -> None:  # provided by Store
+        raise NotImplementedError
+
+    # --- policies ---------------------------------------------------------------------------------------------
+
+    async def insert_policy(self, row: PolicyRow) -> None:
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            await conn.execute(insert(policies).values(**msgspec.structs.asdict(row)))
+
+    async def update_policy(self, version: int, **values: Any) -> None:
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            await conn.execute(update(policies).where(policies.c.version == version).values(**values))
+
+    async def set_promoted(self, version: int, when: datetime, reason: str | None = None) -> None:
+        """Make ``version`` the one promoted policy, in one transaction: the previous one becomes ``retired``."""
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            await conn.execute(update(policies).where(policies.c.status == "promoted", policies.c.version != version)
+                               .values(status="retired"))
+            values: dict[str, Any] = {"status": "promoted", "promoted_at": when}
+            if reason is not None:
+                values["reason"] = reason
+            await conn.execute(update(policies).where(policies.c.version == version).values(**values))
+
+    async def get_policy(self, version: int) -> PolicyRow | None:
+        self._check_open()
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(policies).where(policies.c.version == version))).first()
+        return _row(PolicyRow, row) if row is not None else None
+
+    async def list_policies(self) -> list[PolicyRow]:
+        """Every version, newest first."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            rows = await conn.execute(select(policies).order_by(policies.c.version.desc()))
+            return [_row(PolicyRow, r) for r in rows]
+
+    # --- runs -------------------------------------------------------------------------------------------------
+
+    async def insert_run(self, row: RunRow) -> None:
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            await conn.execute(insert(training_runs).values(**msgspec.structs.asdict(row)))
+
+    async def update_run(self, run_id: str, **values: Any) -> None:
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            await conn.execute(update(training_runs).where(training_runs.c.id == run_id).values(**values))
+
+    async def get_run(self, run_id: str) -> RunRow | None:
+        self._check_open()
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(training_runs).where(training_runs.c.id == run_id))).first()
+        return _row(RunRow, row) if row is not None else None
+
+    async def list_runs(self, limit: int = 50, status: str | None = None) -> list[RunRow]:
+        """Runs, newest first."""
+        self._check_open()
+        query = select(training_runs).order_by(training_runs.c.created.desc(), training_runs.c.id).limit(limit)
+        if status is not None:
+            query = query.where(training_runs.c.status == status)
+        async with self._engine.connect() as conn:
+            return [_row(RunRow, r) for r in await conn.execute(query)]
+
+    async def fail_running_runs(self, error: str, when: datetime) -> list[str]:
+        """Mark every run still ``running`` as failed (their process is gone); returns their ids."""
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            ids = [r.id for r in await conn.execute(select(training_runs.c.id)
+                                                    .where(training_runs.c.status == "running"))]
+            if ids:
+                await conn.execute(update(training_runs).where(training_runs.c.id.in_(ids))
+                                   .values(status="failed", error=error, finished=when))
+        return ids
+
+    # --- training signal --------------------------------------------------------------------------------------
+
+    async def count_unused_signal(self) -> tuple[int, int]:
+        """Preference pairs and labels no run has trained on yet."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            pairs = (await conn.execute(select(func.count()).select_from(preference_pairs)
+                                        .where(preference_pairs.c.used_in_run.is_(None)))).scalar_one()
+            unpaired = (await conn.execute(select(func.count()).select_from(labels)
+                                           .where(labels.c.used_in_run.is_(None)))).scalar_one()
+        return pairs, unpaired
+
+    async def signal_rows(self, table_name: str, *, used: bool, limit: int) -> list[dict[str, Any]]:
+        """Up to ``limit`` rows of ``preference_pairs`` or ``labels``: unused ones oldest first, or (``used``) the
+        most recent used ones (the replay pool)."""
+        self._check_open()
+        table = {"preference_pairs": preference_pairs, "labels": labels}[table_name]
+        if used:
+            query = select(table).where(table.c.used_in_run.is_not(None)).order_by(table.c.id.desc())
+        else:
+            query = select(table).where(table.c.used_in_run.is_(None)).order_by(table.c.id)
+        async with self._engine.connect() as conn:
+            return [dict(r._mapping) for r in await conn.execute(query.limit(limit))]
+
+    async def mark_used(self, run_id: str, pair_ids: Sequence[int], label_ids: Sequence[int]) -> None:
+        """Record that ``run_id`` trained on these rows (rows already used keep their first run)."""
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            for table, ids in ((preference_pairs, pair_ids), (labels, label_ids)):
+                for start in range(0, len(ids), 500):
+                    await conn.execute(update(table).where(table.c.id.in_(list(ids[start:start + 500])),
+                                                           table.c.used_in_run.is_(None))
+                                       .values(used_in_run=run_id))
+
+    async def recent_prompts(self, limit: int) -> list[list[dict[str, Any]]]:
+        """The request messages of the most recent completions, newest first (duplicates included)."""
+        self._check_open()
+        query = select(completions.c.messages).order_by(completions.c.created.desc()).limit(limit)
+        async with self._engine.connect() as conn:
+            return [r.messages for r in await conn.execute(query)]

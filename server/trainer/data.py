@@ -1,0 +1,116 @@
+"""Training data for one run, read from the store: preference pairs and labels, a held-out split, PPO prompts.
+
+Selection rules:
+- new signal is what no run has used yet (oldest first, up to a cap); a replay share of older signal is mixed in;
+- a stable hash of each feedback event's id decides whether it is held out, so a held-out event never trains in
+  any run, and all pairs of one event (a ranking's) fall on the same side;
+- prompts are the distinct request messages of recent completions (real user prompts); a stable hash of each
+  prompt sets a share aside for the gate, so the gate judges on prompts PPO did not optimise on.
+Truncation happens when prompts are tokenised (``encode_prompt`` keeps a prompt's last tokens; the reward model's
+encoder cuts a long reply but keeps its closing EOS), never silently dropping a reply's end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.store import Store
+from server.trainer.config import DataConfig
+from server.trainer.reward_model import Comparison, LabelledReply
+
+__all__ = ["TrainingData", "is_heldout", "load_training_data", "plain_messages"]
+
+
+def _unit_hash(key: str) -> float:
+    """A stable number in [0, 1) for a key (the same in every process and run)."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+def is_heldout(key: str, fraction: float) -> bool:
+    """Whether the event or prompt ``key`` belongs to the held-out side."""
+    return _unit_hash(key) < fraction
+
+
+def plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Messages as ``{"role", "content"}`` with text content (content parts joined), for the chat template."""
+    out = []
+    for m in messages:
+        content = m.get("content")
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
+        out.append({"role": m["role"], "content": content or ""})
+    return out
+
+
+@dataclass
+class TrainingData:
+    """What one run trains and evaluates on."""
+
+    train_pairs: list[Comparison]
+    heldout_pairs: list[Comparison]
+    train_labels: list[LabelledReply]
+    ppo_prompts: list[list[dict[str, str]]]
+    """Distinct recent user prompts for rollouts."""
+    gate_prompts: list[list[dict[str, str]]]
+    """Distinct held-out prompts both policies answer at the gate."""
+    new_pair_ids: list[int] = field(default_factory=list)
+    """Rows of ``preference_pairs`` this run consumes (marked used when the run succeeds)."""
+    new_label_ids: list[int] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return {"train_pairs": len(self.train_pairs), "heldout_pairs": len(self.heldout_pairs),
+                "train_labels": len(self.train_labels), "new_pairs": len(self.new_pair_ids),
+                "new_labels": len(self.new_label_ids), "ppo_prompts": len(self.ppo_prompts),
+                "gate_prompts": len(self.gate_prompts)}
+
+
+def _comparison(row: dict[str, Any]) -> Comparison:
+    return Comparison(prompt=plain_messages(row["prompt"]), chosen=row["chosen"], rejected=row["rejected"],
+                      margin=float(row["margin"]), weight=float(row["weight"]), group=row["feedback_id"])
+
+
+def _label(row: dict[str, Any]) -> LabelledReply:
+    return LabelledReply(prompt=plain_messages(row["prompt"]), reply=row["reply"], good=bool(row["good"]),
+                         weight=float(row["weight"]))
+
+
+async def _signal(store: Store, table: str, cap: int, config: DataConfig, rng: random.Random
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
+    """``(train rows, held-out rows, new row ids)`` of one signal table."""
+    new = await store.signal_rows(table, used=False, limit=cap)
+    old = await store.signal_rows(table, used=True, limit=max(cap, 1))
+    held = [r for r in new + old if is_heldout(r["feedback_id"], config.heldout_fraction)]
+    train_new = [r for r in new if not is_heldout(r["feedback_id"], config.heldout_fraction)]
+    train_old = [r for r in old if not is_heldout(r["feedback_id"], config.heldout_fraction)]
+    replay = rng.sample(train_old, min(len(train_old), round(config.replay_fraction * len(train_new))))
+    return train_new + replay, held, [r["id"] for r in new]
+
+
+async def _prompts(store: Store, config: DataConfig) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
+    seen: dict[str, list[dict[str, str]]] = {}
+    for messages in await store.recent_prompts(config.max_prompts * 4):
+        plain = plain_messages(messages)
+        key = json.dumps(plain, sort_keys=True)
+        if key not in seen:
+            seen[key] = plain
+        if len(seen) >= config.max_prompts:
+            break
+    ppo = [m for k, m in seen.items() if not is_heldout(k, config.heldout_fraction)]
+    gate = [m for k, m in seen.items() if is_heldout(k, config.heldout_fraction)]
+    return ppo, gate
+
+
+async def load_training_data(store: Store, config: DataConfig, seed: int = 0) -> TrainingData:
+    """Select a run's pairs, labels and prompts from the store (see the module docstring for the rules)."""
+    rng = random.Random(seed)
+    pairs, heldout_pairs, pair_ids = await _signal(store, "preference_pairs", config.max_pairs, config, rng)
+    labels, _, label_ids = await _signal(store, "labels", config.max_labels, config, rng)
+    ppo_prompts, gate_prompts = await _prompts(store, config)
+    return TrainingData(train_pairs=[_comparison(r) for r in pairs],
+                        heldout_pairs=[_comparison(r) for r in heldout_pairs],
+                        train_labels=[_label(r) for r in labels], ppo_prompts=ppo_prompts, gate_prompts=gate_prompts,
+                        new_pair_ids=pair_ids, new_label_ids=label_ids)

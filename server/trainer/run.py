@@ -1,0 +1,143 @@
+"""One training run, start to candidate: data → reward model → normalisation → PPO → gate → staged adapter.
+
+Runs inside the trainer process (see ``worker.py``); talks to the server only through a :class:`Reporter` (phase,
+progress, figures) and the rollout link. Registration and promotion are the server's (it owns the registry).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Protocol
+
+from server.store import Store
+from server.trainer.data import TrainingData, load_training_data
+from server.trainer.gate import decide, evaluate, save_decision
+from server.trainer.job import RunJob, RunResult
+from server.trainer.models import POLICY, ModelStack, load_stack
+from server.trainer.ppo import IterationStats, run_ppo
+from server.trainer.reward_model import fit_normalization, save_reward_model, train_reward_model
+from server.trainer.rollout import RemoteRollouts, RolloutBackend, RolloutLink, Sampling, encode_prompt
+
+log = logging.getLogger(__name__)
+
+CURRENT = "current"
+"""Adapter name of the policy the run started from, in the trainer's stack (for the gate)."""
+
+# Share of the whole run at the start of each phase (the progress bar's scale).
+PHASE_START = {"data": 0.0, "reward_model": 0.05, "normalize": 0.30, "ppo": 0.35, "gate": 0.85, "register": 0.95}
+
+
+class NoTrainingData(Exception):
+    """The store holds nothing this run could learn from."""
+
+
+class Reporter(Protocol):
+    """Where a run reports how it is doing (the server writes it to the run's row and to /metrics)."""
+
+    def report(self, phase: str, progress: float, metrics: dict[str, Any] | None = None) -> None: ...
+
+
+async def _read_data(job: RunJob) -> TrainingData:
+    store = await Store.open(job.database_url)
+    try:
+        return await load_training_data(store, job.config.data, seed=job.config.seed)
+    finally:
+        await store.close()
+
+
+def _prompt_ids(stack: ModelStack, prompts: list[list[dict[str, str]]], max_tokens: int) -> list[list[int]]:
+    return [encode_prompt(stack.tokenizer, p, max_tokens) for p in prompts]
+
+
+def _sample(items: list[list[int]], n: int, rng: random.Random) -> list[list[int]]:
+    return rng.sample(items, n) if len(items) >= n else rng.choices(items, k=n)
+
+
+def _ppo_reporter(reporter: Reporter, iterations: int, history: list[dict[str, Any]]
+                  ) -> Callable[[IterationStats], None]:
+    span = PHASE_START["gate"] - PHASE_START["ppo"]
+
+    def on_iteration(stats: IterationStats) -> None:
+        history.append(asdict(stats))
+        reporter.report("ppo", PHASE_START["ppo"] + span * (stats.iteration + 1) / iterations, {"ppo": history})
+
+    return on_iteration
+
+
+def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResult:
+    """The cycle, in numbered phases; raises on failure (the worker reports it and the run is marked failed)."""
+    config, seconds = job.config, {}
+    run_dir = Path(job.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(config.seed)
+
+    # 1. Data: pairs, labels and prompts from the store.
+    tick = time.monotonic()
+    reporter.report("data", PHASE_START["data"])
+    data = asyncio.run(_read_data(job))
+    if not (data.train_pairs or data.train_labels):
+        raise NoTrainingData(f"no training signal outside the held-out split ({data.counts()})")
+    if not (data.ppo_prompts or data.gate_prompts):
+        raise NoTrainingData("no user prompts in the store to run PPO on")
+    seconds["data"] = time.monotonic() - tick
+    reporter.report("reward_model", PHASE_START["reward_model"], {"data": data.counts()})
+
+    # 2. Reward model on the frozen base (the policy adapter starts from the parent's).
+    tick = time.monotonic()
+    stack = load_stack(job.base_model, config)
+    if job.parent_adapter is not None:
+        stack.load_adapter(CURRENT, job.parent_adapter)  # first: PEFT cannot drop a model's only adapter
+        stack.load_adapter(POLICY, job.parent_adapter)
+    rm = train_reward_model(stack, data.train_pairs, config.reward, config.lora, labels=data.train_labels,
+                            heldout=data.heldout_pairs, seed=config.seed)
+    seconds["reward_model"] = time.monotonic() - tick
+
+    # 3. Normalise rewards over the reference policy's (the base's) replies.
+    tick = time.monotonic()
+    reporter.report("normalize", PHASE_START["normalize"], {"reward_model": _rm_figures(rm)})
+    backend: RolloutBackend = RemoteRollouts(link, run_dir)
+    ppo_ids = _prompt_ids(stack, data.ppo_prompts or data.gate_prompts, config.ppo.max_prompt_tokens)
+    gate_ids = _prompt_ids(stack, data.gate_prompts or data.ppo_prompts, config.ppo.max_prompt_tokens)
+    sampling = Sampling(temperature=config.ppo.temperature, max_new_tokens=config.ppo.max_new_tokens)
+    reference = backend.generate(stack, _sample(ppo_ids, config.reward.normalization_samples, rng), None, sampling)
+    rm.normalization = fit_normalization(stack, reference)
+    save_reward_model(stack, run_dir / "reward", rm)
+    seconds["normalize"] = time.monotonic() - tick
+    reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm)})
+
+    # 4. PPO against the reward model, rollouts from the serving engine.
+    tick = time.monotonic()
+    history: list[dict[str, Any]] = []
+    run_ppo(stack, backend, ppo_ids, rm.normalization, config,
+            on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history))
+    seconds["ppo"] = time.monotonic() - tick
+    reporter.report("gate", PHASE_START["gate"])
+
+    # 5. Gate: candidate and current policy answer the same held-out prompts.
+    tick = time.monotonic()
+    candidate, current = evaluate(stack, backend, _sample(gate_ids, config.gate.n_prompts, rng), POLICY,
+                                  CURRENT if job.parent_adapter is not None else None, rm.normalization,
+                                  config.gate, config.ppo.no_eos_penalty)
+    decision = decide(candidate, current, config.gate.margin, config.gate.kl_budget)
+    staged = stack.save_adapter(POLICY, run_dir / "candidate")
+    save_decision(staged, decision)
+    seconds["gate"] = time.monotonic() - tick
+    figures = {"reward": candidate.mean_reward, "kl": candidate.kl, "eos_rate": candidate.eos_rate,
+               "current_reward": current.mean_reward, "current_kl": current.kl,
+               "heldout_accuracy": rm.heldout_accuracy}
+    reporter.report("register", PHASE_START["register"],
+                    {"gate": decision.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}})
+    return RunResult(staged_adapter=str(staged), passed=decision.promote, reason=decision.reason, figures=figures,
+                     new_pair_ids=data.new_pair_ids, new_label_ids=data.new_label_ids)
+
+
+def _rm_figures(rm: Any) -> dict[str, Any]:
+    out = asdict(rm)
+    out["normalization"] = asdict(rm.normalization)
+    return out

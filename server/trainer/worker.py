@@ -1,0 +1,428 @@
+"""The trainer process and its supervisor in the server.
+
+Each run is a fresh process (``spawn``: no CUDA or vLLM state inherited), so a crash, a kill or a leak in training
+never reaches serving. The process talks to the server over one pipe:
+
+- ``("progress", phase, progress, metrics)``: the server writes it to the run's row and to /metrics;
+- ``("call", n, method, payload)`` → ``("reply", n, ok, value)``: requests to the server; ``rollouts`` generates
+  replies with the serving engine (the adapter loaded under a reserved version users cannot reach);
+- ``("result", RunResult)`` or ``("error", message, traceback)``: the outcome.
+
+The supervisor registers the candidate, promotes it when it passed the gate, and marks the run failed whenever the
+process ends without a result (crash, kill, time limit). This module imports no torch: the server imports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import multiprocessing
+import os
+import threading
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from server.engine.rollouts import generate_replies
+from server.engine.router import RESERVED_VERSIONS
+from server.errors import AlignError, Conflict, NotFound, Unavailable
+from server.metrics import Metrics
+from server.policies import PolicyRegistry
+from server.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
+from server.store import RunRow, Store
+from server.trainer.config import TrainerConfig
+from server.trainer.job import RunJob
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RunLink", "TrainerSupervisor", "TriggerPolicy", "worker_main"]
+
+
+# --- the trainer process's side --------------------------------------------------------------------------------
+
+
+class RunLink:
+    """The trainer process's end of the pipe: progress reports and blocking calls to the server."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self._calls = itertools.count()
+
+    def report(self, phase: str, progress: float, metrics: dict[str, Any] | None = None) -> None:
+        self.conn.send(("progress", phase, progress, metrics or {}))
+
+    def call(self, method: str, payload: dict[str, Any]) -> Any:
+        n = next(self._calls)
+        self.conn.send(("call", n, method, payload))
+        kind, reply_n, ok, value = self.conn.recv()
+        if kind != "reply" or reply_n != n:
+            raise RuntimeError(f"unexpected message from the server: {kind} {reply_n}")
+        if not ok:
+            raise RuntimeError(f"the server could not {method}: {value}")
+        return value
+
+
+def worker_main(conn: Connection, job: RunJob) -> None:
+    """Entry point of the trainer process: run, then send the result or the error."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s trainer: %(message)s")
+    import torch
+
+    from server.trainer.run import run_training
+
+    torch.set_num_threads(max(1, job.threads))
+    link = RunLink(conn)
+    try:
+        result = run_training(job, link, link)
+        conn.send(("result", dataclasses.asdict(result)))
+    except BaseException as e:
+        conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+    finally:
+        conn.close()
+
+
+# --- the server's side ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class TriggerPolicy:
+    """When the server starts a run by itself."""
+
+    auto: bool
+    min_new_pairs: int
+    min_new_labels: int
+    min_interval_s: float
+    poll_s: float = 5.0
+
+
+@dataclass
+class _ActiveRun:
+    row: RunRow
+    process: Any
+    conn: Connection
+    promote: bool
+    parent_adapter: str | None
+    metrics: dict[str, Any] = field(default_factory=dict)
+    result: dict[str, Any] | None = None
+    error: str | None = None
+    cancelled: str | None = None
+    task: asyncio.Task[None] | None = None
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat() if when is not None else None
+
+
+def wire_run(row: RunRow) -> TrainingRun:
+    return TrainingRun(id=row.id, status=row.status, phase=row.phase, progress=row.progress,  # type: ignore[arg-type]
+                       trigger=row.trigger, parent=row.parent, candidate=row.candidate,  # type: ignore[arg-type]
+                       promoted=row.promoted, created=row.created.isoformat(), finished=_iso(row.finished),
+                       config=row.config, metrics=row.metrics, error=row.error)
+
+
+class TrainerSupervisor:
+    """Starts runs (one at a time), relays the trainer's requests and reports, and settles each run's outcome."""
+
+    def __init__(self, store: Store, registry: PolicyRegistry, metrics: Metrics, *, base_model: Callable[[], str],
+                 database_url: str, runs_dir: Path, config: Callable[[TrainingRunRequest], TrainerConfig], threads: int,
+                 trigger: TriggerPolicy, run_timeout_s: float | None) -> None:
+        self.store = store
+        self.registry = registry
+        self.metrics = metrics
+        self.base_model = base_model
+        self.database_url = database_url
+        self.runs_dir = runs_dir
+        self.config = config
+        self.threads = threads
+        self.trigger = trigger
+        self.run_timeout_s = run_timeout_s
+        self.current: _ActiveRun | None = None
+        self._versions = itertools.count()
+        self._start_lock = asyncio.Lock()
+        self._auto: asyncio.Task[None] | None = None
+
+    # --- lifecycle --------------------------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Fail the runs a previous server left running (their process died with it); start the auto trigger."""
+        for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC)):
+            log.warning("training run %s was orphaned by a server restart: marked failed", run_id)
+            self.metrics.training_runs.labels("failed").inc()
+        if self.trigger.auto:
+            self._auto = asyncio.create_task(self._auto_trigger(), name="alignd-training-trigger")
+
+    async def close(self) -> None:
+        """Stop the auto trigger and any running run (marked failed: the server is stopping)."""
+        if self._auto is not None:
+            self._auto.cancel()
+            await asyncio.gather(self._auto, return_exceptions=True)
+        active = self.current
+        if active is not None:
+            self._stop(active, "the server stopped during the run")
+            if active.task is not None:
+                await asyncio.gather(active.task, return_exceptions=True)
+
+    # --- runs -------------------------------------------------------------------------------------------------
+
+    async def list(self, limit: int = 50) -> TrainingRunList:
+        return TrainingRunList(data=[wire_run(r) for r in await self.store.list_runs(limit)])
+
+    async def get(self, run_id: str) -> TrainingRun:
+        row = await self.store.get_run(run_id)
+        if row is None:
+            raise NotFound(f"There is no training run '{run_id}'.", param="id", code="run_not_found")
+        return wire_run(row)
+
+    async def start(self, request: TrainingRunRequest, trigger: str = "manual") -> TrainingRun:
+        """Start a run now; 409 while another runs or when there is nothing to train on."""
+        async with self._start_lock:
+            if self.current is not None:
+                raise Conflict(f"Training run {self.current.row.id} is in progress; one run at a time.",
+                               code="run_in_progress")
+            if self.registry.engine is None:
+                raise Unavailable("The model is still loading; retry shortly.", headers={"Retry-After": "5"})
+            _, pairs, labels = await self.store.count_feedback()
+            if pairs + labels == 0:
+                raise Conflict("Nothing to train on yet: no feedback has produced preference pairs or labels.",
+                               code="no_training_data")
+            config = self.config(request)
+            parent = self.registry.router.promoted
+            parent_row = await self.store.get_policy(parent)
+            parent_adapter = parent_row.adapter_path if parent_row is not None else None
+            now = datetime.now(UTC)
+            row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="running", phase="starting", progress=0.0,
+                         trigger=trigger, parent=parent, candidate=None, promoted=False,
+                         config=dataclasses.asdict(config), metrics={}, error=None, created=now, finished=None)
+            await self.store.insert_run(row)
+            job = RunJob(run_id=row.id, base_model=self.base_model(), database_url=self.database_url,
+                         run_dir=str(self.runs_dir / row.id), parent=parent, parent_adapter=parent_adapter,
+                         config=config, threads=self.threads)
+            active = await asyncio.to_thread(self._spawn, row, job, request.promote)
+            self.current = active
+            active.task = asyncio.create_task(self._supervise(active), name=f"alignd-{row.id}")
+            self.metrics.training_running.set(1)
+            log.info("training run %s started (%s) from policy %d", row.id, trigger, parent)
+            return wire_run(row)
+
+    def _spawn(self, row: RunRow, job: RunJob, promote: bool) -> _ActiveRun:
+        ctx = multiprocessing.get_context("spawn")
+        parent_conn, child_conn = ctx.Pipe()
+        process = ctx.Process(target=worker_main, args=(child_conn, job), name=f"alignd-trainer-{row.id}",
+                              daemon=True)
+        process.start()
+        child_conn.close()  # the child holds its end; ours must close for EOF to reach us when it exits
+        return _ActiveRun(row=row, process=process, conn=parent_conn, promote=promote,
+                          parent_adapter=job.parent_adapter)
+
+    async def cancel(self, run_id: str) -> TrainingRun:
+        active = self.current
+        if active is None or active.row.id != run_id:
+            await self.get(run_id)  # 404 for an unknown id
+            raise Conflict(f"Training run {run_id} is not running.", code="run_not_running")
+        self._stop(active, "cancelled by an operator", cancelled=True)
+        if active.task is not None:
+            await asyncio.gather(asyncio.shield(active.task), return_exceptions=True)
+        return await self.get(run_id)
+
+    def _stop(self, active: _ActiveRun, reason: str, cancelled: bool = False) -> None:
+        active.cancelled = "cancelled" if cancelled else "failed"
+        active.error = reason
+        if active.process.is_alive():
+            active.process.terminate()
+
+    # --- supervision ------------------------------------------------------------------------------------------
+
+    async def _supervise(self, active: _ActiveRun) -> None:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[Any] = asyncio.Queue()
+        threading.Thread(target=_pump, args=(active.conn, loop, inbox), daemon=True,
+                         name=f"alignd-pipe-{active.row.id}").start()
+        deadline = None if self.run_timeout_s is None else time.monotonic() + self.run_timeout_s
+        calls: set[asyncio.Task[None]] = set()
+        try:
+            while True:
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    message = await asyncio.wait_for(inbox.get(), timeout)
+                except TimeoutError:
+                    self._stop(active, f"the run exceeded its time limit of {self.run_timeout_s:.0f} s")
+                    continue
+                if message is None:
+                    break
+                await self._handle(active, message, calls)
+        finally:
+            for task in calls:
+                task.cancel()
+            await asyncio.to_thread(_reap, active.process)
+            active.conn.close()
+            try:
+                await self._settle(active)
+            finally:
+                self.current = None
+                self.metrics.training_running.set(0)
+
+    async def _handle(self, active: _ActiveRun, message: tuple[Any, ...], calls: set[asyncio.Task[None]]) -> None:
+        kind = message[0]
+        if kind == "progress":
+            _, phase, progress, metrics = message
+            active.metrics.update(metrics)
+            active.row.phase, active.row.progress = phase, progress
+            self.metrics.training_progress.set(progress)
+            for name, value in _headline(active.metrics).items():
+                self.metrics.training_figure.labels(name).set(value)
+            await self.store.update_run(active.row.id, phase=phase, progress=progress, metrics=active.metrics)
+        elif kind == "call":
+            task = asyncio.create_task(self._answer(active, *message[1:]))
+            calls.add(task)
+            task.add_done_callback(calls.discard)
+        elif kind == "result":
+            active.result = message[1]
+        elif kind == "error":
+            active.error = message[1]
+            log.error("training run %s failed:\n%s", active.row.id, message[2])
+
+    async def _answer(self, active: _ActiveRun, n: int, method: str, payload: dict[str, Any]) -> None:
+        try:
+            if method != "rollouts":
+                raise ValueError(f"unknown call {method!r}")
+            reply: tuple[Any, ...] = ("reply", n, True, await self._rollouts(active.row.id, payload))
+        except Exception as e:  # the trainer raises it as the run's error
+            reply = ("reply", n, False, f"{type(e).__name__}: {e}")
+        try:
+            active.conn.send(reply)
+        except OSError:
+            pass  # the process is gone; the supervisor settles the run
+
+    async def _rollouts(self, run_id: str, payload: dict[str, Any]) -> list[tuple[list[int], bool]]:
+        engine = self.registry.engine
+        version = 0
+        if payload["adapter_dir"] is not None:  # a fresh reserved version (and LoRA id) per request
+            version = RESERVED_VERSIONS + next(self._versions) % 1_000_000
+            await engine.load_policy(version, payload["adapter_dir"])
+        try:
+            replies = await generate_replies(engine, payload["prompts"], version, temperature=payload["temperature"],
+                                             max_new_tokens=payload["max_new_tokens"], eos_id=payload["eos_id"],
+                                             request_prefix=f"rollout-{run_id}")
+        finally:
+            if version:
+                await engine.unload_policy(version)
+        self.metrics.rollout_requests.inc(len(replies))
+        return replies
+
+    async def _settle(self, active: _ActiveRun) -> None:
+        """Record the outcome: register (and maybe promote) the candidate, or mark the run failed / cancelled."""
+        row, status, error = active.row, "failed", active.error
+        candidate, promoted = None, False
+        if active.cancelled is None and active.result is not None:
+            try:
+                candidate, promoted, error = await self._register(active)
+                status = "succeeded" if error is None else "failed"
+            except Exception as e:
+                log.exception("registering the candidate of run %s failed", row.id)
+                error = f"registering the candidate failed: {type(e).__name__}: {e}"
+        elif active.cancelled is not None:
+            status = active.cancelled
+        elif error is None:
+            error = f"the trainer process ended without a result ({_exit_reason(active.process.exitcode)})"
+        await self.store.update_run(row.id, status=status, phase="done" if status == "succeeded" else row.phase,
+                                    progress=1.0 if status == "succeeded" else row.progress, candidate=candidate,
+                                    promoted=promoted, error=error, metrics=active.metrics,
+                                    finished=datetime.now(UTC))
+        self.metrics.training_runs.labels(status).inc()
+        log.info("training run %s %s%s", row.id, status, f": {error}" if error else "")
+
+    async def _register(self, active: _ActiveRun) -> tuple[int, bool, str | None]:
+        result, row = active.result or {}, active.row
+        policy = await self.registry.register(Path(result["staged_adapter"]), parent=row.parent, run_id=row.id,
+                                              metrics=result["figures"], passed=result["passed"],
+                                              reason=result["reason"])
+        await self.store.mark_used(row.id, result["new_pair_ids"], result["new_label_ids"])
+        if not (result["passed"] and active.promote):
+            return policy.version, False, None
+        if self.registry.router.promoted != row.parent:  # an operator promoted another version meanwhile
+            return policy.version, False, None
+        try:
+            await self.registry.promote(policy.version, reason=f"passed the gate in {row.id}")
+        except AlignError as e:
+            return policy.version, False, f"promotion failed: {e.message}"
+        return policy.version, True, None
+
+    # --- automatic runs ---------------------------------------------------------------------------------------
+
+    async def _auto_trigger(self) -> None:
+        while True:
+            await asyncio.sleep(self.trigger.poll_s)
+            try:
+                if self.current is None and self.registry.engine is not None and await self._due():
+                    await self.start(TrainingRunRequest(), trigger="auto")
+            except asyncio.CancelledError:
+                raise
+            except Conflict:
+                pass
+            except Exception:
+                log.exception("the automatic training trigger failed; retrying later")
+
+    async def _due(self) -> bool:
+        pairs, labels = await self.store.count_unused_signal()
+        if pairs < self.trigger.min_new_pairs and labels < self.trigger.min_new_labels:
+            return False
+        last = await self.store.list_runs(limit=1)
+        return not last or (datetime.now(UTC) - last[0].created).total_seconds() >= self.trigger.min_interval_s
+
+
+def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
+    """Thread: move messages from the pipe onto the event loop; None when the process's end closes."""
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            message = None
+        except Exception as e:  # an unpicklable message: report it as the run's error
+            message = ("error", f"unreadable message from the trainer: {e}", "")
+        try:
+            loop.call_soon_threadsafe(inbox.put_nowait, message)
+        except RuntimeError:
+            return  # the loop is closed
+        if message is None:
+            return
+
+
+def _reap(process: Any) -> None:
+    process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, float]:
+    """The figures /metrics shows for the current run."""
+    out: dict[str, float] = {}
+    if metrics.get("ppo"):
+        last = metrics["ppo"][-1]
+        for name in ("reward", "kl", "entropy", "approx_kl", "clip_fraction", "explained_variance", "tokens_per_s"):
+            if isinstance(last.get(name), int | float):
+                out[f"ppo_{name}"] = float(last[name])
+    accuracy = (metrics.get("reward_model") or {}).get("heldout_accuracy")
+    if isinstance(accuracy, int | float):
+        out["reward_model_heldout_accuracy"] = float(accuracy)
+    return out
+
+
+def default_threads() -> int:
+    """Half the CPUs (the engine needs the rest), at least one."""
+    return max(1, (os.cpu_count() or 2) // 2)
