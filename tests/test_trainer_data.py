@@ -1,0 +1,109 @@
+# ruff: noqa: F811 - the store fixtures are imported from test_store and used as parameters
+"""Training-data selection, run rows and the policy registry's rows, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from server.engine.router import RESERVED_VERSIONS, PolicyRouter
+from server.errors import NotFound
+from server.store import FeedbackRecord, LabelRecord, PairRecord, PolicyRow, RunRow, Store
+from server.trainer.config import DataConfig
+from server.trainer.data import is_heldout, load_training_data, plain_messages
+from tests.test_store import make_record, store, store_url  # noqa: F401 - the fixtures, on both databases
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def _feedback(store: Store, n: int, *, prompt: str | None = None, ranking: bool = False) -> str:
+    """A completion and one feedback event on it with one pair (three for a ranking) and one label."""
+    messages = [{"role": "user", "content": [{"type": "text", "text": prompt or f"question {n}"}]}]
+    await store.record_completion(make_record(n, messages=messages, created=T0 + timedelta(seconds=n)))
+    pairs = [PairRecord(prompt=messages, chosen=f"good {n}", rejected=f"bad {n}", chosen_choice=0,
+                        rejected_choice=1)]
+    if ranking:
+        pairs += [PairRecord(prompt=messages, chosen=f"good {n}", rejected=f"worse {n}", weight=1 / 3),
+                  PairRecord(prompt=messages, chosen=f"bad {n}", rejected=f"worse {n}", weight=1 / 3)]
+    fid = f"fb-{n:06d}"
+    await store.record_feedback(FeedbackRecord(
+        id=fid, completion_id=f"chatcmpl-{n:06d}", kind="ranking" if ranking else "pairwise", choice=None,
+        payload={}, user=None, comment=None, tags=[], idempotency_key=None, request_hash=None, policy_version=0,
+        created=T0 + timedelta(seconds=n), pairs=pairs,
+        labels=[LabelRecord(prompt=messages, reply=f"good {n}", good=True, choice=0)]))
+    return fid
+
+
+async def test_selection_holds_out_by_event_replays_old_signal_and_dedupes_prompts(store: Store) -> None:
+    config = DataConfig(heldout_fraction=0.2, replay_fraction=0.5, max_prompts=100)
+    ids = [await _feedback(store, n, ranking=n % 4 == 0) for n in range(40)]
+    await _feedback(store, 40, prompt="question 1")  # a repeated prompt
+    ids.append("fb-000040")
+    held_ids = {i for i in ids if is_heldout(i, 0.2)}
+    assert 0 < len(held_ids) < len(ids)  # the hash splits this set both ways
+
+    data = await load_training_data(store, config)
+    train_groups = {c.group for c in data.train_pairs}
+    held_groups = {c.group for c in data.heldout_pairs}
+    assert held_groups == held_ids and train_groups == set(ids) - held_ids  # one event is never on both sides
+    ranking = [c for c in data.train_pairs + data.heldout_pairs if c.group == "fb-000000"]
+    assert len(ranking) == 3  # a ranking's pairs stay together
+    assert data.train_pairs[0].prompt == [{"role": "user", "content": "question 0"}]  # text parts joined
+    assert len(data.new_pair_ids) == 41 + 2 * 10 and len(data.new_label_ids) == 41
+    assert len(data.train_labels) == 41 - len(held_ids)
+    prompts = data.ppo_prompts + data.gate_prompts
+    assert len(prompts) == 40  # "question 1" twice counts once
+    assert not set(map(str, data.ppo_prompts)) & set(map(str, data.gate_prompts))
+
+    # After a run consumed them, nothing is new; a later run replays a share of the old signal.
+    await store.mark_used("run-1", data.new_pair_ids, data.new_label_ids)
+    assert await store.count_unused_signal() == (0, 0)
+    await _feedback(store, 100)
+    later = await load_training_data(store, config)
+    assert later.new_pair_ids and len(later.new_pair_ids) == 1
+    new_train = 0 if is_heldout("fb-000100", 0.2) else 1
+    assert len(later.train_pairs) == new_train + round(0.5 * new_train)
+    assert {c.group for c in later.heldout_pairs} >= held_ids  # held-out events stay held out in every run
+
+
+async def test_run_and_policy_rows_round_trip_and_orphans_fail(store: Store) -> None:
+    now = datetime.now(UTC)
+    run = RunRow(id="run-a", status="running", phase="ppo", progress=0.4, trigger="manual", parent=0,
+                 candidate=None, promoted=False, config={"ppo": {"iterations": 2}}, metrics={"ppo": [{"kl": 0.1}]},
+                 error=None, created=now, finished=None)
+    await store.insert_run(run)
+    await store.update_run("run-a", progress=0.5, metrics={"ppo": [{"kl": 0.1}, {"kl": 0.2}]})
+    got = await store.get_run("run-a")
+    assert got is not None and got.progress == 0.5 and len(got.metrics["ppo"]) == 2
+    assert await store.fail_running_runs("the server stopped", now) == ["run-a"]
+    failed = await store.get_run("run-a")
+    assert failed is not None and failed.status == "failed" and failed.error == "the server stopped"
+    assert await store.fail_running_runs("again", now) == []
+
+    for version, status in ((0, "promoted"), (1, "candidate"), (2, "rejected")):
+        await store.insert_policy(PolicyRow(version=version, status=status, parent=version - 1 if version else None,
+                                            run_id=None, adapter_path=None, metrics={"reward": version}, reason=None,
+                                            created=now, promoted_at=now if version == 0 else None))
+    await store.set_promoted(1, now + timedelta(seconds=1), "test")
+    rows: dict[int, Any] = {p.version: p for p in await store.list_policies()}
+    assert [p.version for p in await store.list_policies()] == [2, 1, 0]
+    assert rows[1].status == "promoted" and rows[0].status == "retired" and rows[2].status == "rejected"
+    assert rows[1].promoted_at is not None and rows[1].reason == "test"
+
+
+def test_reserved_versions_are_never_routed() -> None:
+    router = PolicyRouter("alignd", lambda: [0, 1, RESERVED_VERSIONS + 3], promoted=1)
+    assert router.resolve("alignd") == 1 and router.resolve("alignd@1") == 1
+    assert router.model_names() == ["alignd", "alignd@0", "alignd@1"]
+    try:
+        router.resolve(f"alignd@{RESERVED_VERSIONS + 3}")
+    except NotFound as e:
+        assert e.code == "model_not_found"
+    else:
+        raise AssertionError("a trainer version was served")
+
+
+def test_plain_messages_joins_parts() -> None:
+    assert plain_messages([{"role": "system", "content": None},
+                           {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
+                          ) == [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]
