@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
 from server.config import ConfigError, Settings, add_arguments, cli_values, load_settings
+from server.demo.corpus import STYLES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -115,7 +117,100 @@ def build_parser() -> argparse.ArgumentParser:
     plugins.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
     add_arguments(plugins)
     plugins.set_defaults(func=cmd_plugins)
+
+    chat = sub.add_parser(
+        "chat", help="Chat with the served policy in the terminal; /up, /down, /rate, /compare, /rank, /edit.",
+        description="Chat in the terminal (replies stream in) and turn reactions into feedback; /help lists the "
+                    "commands. Over a pipe, each stdin line is a prompt and each reply is printed.")
+    _add_client_arguments(chat)
+    chat.add_argument("--model", default="alignd", help="Model name: alignd (the promoted policy) or alignd@N.")
+    chat.add_argument("--temperature", type=float, default=None, help="Sampling temperature (server default 1).")
+    chat.add_argument("--max-tokens", dest="max_tokens", type=int, default=None, help="Longest reply in tokens.")
+    chat.add_argument("--system", default=None, help="A system message that opens every conversation.")
+    chat.set_defaults(func=cmd_chat)
+
+    train = sub.add_parser(
+        "train", help="Start a training run on the running server now and follow it with a progress bar.",
+        description="POST /v1/training/runs with the admin key, then follow the run's phase and figures until it "
+                    "ends. Exit status 0 when it succeeded, 1 when it failed, 2 when it could not start.")
+    train.add_argument("--url", default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8000"),
+                       help="The alignd server (env ALIGND_URL; default http://127.0.0.1:8000).")
+    train.add_argument("--admin-key", dest="admin_key", default=_first_key("ALIGND_ADMIN_KEY"),
+                       help="Admin key (env ALIGND_ADMIN_KEY).")
+    train.add_argument("--iterations", type=int, default=None, help="PPO iterations (default: the server's).")
+    train.add_argument("--rollout-batch-size", dest="rollout_batch_size", type=int, default=None,
+                       help="Prompts per PPO iteration (default: the server's).")
+    train.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
+                       help="Seconds of PPO at most (default: the server's).")
+    train.add_argument("--no-promote", dest="promote", action="store_false",
+                       help="Keep the candidate unpromoted even if it passes the gate.")
+    train.add_argument("--detach", dest="wait", action="store_false", help="Print the run id and return at once.")
+    train.set_defaults(func=cmd_train)
+
+    simulate = sub.add_parser(
+        "simulate", help="Simulated users who prefer one reply style chat and give feedback (demo model).",
+        description="Simulated users ask demo-corpus prompts for 2-4 replies, label them with the corpus classifier "
+                    "and rank, compare or thumb them by a preferred style; prints that style's share per policy "
+                    "version as it goes, and a table at the end. Ctrl-C stops and prints the table.")
+    _add_client_arguments(simulate)
+    simulate.add_argument("--admin-key", dest="admin_key", default=_first_key("ALIGND_ADMIN_KEY"),
+                          help="Admin key, to add each version's training run figures (env ALIGND_ADMIN_KEY).")
+    simulate.add_argument("--prefer", required=True, choices=STYLES, help="The reply style the users prefer.")
+    simulate.add_argument("--requests", type=int, default=None,
+                          help="Stop after this many requests (default: no bound; Ctrl-C or --time-limit).")
+    simulate.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
+                          help="Stop starting requests after this many seconds.")
+    simulate.add_argument("--seed", type=int, default=0, help="Seed of the users' choices (prompts, n, kinds).")
+    simulate.add_argument("--concurrency", type=int, default=4, help="Users asking at the same time.")
+    simulate.add_argument("--report-every", dest="report_every", type=int, default=50,
+                          help="Print a progress line every this many requests.")
+    simulate.add_argument("--prompts", choices=("training", "held-out"), default="training",
+                          help="Ask the demo corpus's training-side prompts (default) or its held-out ones.")
+    simulate.add_argument("--max-tokens", dest="max_tokens", type=int, default=256, help="Longest reply in tokens.")
+    simulate.set_defaults(func=cmd_simulate)
     return parser
+
+
+def _first_key(variable: str) -> str | None:
+    # The server reads these variables as comma-separated lists; a client sends one key.
+    return os.environ.get(variable, "").split(",")[0].strip() or None
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8000"),
+                        help="The alignd server (env ALIGND_URL; default http://127.0.0.1:8000).")
+    parser.add_argument("--api-key", dest="api_key", default=_first_key("ALIGND_API_KEY"),
+                        help="API key, sent as 'Authorization: Bearer <key>' (env ALIGND_API_KEY).")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat in the terminal (or over a pipe)."""
+    from clients.terminal import main as chat_main
+
+    return chat_main(url=args.url, api_key=args.api_key, model=args.model, temperature=args.temperature,
+                     max_tokens=args.max_tokens, system=args.system)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Start a training run and follow it."""
+    from clients.train import main as train_main
+
+    return train_main(url=args.url, admin_key=args.admin_key, iterations=args.iterations,
+                      rollout_batch_size=args.rollout_batch_size, time_limit_s=args.time_limit_s,
+                      promote=args.promote, wait=args.wait)
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """Run simulated users."""
+    from clients.simulate import main as simulate_main
+
+    if (args.requests is not None and args.requests < 1) or args.concurrency < 1 or args.report_every < 1:
+        print("alignd simulate: --requests, --concurrency and --report-every must be at least 1", file=sys.stderr)
+        return 2
+    return simulate_main(url=args.url, api_key=args.api_key, admin_key=args.admin_key, prefer=args.prefer,
+                         requests=args.requests, time_limit_s=args.time_limit_s, seed=args.seed,
+                         concurrency=args.concurrency, report_every=args.report_every, prompts=args.prompts,
+                         max_tokens=args.max_tokens)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -243,6 +245,42 @@ def test_a_killed_trainer_fails_the_run_and_serving_goes_on(trained: dict[str, A
     assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
     # Its signal was not consumed: the next run can still use it.
     assert srv.loop.run(srv.state.store.count_unused_signal())[0] > 0
+
+
+def test_alignd_train_starts_a_run_and_follows_it(trained: dict[str, Any]) -> None:
+    srv = trained["srv"]
+    give_feedback(srv, n_prompts=6)
+    done = subprocess.run([sys.executable, "-m", "server.cli", "train", "--url", srv.url, "--admin-key", ADMIN,
+                           "--iterations", "1", "--no-promote"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "succeeded" in done.stdout and "candidate: version" in done.stdout and "(promoted)" not in done.stdout
+    assert "ppo" in done.stderr and "100%" in done.stderr  # the progress lines
+    [latest, *_] = admin(srv, "GET", "/v1/training/runs?limit=1").json()["data"]
+    assert latest["status"] == "succeeded" and latest["promoted"] is False
+    assert admin(srv, "GET", f"/v1/policies/{latest['candidate']}").json()["status"] == "candidate"
+    assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
+    refused = subprocess.run([sys.executable, "-m", "server.cli", "train", "--url", srv.url, "--admin-key", "nope"],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "admin key" in refused.stderr.lower()
+
+
+def test_enough_new_feedback_starts_a_run_by_itself(app_factory: Callable[..., AppServer],
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = app_factory(tmp_path_factory.mktemp("auto"), training_trigger="auto", min_new_pairs=8,
+                      min_new_labels=10_000, min_interval_s=0)
+    give_feedback(srv, n_prompts=4)
+    time.sleep(6)  # longer than the trigger's poll: 4 pairs are not enough
+    assert admin(srv, "GET", "/v1/training/runs").json()["data"] == []
+    give_feedback(srv, n_prompts=6)
+    deadline = time.monotonic() + 60
+    while not (runs := admin(srv, "GET", "/v1/training/runs").json()["data"]):
+        assert time.monotonic() < deadline, "no automatic run started"
+        time.sleep(0.5)
+    assert runs[0]["trigger"] == "auto"
+    finished = wait_run(srv, runs[0]["id"])
+    assert finished["status"] == "succeeded", finished["error"]
+    assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
+    srv.stop()
 
 
 def test_a_restart_serves_the_promoted_version_and_fails_orphaned_runs(
