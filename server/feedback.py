@@ -15,7 +15,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, NamedTuple
 
 import msgspec
@@ -42,11 +42,14 @@ from server.plugins import (
 from server.protocol import (
     FEEDBACK_COMMON_FIELDS,
     ExportQuery,
+    FeedbackBucket,
     FeedbackCreated,
     FeedbackEvent,
     FeedbackList,
     FeedbackQuery,
     FeedbackRequest,
+    FeedbackStats,
+    FeedbackStatsQuery,
     KTOLine,
     PreferenceLine,
 )
@@ -68,6 +71,8 @@ _COMPLETION_CACHE_SIZE = 4096
 # Histories (earlier events of a kind on a completion) kept in memory, on the embedded store only.
 _HISTORY_CACHE_SIZE = 8192
 _EXPORT_PAGE = 500
+# What GET /v1/feedback/stats covers when no ``since`` is given.
+_STATS_WINDOW = {"hour": timedelta(hours=48), "day": timedelta(days=30)}
 
 
 class Submitted(NamedTuple):
@@ -280,6 +285,22 @@ class FeedbackService:
         data = await self._events(page)
         return FeedbackList(data=data, has_more=len(rows) > query.limit, first_id=page[0].id if page else None,
                             last_id=page[-1].id if page else None)
+
+    async def stats(self, query: FeedbackStatsQuery) -> FeedbackStats:
+        """Feedback volume by kind per hour or day, from ``query.since`` (rounded down to its bucket) or a default
+        window (48 hours by hour, 30 days by day)."""
+        since = _aware(query.since) or datetime.now(UTC) - _STATS_WINDOW[query.bucket]
+        since = since.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+        if query.bucket == "day":
+            since = since.replace(hour=0)
+        buckets: dict[datetime, dict[str, int]] = {}
+        totals: dict[str, int] = {}
+        for start, kind, events in await self.store.feedback_volume(bucket=query.bucket, since=since):
+            buckets.setdefault(start, {})[kind] = events
+            totals[kind] = totals.get(kind, 0) + events
+        return FeedbackStats(bucket=query.bucket, since=iso(since), kinds=sorted(totals), totals=totals,
+                             data=[FeedbackBucket(start=iso(start), counts=counts, total=sum(counts.values()))
+                                   for start, counts in sorted(buckets.items())])
 
     async def export(self, query: ExportQuery) -> AsyncIterator[bytes]:
         """JSONL in the requested format, a page of lines at a time (memory stays constant)."""

@@ -474,3 +474,60 @@ class TrainingRunList(msgspec.Struct, kw_only=True):
 
     data: list[TrainingRun]
     object: Literal["list"] = "list"
+
+
+# --- operator dashboard: feedback volume and plugins -------------------------------------------------------------
+
+StatsBucket = Literal["hour", "day"]
+
+
+class FeedbackStatsQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Query parameters of ``GET /v1/feedback/stats``."""
+
+    bucket: StatsBucket = "hour"
+    since: datetime | None = None
+    """Count events from here on (default: the last 48 hours by hour, the last 30 days by day)."""
+
+
+class FeedbackBucket(msgspec.Struct, kw_only=True):
+    """Feedback events in one time bucket, by kind."""
+
+    start: str
+    """The bucket's first instant (UTC, ISO 8601)."""
+    counts: dict[str, int]
+    total: int
+
+
+class FeedbackStats(msgspec.Struct, kw_only=True):
+    """``GET /v1/feedback/stats``: feedback volume by kind over time. Buckets without feedback are left out."""
+
+    bucket: StatsBucket
+    since: str
+    """The first bucket's start (``since`` rounded down to the bucket)."""
+    kinds: list[str]
+    """Every kind counted, sorted."""
+    totals: dict[str, int]
+    data: list[FeedbackBucket]
+    """Oldest first."""
+    object: Literal["feedback.stats"] = "feedback.stats"
+
+
+class PluginCard(msgspec.Struct, kw_only=True):
+    """A plugin found at start (item of ``GET /v1/plugins``), as ``alignd plugins`` lists it."""
+
+    name: str
+    origin: str
+    """``built-in``, an entry point of a package, ``plugin_modules``, or ``registered at run time``."""
+    status: str
+    """``loaded``, or why it was not (``blocked``, ``not in allow_plugins``)."""
+    hooks: list[str]
+    kinds: list[str]
+    """The feedback kinds it registers."""
+    object: Literal["plugin"] = "plugin"
+
+
+class PluginList(msgspec.Struct, kw_only=True):
+    """``GET /v1/plugins``: loaded plugins first, in load order."""
+
+    data: list[PluginCard]
+    object: Literal["list"] = "list"

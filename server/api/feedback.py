@@ -1,5 +1,5 @@
-"""``POST /v1/feedback`` (API key), ``GET /v1/feedback`` and ``GET /v1/feedback/export`` (admin key): thin
-handlers over the feedback service. None of them needs the engine."""
+"""``POST /v1/feedback`` (API key), ``GET /v1/feedback``, ``GET /v1/feedback/export`` and ``GET /v1/feedback/stats``
+(admin key): thin handlers over the feedback service. None of them needs the engine."""
 
 from __future__ import annotations
 
@@ -12,7 +12,14 @@ from server.api.decoding import convert, decode, read_body
 from server.auth import admin_guard, user_guard
 from server.errors import Unprocessable
 from server.feedback import FeedbackService
-from server.protocol import ExportQuery, FeedbackCreated, FeedbackList, FeedbackQuery
+from server.protocol import (
+    ExportQuery,
+    FeedbackCreated,
+    FeedbackList,
+    FeedbackQuery,
+    FeedbackStats,
+    FeedbackStatsQuery,
+)
 
 
 @post("/v1/feedback", status_code=201, guards=[user_guard])
@@ -36,6 +43,12 @@ async def export_feedback(request: Request[Any, Any, Any]) -> Stream:
     query = convert(_query(request), ExportQuery, invalid=Unprocessable, strict=False)
     return Stream(service.export(query), media_type="application/x-ndjson",
                   headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
+
+
+@get("/v1/feedback/stats", guards=[admin_guard])
+async def feedback_stats(request: Request[Any, Any, Any]) -> FeedbackStats:
+    service: FeedbackService = request.app.state.feedback
+    return await service.stats(convert(_query(request), FeedbackStatsQuery, invalid=Unprocessable, strict=False))
 
 
 def _query(request: Request[Any, Any, Any]) -> dict[str, str]:

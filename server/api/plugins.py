@@ -1,0 +1,18 @@
+"""``GET /v1/plugins`` (admin key): the plugins found at start, loaded or not, with their hooks and feedback kinds
+(what ``alignd plugins`` prints), for the operator dashboard."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from litestar import Request, get
+
+from server.auth import admin_guard
+from server.plugins import describe_plugins
+from server.protocol import PluginCard, PluginList
+
+
+@get("/v1/plugins", guards=[admin_guard])
+async def list_plugins(request: Request[Any, Any, Any]) -> PluginList:
+    return PluginList(data=[PluginCard(name=p.name, origin=p.origin, status=p.status, hooks=list(p.hooks),
+                                       kinds=list(p.kinds)) for p in describe_plugins(request.app.state.plugins)])
