@@ -1,0 +1,39 @@
+"""alignd's clients: the Python SDK (``from clients import Client, AsyncClient, AligndError``), the terminal chat
+(``alignd chat``, :mod:`clients.terminal`), simulated users (``alignd simulate``, :mod:`clients.simulate`) and the
+web chat page (``clients/web/``)."""
+
+from clients.sdk import (
+    AligndError,
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    ConflictError,
+    InternalServerError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    UnavailableError,
+    UnprocessableEntityError,
+)
+
+__all__ = [
+    "APIConnectionError",
+    "APIError",
+    "APITimeoutError",
+    "AligndError",
+    "AsyncClient",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "ConflictError",
+    "InternalServerError",
+    "NotFoundError",
+    "PermissionDeniedError",
+    "RateLimitError",
+    "UnavailableError",
+    "UnprocessableEntityError",
+]
