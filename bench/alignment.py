@@ -1,0 +1,230 @@
+"""Alignment benchmark: simulated users who prefer one reply style, against a fresh `alignd serve` on the demo model
+with the automatic trainer on, as an operator would run it. Reports the preferred style's share among each policy
+version's replies and each version's KL to the base, as a table and (with matplotlib) a PNG plot.
+
+Goal (issue "Embedded RLHF trainer"): the share rises from its base rate to >= 0.60 within 1,000 feedback events and
+20 minutes on a 2-core machine, with KL within budget.
+
+    .venv/bin/python bench/alignment.py --prefer friendly --events 1000 --time-limit 1200 --png docs/alignment.png
+
+Run it alone: other CPU-heavy jobs on a 2-core machine distort every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from clients.sdk import Client  # noqa: E402
+from clients.simulate import SimulationReport, VersionStats, fetch_runs, run_simulation  # noqa: E402
+from server.demo.corpus import STYLES, classify, held_out_prompts  # noqa: E402
+
+ADMIN = "bench-admin"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, data_dir: Path, port: int, extra: list[str], log: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--data-dir", str(data_dir),
+           "--port", str(port), "--admin-key", ADMIN, "--training-trigger", "auto", *extra]
+    print("$", " ".join(cmd), flush=True)
+    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server exited ({proc.returncode}); see {log}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise SystemExit("the server did not become ready in 300 s")
+
+
+class Watcher(threading.Thread):
+    """Polls the policy registry: when each version was promoted, and its gate figures."""
+
+    def __init__(self, admin: Client, started: float, events: list[int]) -> None:
+        super().__init__(daemon=True)
+        self.admin, self.started, self.events = admin, started, events
+        self.promotions: list[dict[str, Any]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        seen = 0
+        while not self.stop.wait(2):
+            try:
+                policies = self.admin.policies.list()
+            except Exception:  # keep watching through a hiccup
+                continue
+            if policies.promoted != seen:
+                seen = policies.promoted
+                row = next(p for p in policies.data if p.version == seen)
+                self.promotions.append({"version": seen, "at_s": round(time.monotonic() - self.started, 1),
+                                        "at_events": self.events[0], "kl": row.metrics.get("kl"),
+                                        "reward": row.metrics.get("reward")})
+                print(f"  promoted version {seen} at {self.promotions[-1]['at_s']} s, "
+                      f"{self.events[0]} feedback events, KL {row.metrics.get('kl')}", flush=True)
+
+
+def merge(total: SimulationReport, part: SimulationReport) -> None:
+    """Add one chunk's requests, feedback and per-version replies to the running report."""
+    total.requests += part.requests
+    total.failed += part.failed
+    total.feedback.update(part.feedback)
+    for key, stats in part.versions.items():
+        for target in (total.versions, total.window):
+            acc = target.setdefault(key, VersionStats(fingerprint=key))
+            acc.replies += stats.replies
+            acc.preferred += stats.preferred
+            acc.on_topic += stats.on_topic
+
+
+def held_out_share(client: Client, model: str, prefer: str, repeats: int) -> tuple[float, int]:
+    """The preferred style's share of replies to the corpus's held-out prompts (temperature 1, one reply each)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(text: str) -> bool:
+        reply = client.chat([{"role": "user", "content": text}], model=model, temperature=1.0, max_tokens=256)
+        return classify(reply.choices[0].message.content or "").style == prefer
+
+    texts = [p.text for p in held_out_prompts()] * repeats
+    with ThreadPoolExecutor(8) as pool:
+        hits = sum(pool.map(one, texts))
+    return hits / len(texts), len(texts)
+
+
+def plot(path: Path, report: SimulationReport, promotions: list[dict[str, Any]], prefer: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib is not installed: pip install -e .[bench] for the PNG plot)")
+        return
+    versions = [v for v in report.versions.values() if v.version is not None]
+    kl = {p["version"]: p["kl"] or 0.0 for p in promotions}
+    fig, ax = plt.subplots(figsize=(7, 4))
+    xs = [v.version for v in versions]
+    ax.plot(xs, [v.share for v in versions], "o-", label=f"{prefer} share of replies")
+    ax.axhline(0.6, color="grey", linestyle="--", label="goal 0.60")
+    ax.set_xlabel("policy version")
+    ax.set_ylabel("share")
+    ax.set_ylim(0, 1)
+    ax2 = ax.twinx()
+    ax2.plot(xs, [kl.get(x, 0.0) for x in xs], "s:", color="tab:red", label="KL to base (nats)")
+    ax2.set_ylabel("KL to base (nats)")
+    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.9))
+    ax.set_title("alignd: simulated users prefer '" + prefer + "'")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prefer", default="friendly", choices=STYLES)
+    parser.add_argument("--events", type=int, default=1000, help="Feedback events at most.")
+    parser.add_argument("--time-limit", type=float, default=1200, help="Seconds of simulation at most.")
+    parser.add_argument("--concurrency", type=int, default=2)
+    parser.add_argument("--rate", type=float, default=50 / 60,
+                        help="Feedback events per second the users give (default 50 a minute: 1,000 in 20 min).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", type=Path, default=None, help="Demo model folder (default: build or reuse the "
+                        "cached one in .alignd-test-cache).")
+    parser.add_argument("--png", type=Path, default=None, help="Write the plot here.")
+    parser.add_argument("--json", type=Path, default=None, help="Write the figures here.")
+    parser.add_argument("--eval-repeats", type=int, default=1, help="Passes over the held-out prompts at the end.")
+    parser.add_argument("server_args", nargs="*", help="Extra `alignd serve` flags, after --.")
+    args = parser.parse_args()
+
+    from server.demo.build import ensure_demo_model
+
+    model = args.model or ensure_demo_model(ROOT / ".alignd-test-cache")
+    data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-alignment-"))
+    port = free_port()
+    server_args = args.server_args or ["--min-new-pairs", "48", "--min-new-labels", "100000", "--min-interval-s",
+                                       "0", "--ppo-iterations", "8", "--rollout-batch-size", "32",
+                                       "--trainer-threads", "1", "--max-loras", "4"]
+    proc = start_server(model, data_dir, port, server_args, data_dir / "server.log")
+    url = f"http://127.0.0.1:{port}"
+    started = time.monotonic()
+    events = [0]
+    try:
+        with Client(url, timeout=120) as client, Client(url, api_key=ADMIN, timeout=120) as admin:
+            watcher = Watcher(admin, started, events)
+            watcher.start()
+
+            report = SimulationReport(prefer=args.prefer)
+            chunk, index = max(1, round(args.rate * 60)), 0
+            while report.requests < args.events and time.monotonic() - started < args.time_limit:
+                # Users at a steady rate: a minute's worth of requests, then wait for the minute to pass.
+                tick = time.monotonic()
+                part = run_simulation(client, prefer=args.prefer, requests=min(chunk, args.events - report.requests),
+                                      time_limit_s=max(1.0, args.time_limit - (tick - started)),
+                                      seed=args.seed * 100_000 + index, concurrency=args.concurrency,
+                                      report_every=10**9)
+                merge(report, part)
+                events[0] = sum(report.feedback.values())
+                report.elapsed_s = time.monotonic() - started
+                print(report.progress_line(), flush=True)
+                report.window = {}
+                index += 1
+                time.sleep(max(0.0, 60 - (time.monotonic() - tick)))
+            fetch_runs(admin, report)
+            elapsed = time.monotonic() - started
+            watcher.stop.set()
+            print("\n" + report.table())
+            policies = admin.policies.list()
+            final = policies.promoted
+            print(f"\nheld-out evaluation ({args.eval_repeats} × {len(held_out_prompts())} prompts, temperature 1):")
+            base_share, n = held_out_share(client, "alignd@0", args.prefer, args.eval_repeats)
+            final_share, _ = held_out_share(client, "alignd", args.prefer, args.eval_repeats)
+            print(f"  base (version 0): {base_share:.1%} of {n};  promoted (version {final}): {final_share:.1%}")
+            runs = admin.training.list(limit=100).data
+            summary = {
+                "prefer": args.prefer, "events": sum(report.feedback.values()), "requests": report.requests,
+                "elapsed_s": round(elapsed, 1), "final_version": final,
+                "share_by_version": {v.fingerprint: {"replies": v.replies, "share": round(v.share, 3)}
+                                     for v in report.versions.values()},
+                "promotions": watcher.promotions, "heldout_share": {"base": base_share, "final": final_share},
+                "runs": [{"id": r.id, "status": r.status, "candidate": r.candidate, "promoted": r.promoted,
+                          "gate": (r.metrics.get("gate") or {}).get("reason"), "seconds": r.metrics.get("seconds"),
+                          "rm_accuracy": (r.metrics.get("reward_model") or {}).get("heldout_accuracy")}
+                         for r in runs],
+                "kl_budget": "see --kl-budget (default 8.0)",
+            }
+            print(json.dumps(summary, indent=2))
+            if args.json:
+                args.json.write_text(json.dumps(summary, indent=2) + "\n")
+            if args.png:
+                plot(args.png, report, watcher.promotions, args.prefer)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
