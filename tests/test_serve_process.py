@@ -91,6 +91,47 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(demo_model_dir:
             proc.wait(10)
 
 
+def test_sigterm_while_the_engine_starts_leaves_no_engine_process(demo_model_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "ALIGND_KV_CACHE_SPACE_GIB": "1", "ALIGND_MAX_MODEL_LEN": "512"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "--model", str(demo_model_dir), "--data-dir", str(tmp_path),
+         "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        # Wait until the engine core process exists but the engine is not ready yet, then stop the server.
+        deadline = time.monotonic() + 240
+        seen: set[psutil.Process] = set()
+        while True:
+            assert time.monotonic() < deadline and proc.poll() is None
+            seen.update(psutil.Process(proc.pid).children(recursive=True))
+            try:
+                ready = httpx.get(f"{url}/ready", timeout=2)
+            except httpx.TransportError:
+                ready = None
+            if ready is not None and ready.status_code == 503 and any(
+                    "EngineCore" in " ".join(_cmdline(p)) for p in seen):
+                break
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) in (0, 1)
+        deadline = time.monotonic() + 30
+        while alive := [p for p in seen if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+            assert time.monotonic() < deadline, f"left behind after SIGTERM during start: {alive}"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+
+def _cmdline(p: psutil.Process) -> list[str]:
+    try:
+        return [p.name(), *p.cmdline()]
+    except psutil.Error:
+        return []
+
+
 def test_serve_with_invalid_config_file_fails_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "alignd.toml"
     config.write_text("[engine]\nmax_loras = 0\n")
