@@ -277,7 +277,10 @@ class TrainerSupervisor:
             self.metrics.training_progress.set(progress)
             for name, value in _headline(active.metrics).items():
                 self.metrics.training_figure.labels(name).set(value)
-            await self.store.update_run(active.row.id, phase=phase, progress=progress, metrics=active.metrics)
+            try:
+                await self.store.update_run(active.row.id, phase=phase, progress=progress, metrics=active.metrics)
+            except Exception:  # a missed progress write must not stop the run; the outcome is written at the end
+                log.exception("could not record the progress of run %s", active.row.id)
         elif kind == "call":
             task = asyncio.create_task(self._answer(active, *message[1:]))
             calls.add(task)
@@ -374,7 +377,11 @@ class TrainerSupervisor:
         if pairs < self.trigger.min_new_pairs and labels < self.trigger.min_new_labels:
             return False
         last = await self.store.list_runs(limit=1)
-        return not last or (datetime.now(UTC) - last[0].created).total_seconds() >= self.trigger.min_interval_s
+        if not last:
+            return True
+        # After a failed run wait at least a minute, so that a persistent failure does not spin.
+        interval = max(self.trigger.min_interval_s, 60.0) if last[0].status == "failed" else self.trigger.min_interval_s
+        return (datetime.now(UTC) - last[0].created).total_seconds() >= interval
 
 
 def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
