@@ -9,7 +9,7 @@ Import it as ``from clients import Client, AsyncClient, AligndError``::
         print(reply.system_fingerprint, [c.message.content for c in reply.choices])
         client.feedback.pairwise(reply.id, winner=1)
         for chunk in client.chat([{"role": "user", "content": "Hi!"}], stream=True):
-            print(chunk.choices[0].delta.content or "" if chunk.choices else "", end="")
+            print("".join(c.delta.content or "" for c in chunk.choices), end="")
 
 Answers are the msgspec Structs of :mod:`server.protocol` (light: no torch or vLLM is imported). Connection errors,
 429 and 503 are retried with exponential backoff and jitter (``Retry-After`` wins when the server sends it); every
@@ -396,6 +396,10 @@ class Client(_Base):
     def chat(self, messages: Sequence[Message], *, model: str = ..., n: int = ..., temperature: float | None = ...,
              max_tokens: int | None = ..., stream: Literal[True], **extra: Any) -> Stream: ...
 
+    @overload
+    def chat(self, messages: Sequence[Message], *, model: str = ..., n: int = ..., temperature: float | None = ...,
+             max_tokens: int | None = ..., stream: bool, **extra: Any) -> ChatCompletion | Stream: ...
+
     def chat(self, messages: Sequence[Message], *, model: str = "alignd", n: int = 1,
              temperature: float | None = None, max_tokens: int | None = None, stream: bool = False,
              **extra: Any) -> ChatCompletion | Stream:
@@ -603,6 +607,11 @@ class AsyncClient(_Base):
     async def chat(self, messages: Sequence[Message], *, model: str = ..., n: int = ...,
                    temperature: float | None = ..., max_tokens: int | None = ..., stream: Literal[True],
                    **extra: Any) -> AsyncStream: ...
+
+    @overload
+    async def chat(self, messages: Sequence[Message], *, model: str = ..., n: int = ...,
+                   temperature: float | None = ..., max_tokens: int | None = ..., stream: bool,
+                   **extra: Any) -> ChatCompletion | AsyncStream: ...
 
     async def chat(self, messages: Sequence[Message], *, model: str = "alignd", n: int = 1,
                    temperature: float | None = None, max_tokens: int | None = None, stream: bool = False,

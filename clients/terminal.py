@@ -211,12 +211,14 @@ class ChatSession:
         while True:
             try:
                 line = self.console.read("you> ")
+                if line is None or not self.handle(line):
+                    # Over a pipe, a script learns from the status that some prompt or command failed.
+                    return 1 if self.failed and not self.console.interactive else 0
             except KeyboardInterrupt:
+                if not self.console.interactive:
+                    raise
+                # Ctrl-C at a prompt or in a command's question abandons it, as in a shell; Ctrl-D leaves.
                 self.console.show("")
-                continue
-            if line is None or not self.handle(line):
-                # Over a pipe, a script learns from the status that some prompt or command failed.
-                return 1 if self.failed and not self.console.interactive else 0
 
     def handle(self, line: str) -> bool:
         """Act on one input line; False to leave."""

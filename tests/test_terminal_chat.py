@@ -89,7 +89,7 @@ def test_pipe_answers_command_questions_from_the_next_lines(srv: AppServer, admi
     assert ranking["payload"] == {"ranking": [3, 1]} and len(ranking["choices"]) == 4
     assert pairwise["prompt"] == ranking["prompt"] == [user("Tell me about comets.")]
     for text in ranking["choices"]:
-        assert text.split()[0] in done.stdout, "the replies to rank were shown"
+        assert (text.split() or ["(empty)"])[0] in done.stdout, "the replies to rank were shown"
 
 
 def test_pipe_reports_errors_in_plain_words(srv: AppServer) -> None:
