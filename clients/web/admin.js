@@ -186,14 +186,17 @@ function plotRuns(runs) {
     points: r.metrics.ppo.filter((it) => typeof it[field] === "number")
       .map((it, k) => [typeof it.iteration === "number" ? it.iteration : k, it[field]]),
   })).filter((ser) => ser.points.length);
-  const drawn = lineChart($("plot-reward"), { label: "Mean reward per PPO iteration", series: perIteration("reward"), xLabel: "iteration" })
-    + lineChart($("plot-kl"), { label: "KL per PPO iteration", series: perIteration("kl"), xLabel: "iteration" });
+  const emptyText = runs.length ? "No figures yet." : "No training runs yet.";
+  const drawn = lineChart($("plot-reward"), { label: "Mean reward per PPO iteration", series: perIteration("reward"),
+    xLabel: "iteration", emptyText })
+    + lineChart($("plot-kl"), { label: "KL per PPO iteration", series: perIteration("kl"), xLabel: "iteration", emptyText });
   const chronological = [...runs].reverse();
   const accuracy = chronological.map((r, k) => [k + 1, r.metrics && r.metrics.reward_model && r.metrics.reward_model.heldout_accuracy])
     .filter(([, a]) => typeof a === "number");
-  const rm = lineChart($("plot-rm"), { label: "Reward model held-out accuracy by run", series: [{ name: "held-out accuracy", points: accuracy }],
-    xLabel: "run (oldest first)" });
-  if (runs.length) note("plots-note", drawn + rm ? "" : "The runs have no metrics to plot yet.");
+  const rm = lineChart($("plot-rm"), { label: "Reward model held-out accuracy by run",
+    series: [{ name: "held-out accuracy", points: accuracy }], xLabel: "run (oldest first)", emptyText });
+  note("plots-note", drawn + rm ? "One line per run (the latest six); hover a point for its value."
+    : runs.length ? "The runs have no metrics to plot yet." : "Start a training run to see its figures here.");
 }
 
 // --- feedback volume and plugins ---------------------------------------------------------------------------------

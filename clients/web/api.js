@@ -34,7 +34,9 @@ export function plainError(status, error, retryAfter) {
     const wait = retryAfter ? ` Wait ${Math.ceil(Number(retryAfter))} seconds and try again.` : " Wait a moment and try again.";
     text = "Too many requests." + wait;
   } else if (code === "context_length_exceeded") {
-    text = "The conversation is too long for the model. Start a new conversation or ask for a shorter reply.";
+    text = error.param === "messages"
+      ? "The conversation is too long for the model. Start a new conversation."
+      : "The longest reply asked for does not fit in what is left of the model's context. Lower it in Settings, or start a new conversation.";
   } else if (status === 400 || status === 422) {
     text = "The server could not accept that request.";
   } else if (status === 503) {

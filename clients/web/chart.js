@@ -45,9 +45,20 @@ function legend(items) {
   return el;
 }
 
-const W = 480;
 const H = 220;
 const M = { left: 46, right: 12, top: 10, bottom: 34 };
+let W = 480; // set per chart from its container, so that text is drawn at its CSS size
+
+function sizeTo(container) {
+  W = Math.max(280, Math.round(container.clientWidth || 480));
+}
+
+function empty(container, text) {
+  const p = document.createElement("p");
+  p.className = "note";
+  p.textContent = text;
+  container.append(p);
+}
 
 function frame(label, yTicks, yOf, xLabel) {
   const svg = s("svg", { viewBox: `0 0 ${W} ${H}`, role: "img", "aria-label": label });
@@ -66,10 +77,14 @@ function frame(label, yTicks, yOf, xLabel) {
  * A line chart into `container`: series = [{name, points: [[x, y], …]}]; xLabel names the x axis. Each point has a
  * tooltip. Returns the number of points drawn.
  */
-export function lineChart(container, { label, series, xLabel, xFormat = format }) {
+export function lineChart(container, { label, series, xLabel, xFormat = format, emptyText = "No data yet." }) {
   const points = series.flatMap((ser) => ser.points);
   container.replaceChildren();
-  if (points.length === 0) return 0;
+  if (points.length === 0) {
+    empty(container, emptyText);
+    return 0;
+  }
+  sizeTo(container);
   const xs = points.map((p) => p[0]);
   const ys = points.map((p) => p[1]);
   const yTicks = ticks(Math.min(...ys), Math.max(...ys));
@@ -105,6 +120,7 @@ export function lineChart(container, { label, series, xLabel, xFormat = format }
  */
 export function stackedBars(container, { label, buckets, kinds, xLabel }) {
   container.replaceChildren();
+  sizeTo(container);
   const totals = buckets.map((b) => kinds.reduce((sum, k) => sum + (b.counts[k] || 0), 0));
   const yTicks = ticks(0, Math.max(1, ...totals));
   const top = yTicks[yTicks.length - 1];

@@ -111,7 +111,8 @@ function rerender(turn) {
 }
 
 function renderTurn(turn) {
-  const el = h("article", { className: `turn mode-${turn.mode}`, "data-turn": turn.id },
+  const el = h("article", { className: `turn mode-${turn.mode}`, "data-turn": turn.id,
+    "data-completion": turn.completionId, "data-status": turn.status },
     h("div", { className: "user-msg" }, turn.user));
   if (turn.status === "error") {
     el.append(errorBox(turn.error, h("div", { className: "row" },
@@ -687,6 +688,7 @@ function onGlobalKey(e) {
     if (e.code === "KeyN") { newConversation(); e.preventDefault(); return; }
   }
   if (e.key === "Escape" && state.streaming) { state.streaming.abort(); e.preventDefault(); return; }
+  if (e.key === "Escape" && ui.history.classList.contains("open")) { toggleHistory(false); $("toggle-history").focus(); return; }
   if (isTyping(e.target) || e.ctrlKey || e.metaKey || e.altKey) return;
   if (e.key === "?") { $("help").showModal(); e.preventDefault(); return; }
   if (e.key === "/") { ui.prompt.focus(); e.preventDefault(); return; }
@@ -712,6 +714,7 @@ function init() {
   ui.stop.addEventListener("click", () => state.streaming && state.streaming.abort());
   $("new-chat").addEventListener("click", newConversation);
   $("toggle-history").addEventListener("click", () => toggleHistory());
+  $("close-history").addEventListener("click", () => { toggleHistory(false); $("toggle-history").focus(); });
   $("open-help").addEventListener("click", () => $("help").showModal());
   $("open-settings").addEventListener("click", openSettings);
   $("settings-cancel").addEventListener("click", () => $("settings").close());
