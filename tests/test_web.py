@@ -71,7 +71,7 @@ def web(make_server: Callable[..., AppServer]) -> AppServer:
 
 class Tab:
     """A fresh browser context (empty localStorage) with one page, recording what must not happen: a request to
-    another host, or an uncaught script error."""
+    another host, an uncaught script error, or something the page's Content-Security-Policy blocked."""
 
     def __init__(self, browser: Browser, server: AppServer, viewport: dict[str, int] = DESKTOP) -> None:
         self.server = server
@@ -84,6 +84,8 @@ class Tab:
         self.page.on("request", lambda r: None if urlsplit(r.url).netloc == host or r.url.startswith("data:")
                      else self.outside.append(r.url))
         self.page.on("pageerror", lambda e: self.script_errors.append(str(e)))
+        self.page.on("console", lambda m: self.script_errors.append(m.text)
+                     if m.type == "error" and "Content Security Policy" in m.text else None)
 
     def goto(self, path: str = "/") -> Page:
         response = self.page.goto(self.server.url + path)
@@ -103,12 +105,12 @@ def tab(browser: Browser, web: AppServer) -> Iterator[Tab]:
     t.close()
 
 
-def screenshot(page: Page, name: str, tmp_path: Path) -> Path:
+def screenshot(page: Page, name: str, tmp_path: Path, *, full_page: bool = False) -> Path:
     """Save a screenshot into ``$ALIGND_SCREENSHOT_DIR`` (docs/ when refreshing them) or the test's tmp dir."""
     folder = Path(os.environ.get("ALIGND_SCREENSHOT_DIR") or tmp_path)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    page.screenshot(path=str(path))
+    page.screenshot(path=str(path), full_page=full_page)
     assert path.stat().st_size > 10_000  # a real picture, not an empty page
     return path
 
@@ -457,8 +459,7 @@ def test_dashboard(tab: Tab, web: AppServer, tmp_path: Path) -> None:
     assert page.locator("#plot-reward polyline").count() == 1
     assert page.locator("#plot-rm circle.point").count() == 1
     page.locator(f"#policies tr[data-version='{run['candidate']}'] .status >> text=promoted").wait_for()
-    page.evaluate("window.scrollTo(0, 0)")
-    screenshot(page, "screenshot-admin.png", tmp_path)
+    screenshot(page, "screenshot-admin.png", tmp_path, full_page=True)
 
     # Roll back to the base model, then promote the candidate again with its button.
     page.click("#rollback")

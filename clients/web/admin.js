@@ -11,6 +11,7 @@ const RUNS_PLOTTED = 6;
 
 const $ = (id) => document.getElementById(id);
 let pollTimer = null;
+let running = new Set(); // runs seen running, to say when one finishes
 
 function adminKey() {
   return session.get(KEY, "");
@@ -48,7 +49,8 @@ function when(iso) {
 }
 
 function figure(value, digits = 3) {
-  return typeof value === "number" && Number.isFinite(value) ? value.toFixed(digits) : "—";
+  if (typeof value !== "number" || !Number.isFinite(value)) return "—";
+  return value.toFixed(digits).replace(/^-(0\.?0*)$/, "$1"); // no "-0.000"
 }
 
 function table(headers, rows) {
@@ -130,7 +132,14 @@ async function loadRuns() {
           h("td", {}, r.error || ""),
           h("td", {}, r.status === "running" ? h("button", { type: "button", onclick: () => cancelRun(r.id) }, "Cancel") : "")))));
     plotRuns(runs);
-    if (runs.some((r) => r.status === "running")) pollTimer = setTimeout(refreshRunning, POLL_MS);
+    const finished = runs.find((r) => running.has(r.id) && r.status !== "running");
+    if (finished) {
+      note("training-note", `Run ${finished.id} ${finished.status}${finished.promoted ? `: version ${finished.candidate} is served`
+        : finished.candidate !== null ? `: version ${finished.candidate} was not promoted` : ""}.`,
+      finished.status === "succeeded" ? "ok" : "bad");
+    }
+    running = new Set(runs.filter((r) => r.status === "running").map((r) => r.id));
+    if (running.size) pollTimer = setTimeout(refreshRunning, POLL_MS);
     return runs;
   } catch (err) {
     box.replaceChildren();
@@ -258,6 +267,7 @@ function showLogin(message) {
 }
 
 async function loadAll() {
+  document.querySelectorAll(".note[id]").forEach((el) => note(el.id, ""));
   $("login").hidden = true;
   $("panels").hidden = false;
   $("refresh").hidden = false;

@@ -1,7 +1,7 @@
 // Small SVG charts for the dashboard (no library: nothing to vendor, nothing loaded from elsewhere).
 
 const SVG = "http://www.w3.org/2000/svg";
-export const PALETTE = ["#2456c7", "#d9480f", "#2f9e44", "#ae3ec9", "#e8590c", "#1098ad", "#c2255c", "#5c940d"];
+export const PALETTE = ["#2456c7", "#e8590c", "#2f9e44", "#ae3ec9", "#c92a2a", "#1098ad", "#f08c00", "#5c940d"];
 
 function s(tag, attrs = {}, ...children) {
   const el = document.createElementNS(SVG, tag);
@@ -19,16 +19,18 @@ export function ticks(lo, hi, count = 5) {
   const raw = (hi - lo) / count;
   const mag = 10 ** Math.floor(Math.log10(raw));
   const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((m) => m >= raw) || raw;
+  // Multiples of the step, rounded to its decimals: no 5.9e-18 where 0 is meant.
+  const decimals = Math.max(0, -Math.floor(Math.log10(step)) + 1);
   const out = [];
-  for (let v = Math.floor(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
-  if (out[out.length - 1] < hi) out.push(Number((out[out.length - 1] + step).toPrecision(12)));
+  for (let k = Math.floor(lo / step); k * step <= hi + step * 1e-9; k += 1) out.push(Number((k * step).toFixed(decimals)));
+  if (out[out.length - 1] < hi - step * 1e-9) out.push(Number((out[out.length - 1] + step).toFixed(decimals)));
   return out;
 }
 
 function format(v) {
   if (Number.isInteger(v)) return String(v);
   const a = Math.abs(v);
-  return a >= 100 ? v.toFixed(0) : a >= 1 ? v.toFixed(2).replace(/\.?0+$/, "") : v.toPrecision(2);
+  return a >= 100 ? v.toFixed(0) : a >= 1 ? v.toFixed(2).replace(/\.?0+$/, "") : String(Number(v.toPrecision(3)));
 }
 
 function legend(items) {

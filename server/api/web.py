@@ -7,6 +7,7 @@ request on this server: the pages work offline, and a stray CDN reference fails 
 from __future__ import annotations
 
 import importlib.util
+from functools import cache
 from pathlib import Path
 
 from litestar import Router, get
@@ -15,15 +16,15 @@ from litestar.response import File
 from litestar.static_files import create_static_files_router
 
 
-def _web_dir() -> Path:
-    # find_spec locates the package without importing it (clients/__init__ pulls in the SDK).
+@cache
+def web_dir() -> Path:
+    """``clients/web/``. find_spec locates the package without importing it (clients/__init__ pulls in the SDK)."""
     spec = importlib.util.find_spec("clients")
     if spec is None or spec.origin is None:
         raise RuntimeError("the clients package (with clients/web/) is not installed")
     return Path(spec.origin).parent / "web"
 
 
-WEB_DIR = _web_dir()
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'")
 # Revalidate every time: a server upgrade must not leave an old page talking to a new API.
@@ -31,7 +32,7 @@ _HEADERS = {"Cache-Control": "no-cache", "Content-Security-Policy": CSP, "X-Cont
 
 
 def _page(name: str) -> File:
-    return File(WEB_DIR / name, filename=name, media_type="text/html", content_disposition_type="inline",
+    return File(web_dir() / name, filename=name, media_type="text/html", content_disposition_type="inline",
                 headers=_HEADERS)
 
 
@@ -48,6 +49,6 @@ async def admin_page() -> File:
 def web_router() -> Router:
     """The pages and ``/static`` (a new router per app: Litestar binds a router to the app it is registered in).
     The static router resolves paths inside ``clients/web/`` only (``..`` is a 404) and guesses content types."""
-    static = create_static_files_router("/static", directories=[WEB_DIR], cache_control=CacheControlHeader(
+    static = create_static_files_router("/static", directories=[web_dir()], cache_control=CacheControlHeader(
         no_cache=True), name="web-static")
     return Router("/", route_handlers=[chat_page, admin_page, static])
