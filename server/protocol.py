@@ -385,10 +385,10 @@ class KTOLine(msgspec.Struct, kw_only=True):
 
 # --- policies and training runs (operators) ----------------------------------------------------------------------
 
-PolicyStatus = Literal["base", "candidate", "promoted", "rejected", "retired"]
-"""``base``: version 0, the frozen model. ``candidate``: passed the gate or awaits promotion. ``promoted``: the one
-``alignd`` serves (exactly one). ``rejected``: failed the gate (kept with its figures and reason; may still be
-promoted by hand). ``retired``: was promoted before."""
+PolicyStatus = Literal["candidate", "promoted", "rejected", "retired"]
+"""Version 0 is the frozen base model (promoted until a trained version is). ``candidate``: passed the gate and
+awaits promotion. ``promoted``: the one ``alignd`` serves (exactly one). ``rejected``: failed the gate (kept with
+its figures and reason; may still be promoted by hand). ``retired``: was promoted before."""
 
 
 class Policy(msgspec.Struct, kw_only=True):

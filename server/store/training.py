@@ -24,7 +24,7 @@ class PolicyRow(msgspec.Struct, kw_only=True):
 
     version: int
     status: str
-    """base | candidate | promoted | rejected | retired"""
+    """candidate | promoted | rejected | retired (version 0, the base, starts promoted)"""
     parent: int | None
     run_id: str | None
     adapter_path: str | None
