@@ -31,6 +31,9 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the trainer.")
     parser.add_argument("--pairs", type=int, default=256, help="Synthetic preference pairs for the reward model.")
     parser.add_argument("--model", type=Path, default=None)
+    parser.add_argument("--random-model", metavar="HIDDEN,LAYERS", default=None,
+                        help="Use a random model of the demo's architecture at this size instead of the demo model "
+                        "(e.g. 512,8): shows how the comparison moves with model size.")
     args = parser.parse_args()
 
     import torch
@@ -47,6 +50,16 @@ def main() -> int:
 
     torch.set_num_threads(args.threads)
     model = str(args.model or ensure_demo_model(ROOT / ".alignd-test-cache"))
+    if args.random_model:
+        import tempfile
+
+        from bench.gpu_trainer import build_model
+
+        hidden, layers = (int(x) for x in args.random_model.split(","))
+        folder = Path(tempfile.mkdtemp(prefix="alignd-bench-ppo-"))
+        size = build_model(folder, hidden, layers, Path(model))
+        model = str(folder)
+        print(f"random model: {size / 1e6:.1f}M parameters (hidden {hidden}, {layers} layers)")
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, daemon=True).start()
     print("starting the engine…", flush=True)
@@ -89,7 +102,8 @@ def main() -> int:
               f"samples/s, mean reply {sum(h.response_length for h in history) / len(history):.1f} tokens",
               flush=True)
 
-    print(f"\nPPO, demo model, {args.iterations} iterations × {args.batch} rollouts, max {args.max_new_tokens} new "
+    what = "demo model" if not args.random_model else f"random model {args.random_model}"
+    print(f"\nPPO, {what}, {args.iterations} iterations × {args.batch} rollouts, max {args.max_new_tokens} new "
           f"tokens, {args.threads} trainer thread(s)")
     print(f"{'rollouts':<12} {'rollout samples/s':>18} {'iteration samples/s':>20} "
           f"{'rollout s':>10} {'experience s':>13} {'update s':>9}")
