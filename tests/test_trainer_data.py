@@ -64,6 +64,12 @@ async def test_selection_holds_out_by_event_replays_old_signal_and_dedupes_promp
     new_train = 0 if is_heldout("fb-000100", 0.2) else 1
     assert len(later.train_pairs) == new_train + round(0.5 * new_train)
     assert {c.group for c in later.heldout_pairs} >= held_ids  # held-out events stay held out in every run
+    # With nothing new, a run (asked for by an operator) trains on the older signal.
+    await store.mark_used("run-2", later.new_pair_ids, later.new_label_ids)
+    again = await load_training_data(store, config)
+    everything = {*ids, "fb-000100"}
+    assert not again.new_pair_ids
+    assert {c.group for c in again.train_pairs} == {i for i in everything if not is_heldout(i, 0.2)}
 
 
 async def test_run_and_policy_rows_round_trip_and_orphans_fail(store: Store) -> None:

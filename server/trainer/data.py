@@ -1,7 +1,8 @@
 """Training data for one run, read from the store: preference pairs and labels, a held-out split, PPO prompts.
 
 Selection rules:
-- new signal is what no run has used yet (oldest first, up to a cap); a replay share of older signal is mixed in;
+- new signal is what no run has used yet (oldest first, up to a cap); a replay share of older signal is mixed in
+  (all of it, up to the cap, when nothing is new);
 - a stable hash of each feedback event's id decides whether it is held out, so a held-out event never trains in
   any run, and all pairs of one event (a ranking's) fall on the same side;
 - prompts are the distinct request messages of recent completions (real user prompts); a stable hash of each
@@ -86,7 +87,9 @@ async def _signal(store: Store, table: str, cap: int, config: DataConfig, rng: r
     held = [r for r in new + old if is_heldout(r["feedback_id"], config.heldout_fraction)]
     train_new = [r for r in new if not is_heldout(r["feedback_id"], config.heldout_fraction)]
     train_old = [r for r in old if not is_heldout(r["feedback_id"], config.heldout_fraction)]
-    replay = rng.sample(train_old, min(len(train_old), round(config.replay_fraction * len(train_new))))
+    # A share of older signal, or all of it when nothing is new (an operator asked for a run anyway).
+    share = round(config.replay_fraction * len(train_new)) if train_new else len(train_old)
+    replay = rng.sample(train_old, min(len(train_old), share))
     return train_new + replay, held, [r["id"] for r in new]
 
 
