@@ -29,8 +29,8 @@ def test_settings(model: Path | str, data_dir: Path, **server: Any) -> Settings:
         tree["store"] = {"database": database}
     if plugins:
         tree["plugins"] = plugins
-    if trainer:
-        tree["trainer"] = trainer
+    # No automatic training runs unless a test asks: they would load the shared engine behind other tests' backs.
+    tree["trainer"] = {"training_trigger": "manual", **(trainer or {})}
     return load_settings(tree, environ={})
 
 
