@@ -141,7 +141,8 @@ async def test_version_1_database_is_upgraded_in_place(store_url: str, monkeypat
         assert await old.schema_version() == 1
     monkeypatch.undo()
     async with await Store.open(store_url) as new:
-        assert await new.schema_version() == LATEST_VERSION == 2
+        assert await new.schema_version() == LATEST_VERSION == 3
         assert await new.count_completions() == 1
         await new.record_feedback(make_feedback(1))
         assert await new.count_feedback() == (1, 1, 2)
+        assert await new.list_policies() == [] and await new.list_runs() == []  # version 3's tables
