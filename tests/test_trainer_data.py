@@ -6,6 +6,8 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from server.engine.router import RESERVED_VERSIONS, PolicyRouter
 from server.errors import NotFound
 from server.store import FeedbackRecord, LabelRecord, PairRecord, PolicyRow, RunRow, Store
@@ -81,7 +83,11 @@ async def test_run_and_policy_rows_round_trip_and_orphans_fail(store: Store) -> 
     await store.update_run("run-a", progress=0.5, metrics={"ppo": [{"kl": 0.1}, {"kl": 0.2}]})
     got = await store.get_run("run-a")
     assert got is not None and got.progress == 0.5 and len(got.metrics["ppo"]) == 2
-    assert await store.fail_running_runs("the server stopped", now) == ["run-a"]
+    theirs = RunRow(**{**msgspec.structs.asdict(run), "id": "run-b", "config": {"owner": "replica-2:/data/runs"}})
+    await store.insert_run(theirs)
+    assert await store.fail_running_runs("the server stopped", now, owner="replica-1:/data/runs") == ["run-a"]
+    assert (await store.get_run("run-b")).status == "running"  # another replica's run is left alone
+    assert await store.fail_running_runs("the server stopped", now, owner="replica-2:/data/runs") == ["run-b"]
     failed = await store.get_run("run-a")
     assert failed is not None and failed.status == "failed" and failed.error == "the server stopped"
     assert await store.fail_running_runs("again", now) == []

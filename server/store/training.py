@@ -130,12 +130,14 @@ class TrainingQueries:
         async with self._engine.connect() as conn:
             return [_row(RunRow, r) for r in await conn.execute(query)]
 
-    async def fail_running_runs(self, error: str, when: datetime) -> list[str]:
-        """Mark every run still ``running`` as failed (their process is gone); returns their ids."""
+    async def fail_running_runs(self, error: str, when: datetime, owner: str | None = None) -> list[str]:
+        """Mark runs still ``running`` as failed (their process is gone); returns their ids. With ``owner``, only
+        the runs that owner started (``config["owner"]``) or that name none: another replica's runs are alive."""
         self._check_open()
         async with self._write_engine.begin() as conn:
-            ids = [r.id for r in await conn.execute(select(training_runs.c.id)
-                                                    .where(training_runs.c.status == "running"))]
+            rows = await conn.execute(select(training_runs.c.id, training_runs.c.config)
+                                      .where(training_runs.c.status == "running"))
+            ids = [r.id for r in rows if owner is None or (r.config or {}).get("owner") in (None, owner)]
             if ids:
                 await conn.execute(update(training_runs).where(training_runs.c.id.in_(ids))
                                    .values(status="failed", error=error, finished=when))

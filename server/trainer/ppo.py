@@ -319,7 +319,9 @@ def run_ppo(
         stats = _iteration_stats(iteration, experience, update, kl_coef, seconds)
         kl_controller.update(stats.kl, len(experience))
         history.append(stats)
-        log.info("ppo iteration %d: reward %.3f kl %.3f β %.4f", iteration, stats.reward, stats.kl, kl_coef)
+        log.info("ppo iteration %d: reward %.3f kl %.3f β %.4f entropy %.3f approx_kl %.4f clip %.3f "
+                 "explained variance %.3f %.0f tokens/s", iteration, stats.reward, stats.kl, kl_coef, stats.entropy,
+                 stats.approx_kl, stats.clip_fraction, stats.explained_variance, stats.tokens_per_s)
         if on_iteration is not None:
             on_iteration(stats)
         if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:

@@ -20,6 +20,7 @@ import itertools
 import logging
 import multiprocessing
 import os
+import socket
 import threading
 import time
 import traceback
@@ -144,6 +145,8 @@ class TrainerSupervisor:
         self.trigger = trigger
         self.run_timeout_s = run_timeout_s
         self.current: _ActiveRun | None = None
+        # Which server started a run: on start, only our own orphans are failed (other replicas' runs are alive).
+        self.owner = f"{socket.gethostname()}:{runs_dir}"
         self._versions = itertools.count()
         self._start_lock = asyncio.Lock()
         self._auto: asyncio.Task[None] | None = None
@@ -152,7 +155,8 @@ class TrainerSupervisor:
 
     async def open(self) -> None:
         """Fail the runs a previous server left running (their process died with it); start the auto trigger."""
-        for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC)):
+        for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC),
+                                                         owner=self.owner):
             log.warning("training run %s was orphaned by a server restart: marked failed", run_id)
             self.metrics.training_runs.labels("failed").inc()
         if self.trigger.auto:
@@ -199,7 +203,8 @@ class TrainerSupervisor:
             now = datetime.now(UTC)
             row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="running", phase="starting", progress=0.0,
                          trigger=trigger, parent=parent, candidate=None, promoted=False,
-                         config=dataclasses.asdict(config), metrics={}, error=None, created=now, finished=None)
+                         config={**dataclasses.asdict(config), "owner": self.owner}, metrics={}, error=None,
+                         created=now, finished=None)
             await self.store.insert_run(row)
             job = RunJob(run_id=row.id, base_model=self.base_model(), database_url=self.database_url,
                          run_dir=str(self.runs_dir / row.id), parent=parent, parent_adapter=parent_adapter,
