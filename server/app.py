@@ -67,6 +67,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         own_store = store is None
         state.store = store or await Store.open(settings.database_url, batch_max=settings.store.batch_max)
         starter: asyncio.Task[None] | None = None
+        follower: asyncio.Task[None] | None = None
         try:
             state.feedback = FeedbackService(state.store, state.plugins, state.metrics, settings, kinds=kinds)
             await state.feedback.start()
@@ -78,6 +79,8 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
                                             keep_loaded=settings.engine.max_loras - 1)  # one slot for rollouts
             state.trainer = _make_trainer(state)
             await state.trainer.open()
+            if not state.store.embedded and settings.store.policy_sync_s > 0:  # replicas share PostgreSQL
+                follower = asyncio.create_task(_follow_promotions(state), name="alignd-policy-sync")
             if engine is not None:
                 await _attach_engine(state, engine)
             else:
@@ -86,6 +89,9 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
             yield
         finally:
             state.stopping = True
+            if follower is not None:
+                follower.cancel()
+                await asyncio.gather(follower, return_exceptions=True)
             if state.trainer is not None:
                 await state.trainer.close()
             if starter is not None and not starter.done():
@@ -122,6 +128,14 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         await state.registry.bootstrap(eng)  # the promoted version is loaded before chat opens
         state.engine = eng
         state.chat = ChatService(eng, state.router, state.store, state.metrics, max_n=settings.server.max_n)
+
+    async def _follow_promotions(state: Any) -> None:
+        while True:
+            await asyncio.sleep(settings.store.policy_sync_s)
+            try:
+                await state.registry.follow()
+            except Exception:  # the database may be briefly away; try again next time
+                log.exception("checking for promotions by other replicas failed")
 
     def _make_trainer(state: Any) -> TrainerSupervisor:
         t = settings.trainer

@@ -85,6 +85,10 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
              "Default: SQLite in the data dir."),
     ] = None
     batch_max: Annotated[int, Meta(ge=1, description="Most rows committed together in one group commit.")] = 256
+    policy_sync_s: Annotated[
+        float, Meta(ge=0, description="PostgreSQL: seconds between checks for a version another replica promoted "
+                    "(this one then loads and serves it too; the policies folder must be shared). 0: never.")
+    ] = 5.0
 
 
 class PluginSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

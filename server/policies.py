@@ -174,6 +174,28 @@ class PolicyRegistry:
             log.info("policy %d promoted (%s)", version, reason or "by request")
             return self._wire(await self._row(version))
 
+    async def follow(self) -> bool:
+        """Serve the version the database says is promoted, when another replica sharing it promoted one; True when
+        this replica switched. Holding the lock keeps our own promote's route-then-write from looking foreign."""
+        async with self._lock:
+            version = await self.store.promoted_version()
+            if self.engine is None or version is None or version == self.router.promoted:
+                return False
+            if version and version not in self.engine.loaded_versions:
+                try:
+                    await self._load(await self._row(version))
+                except Unprocessable as e:
+                    log.error("another replica promoted version %d, which cannot be loaded here: %s", version,
+                              e.message)
+                    return False
+            self.router.promoted = version
+            self._loaded[version] = time.monotonic()
+            self.metrics.promoted_version.set(version)
+            self.metrics.policy_swaps.inc()
+            await self._evict()
+            log.info("policy %d promoted by another replica: serving it", version)
+            return True
+
     async def rollback(self, version: int | None = None) -> Policy:
         """Promote ``version``, or without one the version promoted before the current one."""
         if version is None:

@@ -19,14 +19,15 @@ TEST_ENGINE = {"max_model_len": 512, "kv_cache_space_gib": 1, "max_loras": 2, "m
 
 def test_settings(model: Path | str, data_dir: Path, **server: Any) -> Settings:
     """Settings for a test app: the given model, a private data dir, the light engine, ``server`` overrides
-    (``database=URL``, and ``plugins={...}`` / ``trainer={...}`` for those sections)."""
+    (``database=URL``, and ``plugins={...}`` / ``trainer={...}`` / ``store={...}`` for those sections)."""
     database = server.pop("database", None)
     plugins = server.pop("plugins", None)
     trainer = server.pop("trainer", None)
+    store = server.pop("store", None)
     tree: dict[str, Any] = {"model": str(model), "data_dir": str(data_dir), "engine": dict(TEST_ENGINE),
                             "server": {"port": 0, **server}}
-    if database:
-        tree["store"] = {"database": database}
+    if database or store:
+        tree["store"] = {**({"database": database} if database else {}), **(store or {})}
     if plugins:
         tree["plugins"] = plugins
     # No automatic training runs unless a test asks: they would load the shared engine behind other tests' backs.

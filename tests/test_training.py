@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +25,7 @@ import pytest
 from server.app import create_app
 from server.demo.corpus import classify, training_prompts
 from server.store import RunRow
+from tests.engine_fixtures import create_pg_database
 from tests.engine_fixtures import test_settings as settings_for
 from tests.serverkit import AppServer, LoopThread
 
@@ -95,9 +97,9 @@ def app_factory(engine_loop: LoopThread, engine: Any, demo_model_dir: Path,
     """``start(data_dir)``: an app with keys and the manual trainer on the shared engine; stopped at the end."""
     servers: list[AppServer] = []
 
-    def start(data_dir: Path, **trainer: Any) -> AppServer:
+    def start(data_dir: Path, database: str | None = None, **trainer: Any) -> AppServer:
         settings = settings_for(demo_model_dir, data_dir, api_keys=[USER], admin_keys=[ADMIN],
-                                 trainer={**TRAINER, **trainer})
+                                trainer={**TRAINER, **trainer}, database=database, store={"policy_sync_s": 0.5})
         srv = AppServer(engine_loop, create_app(settings, engine=engine)).start()
         servers.append(srv)
         return srv
@@ -298,3 +300,35 @@ def test_a_restart_serves_the_promoted_version_and_fails_orphaned_runs(
     assert run["status"] == "failed" and "server stopped" in run["error"]
     listed = admin(restarted, "GET", "/v1/training/runs").json()["data"]
     assert {r["id"] for r in listed} >= {"run-orphan", trained["run"]["id"]}
+
+
+def test_replicas_on_one_postgresql_follow_each_others_promotions(
+        app_factory: Callable[..., AppServer], tmp_path_factory: pytest.TempPathFactory,
+        postgres_server_url: str) -> None:
+    database = create_pg_database(postgres_server_url, f"replicas_{uuid.uuid4().hex[:8]}")
+    first = app_factory(tmp_path_factory.mktemp("replica-a"), database=database)
+    second = app_factory(tmp_path_factory.mktemp("replica-b"), database=database)
+    give_feedback(first, n_prompts=8)
+    run = wait_run(first, admin(first, "POST", "/v1/training/runs", json={"iterations": 1}).json()["id"])
+    assert run["status"] == "succeeded" and run["promoted"] is True, run["error"]
+    assert admin(second, "GET", "/v1/training/runs").json()["data"][0]["id"] == run["id"]  # one database
+
+    def served(srv: AppServer) -> str | None:
+        # Both apps share the test session's one engine, so one's eviction can unload the version the other still
+        # routes to until it follows (a 404 meanwhile); real replicas each have their own engine.
+        return chat(srv, "Hello").json().get("system_fingerprint")
+
+    def settles(srv: AppServer, fingerprint: str) -> bool:
+        deadline = time.monotonic() + 30
+        while served(srv) != fingerprint:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.25)
+        return True
+
+    assert settles(second, "policy-1"), "the second replica did not follow the promotion"
+    assert admin(second, "POST", "/v1/policies/rollback").json()["version"] == 0
+    assert settles(first, "policy-0"), "the first replica did not follow the rollback"
+    assert served(second) == "policy-0"
+    first.stop()
+    second.stop()

@@ -90,6 +90,12 @@ class TrainingQueries:
                 values["reason"] = reason
             await conn.execute(update(policies).where(policies.c.version == version).values(**values))
 
+    async def promoted_version(self) -> int | None:
+        """The version the database says is promoted (None before the base is recorded)."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            return (await conn.execute(select(policies.c.version).where(policies.c.status == "promoted"))).scalar()
+
     async def get_policy(self, version: int) -> PolicyRow | None:
         self._check_open()
         async with self._engine.connect() as conn:
