@@ -86,6 +86,8 @@ class PolicyRegistry:
         self.max_rank = max_rank
         self.keep_loaded = max(1, keep_loaded)
         self.engine: Any = None
+        self.ready = False
+        """True once the promoted version is loaded and routed (training may start from it)."""
         self._lock = asyncio.Lock()
         self._loaded: dict[int, float] = {}  # version -> last promoted (monotonic), for eviction
 
@@ -94,6 +96,11 @@ class PolicyRegistry:
     async def bootstrap(self, engine: Any) -> None:
         """Record the base as version 0 once, then load and route to the promoted version (after a restart, the
         version promoted before it; if its adapter cannot be loaded, the base serves and the error is logged)."""
+        async with self._lock:
+            await self._bootstrap(engine)
+        self.ready = True
+
+    async def _bootstrap(self, engine: Any) -> None:
         self.engine = engine
         if await self.store.get_policy(0) is None:
             now = datetime.now(UTC)
@@ -164,9 +171,10 @@ class PolicyRegistry:
             started = time.perf_counter()
             if version and version not in self.engine.loaded_versions:
                 await self._load(row)
+            # The database first: if the write fails, nothing was switched (and replicas agree with us).
+            await self.store.set_promoted(version, datetime.now(UTC), reason)
             self.router.promoted = version  # new requests go to it from here on
             self._loaded[version] = time.monotonic()
-            await self.store.set_promoted(version, datetime.now(UTC), reason)
             self.metrics.promoted_version.set(version)
             self.metrics.policy_swaps.inc()
             self.metrics.policy_swap_seconds.observe(time.perf_counter() - started)
@@ -179,7 +187,7 @@ class PolicyRegistry:
         this replica switched. Holding the lock keeps our own promote's route-then-write from looking foreign."""
         async with self._lock:
             version = await self.store.promoted_version()
-            if self.engine is None or version is None or version == self.router.promoted:
+            if not self.ready or version is None or version == self.router.promoted:
                 return False
             if version and version not in self.engine.loaded_versions:
                 try:
@@ -223,7 +231,7 @@ class PolicyRegistry:
 
     async def _evict(self) -> None:
         """Keep the promoted version and the most recently promoted others, ``keep_loaded`` in all."""
-        loaded = [v for v in self.engine.loaded_versions if v in self._loaded and v != self.router.promoted]
+        loaded = [v for v in self.engine.loaded_versions if v in self._loaded and v not in (0, self.router.promoted)]
         loaded.sort(key=lambda v: self._loaded[v], reverse=True)
         for version in loaded[self.keep_loaded - 1:]:
             await self.engine.unload_policy(version)

@@ -302,6 +302,25 @@ def test_a_restart_serves_the_promoted_version_and_fails_orphaned_runs(
     assert {r["id"] for r in listed} >= {"run-orphan", trained["run"]["id"]}
 
 
+def test_a_run_past_its_time_limit_is_stopped_and_a_run_can_be_cancelled(
+        app_factory: Callable[..., AppServer], tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = app_factory(tmp_path_factory.mktemp("limits"), run_timeout_s=2)
+    give_feedback(srv, n_prompts=4)
+    timed_out = wait_run(srv, admin(srv, "POST", "/v1/training/runs").json()["id"], timeout=120)
+    assert timed_out["status"] == "failed" and "time limit of 2 s" in timed_out["error"]
+    srv.state.trainer.run_timeout_s = 600  # the supervisor is free again: the next run starts and can be cancelled
+    started = admin(srv, "POST", "/v1/training/runs")
+    assert started.status_code == 202, started.text
+    process = srv.state.trainer.current.process
+    cancelled = admin(srv, "POST", f"/v1/training/runs/{started.json()['id']}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["error"] == "cancelled by an operator" and not process.is_alive()
+    again = admin(srv, "POST", f"/v1/training/runs/{started.json()['id']}/cancel")
+    assert again.status_code == 409 and again.json()["error"]["code"] == "run_not_running"
+    assert chat(srv, "Hello").status_code == 200
+    srv.stop()
+
+
 def test_replicas_on_one_postgresql_follow_each_others_promotions(
         app_factory: Callable[..., AppServer], tmp_path_factory: pytest.TempPathFactory,
         postgres_server_url: str) -> None:

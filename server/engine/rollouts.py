@@ -35,4 +35,13 @@ async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: i
             response.append(eos_id)
         return response, ended
 
-    return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts))))
+    tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        # Stop the others before the caller unloads the adapter and its folder goes: a request still running on
+        # it would make vLLM reload the adapter from a folder that no longer exists.
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise

@@ -86,7 +86,10 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     if not (data.ppo_prompts or data.gate_prompts):
         raise NoTrainingData("no user prompts in the store to run PPO on")
     seconds["data"] = time.monotonic() - tick
-    reporter.report("reward_model", PHASE_START["reward_model"], {"data": data.counts()})
+    counts = {**data.counts(), "gate_prompts_held_out": bool(data.gate_prompts)}
+    if not data.gate_prompts:  # too few distinct prompts for the hash to hold any out: say so in the figures
+        log.warning("no held-out prompts yet: the gate judges on training prompts")
+    reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
 
     # 2. Reward model on the frozen base (the policy adapter starts from the parent's).
     tick = time.monotonic()

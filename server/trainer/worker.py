@@ -113,7 +113,10 @@ class _ActiveRun:
     metrics: dict[str, Any] = field(default_factory=dict)
     result: dict[str, Any] | None = None
     error: str | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
     cancelled: str | None = None
+    kill_at: float | None = None
+    """When a process asked to stop (SIGTERM) is killed if it has not exited."""
     task: asyncio.Task[None] | None = None
 
 
@@ -146,7 +149,8 @@ class TrainerSupervisor:
         self.run_timeout_s = run_timeout_s
         self.current: _ActiveRun | None = None
         # Which server started a run: on start, only our own orphans are failed (other replicas' runs are alive).
-        self.owner = f"{socket.gethostname()}:{runs_dir}"
+        # A stable id kept in the data dir, so a recreated container (new host name, same volume) is still "us".
+        self.owner = _instance_id(runs_dir.parent)
         self._versions = itertools.count()
         self._start_lock = asyncio.Lock()
         self._auto: asyncio.Task[None] | None = None
@@ -155,8 +159,9 @@ class TrainerSupervisor:
 
     async def open(self) -> None:
         """Fail the runs a previous server left running (their process died with it); start the auto trigger."""
+        owner = None if self.store.embedded else self.owner  # one process owns a SQLite file: every orphan is ours
         for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC),
-                                                         owner=self.owner):
+                                                         owner=owner):
             log.warning("training run %s was orphaned by a server restart: marked failed", run_id)
             self.metrics.training_runs.labels("failed").inc()
         if self.trigger.auto:
@@ -190,7 +195,7 @@ class TrainerSupervisor:
             if self.current is not None:
                 raise Conflict(f"Training run {self.current.row.id} is in progress; one run at a time.",
                                code="run_in_progress")
-            if self.registry.engine is None:
+            if not self.registry.ready:
                 raise Unavailable("The model is still loading; retry shortly.", headers={"Retry-After": "5"})
             _, pairs, labels = await self.store.count_feedback()
             if pairs + labels == 0:
@@ -209,7 +214,12 @@ class TrainerSupervisor:
             job = RunJob(run_id=row.id, base_model=self.base_model(), database_url=self.database_url,
                          run_dir=str(self.runs_dir / row.id), parent=parent, parent_adapter=parent_adapter,
                          config=config, threads=self.threads)
-            active = await asyncio.to_thread(self._spawn, row, job, request.promote)
+            try:
+                active = await asyncio.to_thread(self._spawn, row, job, request.promote)
+            except BaseException as e:
+                await asyncio.shield(self.store.update_run(row.id, status="failed", finished=datetime.now(UTC),
+                                                           error=f"the trainer process did not start: {e!r}"))
+                raise
             self.current = active
             active.task = asyncio.create_task(self._supervise(active), name=f"alignd-{row.id}")
             self.metrics.training_running.set(1)
@@ -221,7 +231,12 @@ class TrainerSupervisor:
         parent_conn, child_conn = ctx.Pipe()
         process = ctx.Process(target=worker_main, args=(child_conn, job), name=f"alignd-trainer-{row.id}",
                               daemon=True)
-        process.start()
+        try:
+            process.start()
+        except BaseException:
+            parent_conn.close()
+            child_conn.close()
+            raise
         child_conn.close()  # the child holds its end; ours must close for EOF to reach us when it exits
         return _ActiveRun(row=row, process=process, conn=parent_conn, promote=promote,
                           parent_adapter=job.parent_adapter)
@@ -237,10 +252,14 @@ class TrainerSupervisor:
         return await self.get(run_id)
 
     def _stop(self, active: _ActiveRun, reason: str, cancelled: bool = False) -> None:
+        if active.cancelled is not None:
+            return  # already stopping: keep the first reason
         active.cancelled = "cancelled" if cancelled else "failed"
         active.error = reason
         if active.process.is_alive():
             active.process.terminate()
+            active.kill_at = time.monotonic() + STOP_GRACE_S
+            active.wake.set()  # the supervisor recomputes its wait to honour kill_at
 
     # --- supervision ------------------------------------------------------------------------------------------
 
@@ -253,11 +272,16 @@ class TrainerSupervisor:
         calls: set[asyncio.Task[None]] = set()
         try:
             while True:
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                try:
-                    message = await asyncio.wait_for(inbox.get(), timeout)
-                except TimeoutError:
+                now = time.monotonic()
+                if active.kill_at is not None and now >= active.kill_at:
+                    active.process.kill()  # it ignored SIGTERM for STOP_GRACE_S
+                    active.kill_at = None
+                if deadline is not None and now >= deadline:
                     self._stop(active, f"the run exceeded its time limit of {self.run_timeout_s:.0f} s")
+                    deadline = None
+                wakeups = [t for t in (deadline, active.kill_at) if t is not None]
+                message = await _next_message(inbox, active.wake, min(wakeups) - now if wakeups else None)
+                if message is _WOKEN:
                     continue
                 if message is None:
                     break
@@ -329,38 +353,49 @@ class TrainerSupervisor:
         row, status, error = active.row, "failed", active.error
         candidate, promoted = None, False
         if active.cancelled is None and active.result is not None:
+            outcome: dict[str, Any] = {}
             try:
-                candidate, promoted, error = await self._register(active)
+                promoted, error = await self._register(active, outcome)
                 status = "succeeded" if error is None else "failed"
             except Exception as e:
                 log.exception("registering the candidate of run %s failed", row.id)
                 error = f"registering the candidate failed: {type(e).__name__}: {e}"
+            candidate = outcome.get("version")
         elif active.cancelled is not None:
             status = active.cancelled
         elif error is None:
             error = f"the trainer process ended without a result ({_exit_reason(active.process.exitcode)})"
-        await self.store.update_run(row.id, status=status, phase="done" if status == "succeeded" else row.phase,
-                                    progress=1.0 if status == "succeeded" else row.progress, candidate=candidate,
-                                    promoted=promoted, error=error, metrics=active.metrics,
-                                    finished=datetime.now(UTC))
+        for attempt in range(5):  # the outcome must be recorded: retry through a brief database outage
+            try:
+                await self.store.update_run(row.id, status=status,
+                                            phase="done" if status == "succeeded" else row.phase,
+                                            progress=1.0 if status == "succeeded" else row.progress,
+                                            candidate=candidate, promoted=promoted, error=error,
+                                            metrics=active.metrics, finished=datetime.now(UTC))
+                break
+            except Exception:
+                log.exception("could not record the outcome of run %s (attempt %d)", row.id, attempt + 1)
+                await asyncio.sleep(2**attempt)
         self.metrics.training_runs.labels(status).inc()
         log.info("training run %s %s%s", row.id, status, f": {error}" if error else "")
 
-    async def _register(self, active: _ActiveRun) -> tuple[int, bool, str | None]:
+    async def _register(self, active: _ActiveRun, outcome: dict[str, Any]) -> tuple[bool, str | None]:
+        """Register the candidate (its version goes into ``outcome`` at once) and promote it when it should be."""
         result, row = active.result or {}, active.row
         policy = await self.registry.register(Path(result["staged_adapter"]), parent=row.parent, run_id=row.id,
                                               metrics=result["figures"], passed=result["passed"],
                                               reason=result["reason"])
+        outcome["version"] = policy.version
         await self.store.mark_used(row.id, result["new_pair_ids"], result["new_label_ids"])
         if not (result["passed"] and active.promote):
-            return policy.version, False, None
+            return False, None
         if self.registry.router.promoted != row.parent:  # an operator promoted another version meanwhile
-            return policy.version, False, None
+            return False, None
         try:
             await self.registry.promote(policy.version, reason=f"passed the gate in {row.id}")
         except AlignError as e:
-            return policy.version, False, f"promotion failed: {e.message}"
-        return policy.version, True, None
+            return False, f"promotion failed: {e.message}"
+        return True, None
 
     # --- automatic runs ---------------------------------------------------------------------------------------
 
@@ -368,7 +403,7 @@ class TrainerSupervisor:
         while True:
             await asyncio.sleep(self.trigger.poll_s)
             try:
-                if self.current is None and self.registry.engine is not None and await self._due():
+                if self.current is None and self.registry.ready and await self._due():
                     await self.start(TrainingRunRequest(), trigger="auto")
             except asyncio.CancelledError:
                 raise
@@ -387,6 +422,30 @@ class TrainerSupervisor:
         # After a failed run wait at least a minute, so that a persistent failure does not spin.
         interval = max(self.trigger.min_interval_s, 60.0) if last[0].status == "failed" else self.trigger.min_interval_s
         return (datetime.now(UTC) - last[0].created).total_seconds() >= interval
+
+
+_WOKEN = object()
+STOP_GRACE_S = 15.0
+"""Seconds a trainer process gets to exit after SIGTERM before it is killed."""
+
+
+async def _next_message(inbox: asyncio.Queue[Any], wake: asyncio.Event, wait_s: float | None) -> Any:
+    """The next message from the pipe, or ``_WOKEN`` when ``wake`` is set or ``wait_s`` passes first."""
+    if not inbox.empty():
+        return inbox.get_nowait()
+    getter = asyncio.ensure_future(inbox.get())
+    waiter = asyncio.ensure_future(wake.wait())
+    try:
+        await asyncio.wait({getter, waiter}, timeout=max(0.0, wait_s) if wait_s is not None else None,
+                           return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        waiter.cancel()
+        wake.clear()
+        if not getter.done():
+            getter.cancel()
+    if getter.done() and not getter.cancelled():
+        return getter.result()
+    return _WOKEN
 
 
 def _pump(conn: Connection, loop: asyncio.AbstractEventLoop, inbox: asyncio.Queue[Any]) -> None:
@@ -433,6 +492,18 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
     if isinstance(accuracy, int | float):
         out["reward_model_heldout_accuracy"] = float(accuracy)
     return out
+
+
+def _instance_id(data_dir: Path) -> str:
+    """This server's id, created once in its data dir (host name for readability, a random part for uniqueness)."""
+    path = data_dir / "instance-id"
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        ident = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        path.write_text(ident + "\n")
+        return ident
 
 
 def default_threads() -> int:
