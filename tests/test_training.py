@@ -256,7 +256,10 @@ def test_alignd_train_starts_a_run_and_follows_it(trained: dict[str, Any]) -> No
                            "--iterations", "1", "--no-promote"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout and "candidate: version" in done.stdout and "(promoted)" not in done.stdout
-    assert "ppo" in done.stderr and "100%" in done.stderr  # the progress lines
+    # The progress lines (one per change, the run is not on a terminal): from the start to "100% done". Which
+    # phases show in between depends on the 1 s poll, so the test does not name them.
+    bars = [line for line in done.stderr.splitlines() if line.startswith("[")]
+    assert len(bars) >= 2 and "0% starting" in bars[0] and "100% done" in bars[-1]
     [latest, *_] = admin(srv, "GET", "/v1/training/runs?limit=1").json()["data"]
     assert latest["status"] == "succeeded" and latest["promoted"] is False
     assert admin(srv, "GET", f"/v1/policies/{latest['candidate']}").json()["status"] == "candidate"
