@@ -173,12 +173,8 @@ class PolicyRegistry:
                 await self._load(row)
             # The database first: if the write fails, nothing was switched (and replicas agree with us).
             await self.store.set_promoted(version, datetime.now(UTC), reason)
-            self.router.promoted = version  # new requests go to it from here on
-            self._loaded[version] = time.monotonic()
-            self.metrics.promoted_version.set(version)
-            self.metrics.policy_swaps.inc()
+            await self._route(version)
             self.metrics.policy_swap_seconds.observe(time.perf_counter() - started)
-            await self._evict()
             log.info("policy %d promoted (%s)", version, reason or "by request")
             return self._wire(await self._row(version))
 
@@ -196,13 +192,17 @@ class PolicyRegistry:
                     log.error("another replica promoted version %d, which cannot be loaded here: %s", version,
                               e.message)
                     return False
-            self.router.promoted = version
-            self._loaded[version] = time.monotonic()
-            self.metrics.promoted_version.set(version)
-            self.metrics.policy_swaps.inc()
-            await self._evict()
+            await self._route(version)
             log.info("policy %d promoted by another replica: serving it", version)
             return True
+
+    async def _route(self, version: int) -> None:
+        """Send new requests to a loaded ``version`` (running ones finish on theirs), then free older slots."""
+        self.router.promoted = version
+        self._loaded[version] = time.monotonic()
+        self.metrics.promoted_version.set(version)
+        self.metrics.policy_swaps.inc()
+        await self._evict()
 
     async def rollback(self, version: int | None = None) -> Policy:
         """Promote ``version``, or without one the version promoted before the current one."""

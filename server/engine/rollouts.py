@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from server.protocol import SamplingOptions
@@ -45,3 +46,20 @@ async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: i
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
+
+
+async def adapter_replies(engine: Any, prompts: Sequence[list[int]], adapter_dir: str | Path | None, version: int, *,
+                          temperature: float, max_new_tokens: int, eos_id: int, request_prefix: str = "rollout"
+                          ) -> list[tuple[list[int], bool]]:
+    """:func:`generate_replies` from an adapter folder loaded under ``version`` for the occasion (a fresh LoRA id)
+    and unloaded afterwards; without a folder, from the base model (version 0)."""
+    if adapter_dir is None:
+        version = 0
+    else:
+        await engine.load_policy(version, adapter_dir)
+    try:
+        return await generate_replies(engine, prompts, version, temperature=temperature,
+                                      max_new_tokens=max_new_tokens, eos_id=eos_id, request_prefix=request_prefix)
+    finally:  # free the slot, and the folder it may read, whatever happened
+        if version:
+            await engine.unload_policy(version)

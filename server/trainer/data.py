@@ -84,9 +84,12 @@ async def _signal(store: Store, table: str, cap: int, config: DataConfig, rng: r
     """``(train rows, held-out rows, new row ids)`` of one signal table."""
     new = await store.signal_rows(table, used=False, limit=cap)
     old = await store.signal_rows(table, used=True, limit=max(cap, 1))
-    held = [r for r in new + old if is_heldout(r["feedback_id"], config.heldout_fraction)]
-    train_new = [r for r in new if not is_heldout(r["feedback_id"], config.heldout_fraction)]
-    train_old = [r for r in old if not is_heldout(r["feedback_id"], config.heldout_fraction)]
+    def held_out(row: dict[str, Any]) -> bool:
+        return is_heldout(row["feedback_id"], config.heldout_fraction)
+
+    held = [r for r in new + old if held_out(r)]
+    train_new = [r for r in new if not held_out(r)]
+    train_old = [r for r in old if not held_out(r)]
     # A share of older signal, or all of it when nothing is new (an operator asked for a run anyway).
     share = round(config.replay_fraction * len(train_new)) if train_new else len(train_old)
     replay = rng.sample(train_old, min(len(train_old), share))

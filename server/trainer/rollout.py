@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from server.engine.rollouts import generate_replies
+from server.engine.rollouts import adapter_replies
 from server.engine.router import RESERVED_VERSIONS
 from server.protocol import SamplingOptions
 from server.trainer.config import RolloutBackendName
@@ -186,24 +186,15 @@ class VLLMRollouts:
     def generate(
         self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling
     ) -> list[Rollout]:
-        if adapter is None:  # version 0 is the bare base in the engine
-            return self._run(self._generate_all(prompts, 0, sampling, stack.tokenizer.eos_token_id))
         with tempfile.TemporaryDirectory(dir=self.workdir, prefix="alignd-rollout-") as tmp:
-            folder = stack.save_adapter(adapter, Path(tmp) / adapter)
-            self._run(self.engine.load_policy(ROLLOUT_VERSION, folder))
-            try:
-                return self._run(self._generate_all(prompts, ROLLOUT_VERSION, sampling, stack.tokenizer.eos_token_id))
-            finally:  # the engine keeps few adapters loaded; free the slot (and the folder it may read)
-                self._run(self.engine.unload_policy(ROLLOUT_VERSION))
-
-    async def _generate_all(
-        self, prompts: Sequence[list[int]], version: int, sampling: Sampling, eos_id: int
-    ) -> list[Rollout]:
-        replies = await generate_replies(self.engine, prompts, version, temperature=sampling.temperature,
-                                         max_new_tokens=sampling.max_new_tokens, eos_id=eos_id,
-                                         request_prefix=self.request_prefix)
+            folder = None if adapter is None else stack.save_adapter(adapter, Path(tmp) / adapter)
+            replies = self._run(adapter_replies(
+                self.engine, prompts, folder, ROLLOUT_VERSION, temperature=sampling.temperature,
+                max_new_tokens=sampling.max_new_tokens, eos_id=stack.tokenizer.eos_token_id,
+                request_prefix=self.request_prefix))
         return [Rollout(prompt_ids=list(p), response_ids=r, ended=e)
                 for p, (r, e) in zip(prompts, replies, strict=True)]
+
 
 
 class RolloutLink(Protocol):

@@ -32,7 +32,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from server.engine.rollouts import generate_replies
+from server.engine.rollouts import adapter_replies
 from server.engine.router import RESERVED_VERSIONS
 from server.errors import AlignError, Conflict, NotFound, Unavailable
 from server.metrics import Metrics
@@ -333,18 +333,10 @@ class TrainerSupervisor:
             pass  # the process is gone; the supervisor settles the run
 
     async def _rollouts(self, run_id: str, payload: dict[str, Any]) -> list[tuple[list[int], bool]]:
-        engine = self.registry.engine
-        version = 0
-        if payload["adapter_dir"] is not None:  # a fresh reserved version (and LoRA id) per request
-            version = RESERVED_VERSIONS + next(self._versions) % 1_000_000
-            await engine.load_policy(version, payload["adapter_dir"])
-        try:
-            replies = await generate_replies(engine, payload["prompts"], version, temperature=payload["temperature"],
-                                             max_new_tokens=payload["max_new_tokens"], eos_id=payload["eos_id"],
-                                             request_prefix=f"rollout-{run_id}")
-        finally:
-            if version:
-                await engine.unload_policy(version)
+        replies = await adapter_replies(  # a fresh reserved version per request
+            self.registry.engine, payload["prompts"], payload["adapter_dir"],
+            RESERVED_VERSIONS + next(self._versions) % 1_000_000, temperature=payload["temperature"],
+            max_new_tokens=payload["max_new_tokens"], eos_id=payload["eos_id"], request_prefix=f"rollout-{run_id}")
         self.metrics.rollout_requests.inc(len(replies))
         return replies
 
