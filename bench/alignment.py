@@ -30,9 +30,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clients.sdk import Client  # noqa: E402
-from clients.simulate import SimulationReport, VersionStats, fetch_runs, run_simulation  # noqa: E402
-from server.demo.corpus import STYLES, classify, held_out_prompts  # noqa: E402
+from alignd.clients.sdk import Client  # noqa: E402
+from alignd.clients.simulate import SimulationReport, VersionStats, fetch_runs, run_simulation  # noqa: E402
+from alignd.demo.corpus import STYLES, classify, held_out_prompts  # noqa: E402
 
 ADMIN = "bench-admin"
 
@@ -44,7 +44,7 @@ def free_port() -> int:
 
 
 def start_server(model: Path, data_dir: Path, port: int, extra: list[str], log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "server.cli", "serve", "--model", str(model), "--data-dir", str(data_dir),
+    cmd = [sys.executable, "-m", "alignd.cli", "serve", "--model", str(model), "--data-dir", str(data_dir),
            "--port", str(port), "--admin-key", ADMIN, "--training-trigger", "auto", *extra]
     print("$", " ".join(cmd), flush=True)
     proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
@@ -159,7 +159,7 @@ def main() -> int:
     parser.add_argument("server_args", nargs="*", help="Extra `alignd serve` flags, after --.")
     args = parser.parse_args()
 
-    from server.demo.build import ensure_demo_model
+    from alignd.demo.build import ensure_demo_model
 
     model = args.model or ensure_demo_model(ROOT / ".alignd-test-cache")
     data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-alignment-"))

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import httpx
 
-from server.store import ChoiceRecord, CompletionRecord, Store
+from alignd.store import ChoiceRecord, CompletionRecord, Store
 
 COMPLETIONS = 2000
 WARMUP_S = 2.0
@@ -242,8 +242,8 @@ def serve_main(url: str, port: int, data_dir: str) -> None:
     """The server process: the real app on ``url``, without an engine (feedback does not need one)."""
     import uvicorn
 
-    from server.app import create_app
-    from server.config import load_settings
+    from alignd.app import create_app
+    from alignd.config import load_settings
 
     class NoEngine:
         loaded_versions: dict[int, object] = {0: None}  # noqa: RUF012

@@ -53,13 +53,13 @@ def main() -> int:
 
     import torch
 
-    from server.demo.build import ensure_demo_model
-    from server.demo.corpus import generate_corpus, training_prompts
-    from server.trainer.config import TrainerConfig
-    from server.trainer.models import load_stack
-    from server.trainer.ppo import run_ppo
-    from server.trainer.reward_model import Comparison, train_reward_model
-    from server.trainer.rollout import HFRollouts, encode_prompt
+    from alignd.demo.build import ensure_demo_model
+    from alignd.demo.corpus import generate_corpus, training_prompts
+    from alignd.trainer.config import TrainerConfig
+    from alignd.trainer.models import load_stack
+    from alignd.trainer.ppo import run_ppo
+    from alignd.trainer.reward_model import Comparison, train_reward_model
+    from alignd.trainer.rollout import HFRollouts, encode_prompt
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --device cpu for a smoke run")

@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--max-loras", type=int, default=2)
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
-    from server.demo.build import ensure_demo_model
+    from alignd.demo.build import ensure_demo_model
 
     model = args.model or ensure_demo_model(ROOT / ".alignd-test-cache")
     data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-hotswap-"))

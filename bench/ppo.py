@@ -38,15 +38,15 @@ def main() -> int:
 
     import torch
 
-    from server.config import EngineSettings
-    from server.demo.build import ensure_demo_model
-    from server.demo.corpus import generate_corpus, training_prompts
-    from server.engine.vllm_engine import VLLMEngine
-    from server.trainer.config import TrainerConfig
-    from server.trainer.models import POLICY, load_stack
-    from server.trainer.ppo import run_ppo
-    from server.trainer.reward_model import Comparison, fit_normalization, train_reward_model
-    from server.trainer.rollout import HFRollouts, Sampling, VLLMRollouts, encode_prompt
+    from alignd.config import EngineSettings
+    from alignd.demo.build import ensure_demo_model
+    from alignd.demo.corpus import generate_corpus, training_prompts
+    from alignd.engine.vllm_engine import VLLMEngine
+    from alignd.trainer.config import TrainerConfig
+    from alignd.trainer.models import POLICY, load_stack
+    from alignd.trainer.ppo import run_ppo
+    from alignd.trainer.reward_model import Comparison, fit_normalization, train_reward_model
+    from alignd.trainer.rollout import HFRollouts, Sampling, VLLMRollouts, encode_prompt
 
     torch.set_num_threads(args.threads)
     model = str(args.model or ensure_demo_model(ROOT / ".alignd-test-cache"))

@@ -3,7 +3,7 @@
     python bench/serving.py --model DIR [--concurrency 1 16 64] [--requests-per-level 256] [--duration-s 30]
                             [--max-tokens 64] [--kv-cache-space-gib 2] [--rounds 1] [--out docs/benchmarks.md]
 
-One server at a time (this is meant for small machines): alignd (``python -m server.cli serve``) first, then
+One server at a time (this is meant for small machines): alignd (``python -m alignd.cli serve``) first, then
 ``python -m vllm.entrypoints.openai.api_server`` with the engine arguments alignd gives vLLM (``engine_args()`` in
 ``server/engine/vllm_engine.py``); with ``--rounds N`` each is started N times in alternating order and the table
 shows each level's best round. Each start gets uncounted warm-up requests (as many at once as the largest
@@ -130,7 +130,7 @@ class ServerSpec:
 def alignd_spec(cfg: EngineConfig, port: int, workdir: Path) -> ServerSpec:
     """``alignd serve`` on the model, with its database in ``workdir``."""
     argv = [
-        sys.executable, "-m", "server.cli", "serve",
+        sys.executable, "-m", "alignd.cli", "serve",
         "--model", cfg.model, "--port", str(port), "--host", "127.0.0.1",
         "--data-dir", str(workdir / "alignd-data"),
         "--max-model-len", str(cfg.max_model_len), "--kv-cache-space-gib", str(cfg.kv_cache_space_gib),

@@ -20,7 +20,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
-from server.store import ChoiceRecord, CompletionRecord, Store
+from alignd.store import ChoiceRecord, CompletionRecord, Store
 
 GROUP_BATCH_MAX = 256
 

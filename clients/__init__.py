@@ -1,8 +1,8 @@
-"""alignd's clients: the Python SDK (``from clients import Client, AsyncClient, AligndError``), the terminal chat
-(``alignd chat``, :mod:`clients.terminal`), simulated users (``alignd simulate``, :mod:`clients.simulate`) and the
-web chat page (``clients/web/``)."""
+"""alignd's clients: the Python SDK (``from alignd.clients import Client, AsyncClient, AligndError``), the terminal
+chat (``alignd chat``, :mod:`alignd.clients.terminal`), simulated users (``alignd simulate``,
+:mod:`alignd.clients.simulate`) and the web chat page (``clients/web/``)."""
 
-from clients.sdk import (
+from alignd.clients.sdk import (
     AligndError,
     APIConnectionError,
     APIError,

@@ -1,8 +1,8 @@
 """Python SDK for alignd: chat, feedback, export, and the operator endpoints (policies, training runs).
 
-Import it as ``from clients import Client, AsyncClient, AligndError``::
+Import it as ``from alignd.clients import Client, AsyncClient, AligndError``::
 
-    from clients import Client
+    from alignd.clients import Client
 
     with Client("http://127.0.0.1:8000", api_key="my-key") as client:
         reply = client.chat([{"role": "user", "content": "How do I keep basil alive?"}], n=2, temperature=1.0)
@@ -11,7 +11,7 @@ Import it as ``from clients import Client, AsyncClient, AligndError``::
         for chunk in client.chat([{"role": "user", "content": "Hi!"}], stream=True):
             print("".join(c.delta.content or "" for c in chunk.choices), end="")
 
-Answers are the msgspec Structs of :mod:`server.protocol` (light: no torch or vLLM is imported). Connection errors,
+Answers are the msgspec Structs of :mod:`alignd.protocol` (light: no torch or vLLM is imported). Connection errors,
 429 and 503 are retried with exponential backoff and jitter (``Retry-After`` wins when the server sends it); every
 feedback POST carries an idempotency key, so a retry cannot count twice. Failures raise :class:`AligndError`
 subclasses carrying the server's OpenAI-shaped error (``status``, ``code``, ``param``, ``message``).
@@ -31,7 +31,7 @@ from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
 import httpx
 import msgspec
 
-from server.protocol import (
+from alignd.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatMessage,

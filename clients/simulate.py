@@ -1,6 +1,6 @@
 """``alignd simulate``: simulated users who prefer one reply style, chatting and giving feedback through the SDK.
 
-Each simulated request asks a prompt from the demo corpus (:mod:`server.demo.corpus`; training-side prompts by
+Each simulated request asks a prompt from the demo corpus (:mod:`alignd.demo.corpus`; training-side prompts by
 default, so the held-out ones stay unseen) for ``n`` replies (2 to 4) at temperature 1.0, labels every reply with
 the corpus classifier (topic and style), and gives one piece of feedback. A reply's worth to the user is
 
@@ -33,9 +33,9 @@ from dataclasses import dataclass, field, replace
 from statistics import fmean
 from typing import Any, Literal
 
-from clients.sdk import AligndError, APIConnectionError, AuthenticationError, Client, PermissionDeniedError
-from server.demo.corpus import STYLES, Label, Prompt, classify, held_out_prompts, training_prompts
-from server.protocol import TrainingRun
+from alignd.clients.sdk import AligndError, APIConnectionError, AuthenticationError, Client, PermissionDeniedError
+from alignd.demo.corpus import STYLES, Label, Prompt, classify, held_out_prompts, training_prompts
+from alignd.protocol import TrainingRun
 
 FeedbackKind = Literal["ranking", "pairwise", "thumbs"]
 KINDS: tuple[FeedbackKind, ...] = ("ranking", "pairwise", "thumbs")

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from clients.sdk import (
+from alignd.clients.sdk import (
     AligndError,
     APIConnectionError,
     APIError,
@@ -39,7 +39,7 @@ from clients.sdk import (
     NotFoundError,
     PermissionDeniedError,
 )
-from server.protocol import FeedbackCreated
+from alignd.protocol import FeedbackCreated
 
 HELP = """Commands (they act on the last reply):
   /up, /down       thumbs up or down

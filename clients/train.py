@@ -10,8 +10,8 @@ import sys
 import time
 from typing import TextIO
 
-from clients.sdk import AligndError, Client
-from server.protocol import TrainingRun
+from alignd.clients.sdk import AligndError, Client
+from alignd.protocol import TrainingRun
 
 
 def _bar(run: TrainingRun, width: int) -> str:

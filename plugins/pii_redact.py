@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 
-from server.plugins import Feedback, hookimpl
+from alignd import Feedback, hookimpl
 
 EMAIL = re.compile(r"(?<![\w.+-])[\w.+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 PHONE = re.compile(r"(?<![\w+])\+?\(?\d[\d\s().-]{6,}\d(?![\w])")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from server.plugins import Feedback, PluginContext, Rejection, hookimpl
+from alignd import Feedback, PluginContext, Rejection, hookimpl
 
 NAME = "quota"
 _MAX_USERS = 100_000  # forget full buckets beyond this many users

@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from math import comb
 
-from server.plugins import Feedback, InvalidFeedback, PreferencePair, RegisterKind, Signal, completion_prompt, hookimpl
-from server.protocol import RankingFeedback
-from server.store import CompletionRecord
+from alignd import (
+    CompletionRecord,
+    Feedback,
+    InvalidFeedback,
+    PreferencePair,
+    RegisterKind,
+    Signal,
+    completion_prompt,
+    hookimpl,
+)
+from alignd.protocol import RankingFeedback
 
 
 @hookimpl

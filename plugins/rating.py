@@ -7,7 +7,8 @@ with margin (difference / 9, so in (0, 1], like Llama 2's rating margins). A cle
 
 from __future__ import annotations
 
-from server.plugins import (
+from alignd import (
+    CompletionRecord,
     Feedback,
     Label,
     PreferencePair,
@@ -17,8 +18,7 @@ from server.plugins import (
     completion_prompt,
     hookimpl,
 )
-from server.protocol import RatingFeedback
-from server.store import CompletionRecord
+from alignd.protocol import RatingFeedback
 
 GOOD_FROM = 8
 BAD_UP_TO = 3

@@ -6,7 +6,8 @@ another choice (its latest one), the two make a preference pair: the up choice o
 
 from __future__ import annotations
 
-from server.plugins import (
+from alignd import (
+    CompletionRecord,
     Feedback,
     Label,
     PreferencePair,
@@ -16,8 +17,7 @@ from server.plugins import (
     completion_prompt,
     hookimpl,
 )
-from server.protocol import ThumbsFeedback
-from server.store import CompletionRecord
+from alignd.protocol import ThumbsFeedback
 
 
 @hookimpl

@@ -18,10 +18,8 @@ import logging
 import httpx
 import msgspec
 
-from server.feedback import feedback_event
-from server.metrics import Metrics
-from server.plugins import Feedback, PluginContext, Signal, hookimpl
-from server.store import CompletionRecord
+from alignd import CompletionRecord, Feedback, PluginContext, Signal, feedback_event, hookimpl
+from alignd.metrics import Metrics
 
 NAME = "webhook"
 SIGNATURE_HEADER = "X-Alignd-Signature"

@@ -20,26 +20,26 @@ from litestar import Litestar, Request, Response, Router
 from litestar.exceptions import HTTPException
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.api.chat import chat_completions, list_models
-from server.api.feedback import create_feedback, export_feedback, feedback_stats, list_feedback
-from server.api.health import health, metrics, ready
-from server.api.plugins import list_plugins
-from server.api.policies import get_policy, list_policies, promote_policy, rollback_policy
-from server.api.training import cancel_run, get_run, list_runs, start_run
-from server.api.web import web_router
-from server.auth import KeyChecker, user_guard
-from server.chat import ChatService
-from server.config import ConfigError, Settings
-from server.engine.router import PolicyRouter
-from server.errors import AlignError, Unavailable
-from server.feedback import FeedbackService
-from server.metrics import Metrics
-from server.plugins import collect_feedback_kinds, collect_routes, make_plugin_manager
-from server.policies import PolicyRegistry
-from server.protocol import ErrorDetail, ErrorResponse
-from server.store import Store
-from server.trainer.config import trainer_config
-from server.trainer.worker import TrainerSupervisor, TriggerPolicy, default_threads
+from alignd.api.chat import chat_completions, list_models
+from alignd.api.feedback import create_feedback, export_feedback, feedback_stats, list_feedback
+from alignd.api.health import health, metrics, ready
+from alignd.api.plugins import list_plugins
+from alignd.api.policies import get_policy, list_policies, promote_policy, rollback_policy
+from alignd.api.training import cancel_run, get_run, list_runs, start_run
+from alignd.api.web import web_router
+from alignd.auth import KeyChecker, user_guard
+from alignd.chat import ChatService
+from alignd.config import ConfigError, Settings
+from alignd.errors import AlignError, Unavailable
+from alignd.feedback.manager import collect_feedback_kinds, collect_routes, make_plugin_manager
+from alignd.feedback.service import FeedbackService
+from alignd.metrics import Metrics
+from alignd.policies.registry import PolicyRegistry
+from alignd.policies.router import PolicyRouter
+from alignd.protocol import ErrorDetail, ErrorResponse
+from alignd.store import Store
+from alignd.trainer.config import trainer_config
+from alignd.trainer.supervisor import TrainerSupervisor, TriggerPolicy, default_threads
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
                 await asyncio.to_thread(state.engine.shutdown)
 
     async def _start_engine(state: Any) -> None:
-        from server.engine.vllm_engine import VLLMEngine
+        from alignd.engine.vllm_engine import VLLMEngine
 
         model = resolve_model(settings)
         try:
@@ -170,7 +170,7 @@ def resolve_model(settings: Settings) -> str:
     """The configured model, or the demo model (built into the data dir the first time, with a progress bar)."""
     if settings.model:
         return settings.model
-    from server.demo.build import ensure_demo_model
+    from alignd.demo.build import ensure_demo_model
 
     return str(ensure_demo_model(settings.data_path / "models"))
 

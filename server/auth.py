@@ -9,7 +9,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from server.errors import Forbidden, Unauthorized
+from alignd.errors import Forbidden, Unauthorized
 
 
 def _matches(key: str, keys: Sequence[str]) -> bool:

@@ -16,11 +16,12 @@ from typing import Protocol
 
 import msgspec
 
-from server.engine.router import PolicyRouter
-from server.engine.types import GenerationStep
-from server.errors import InvalidRequest
-from server.metrics import Metrics
-from server.protocol import (
+from alignd.engine.types import GenerationStep
+from alignd.errors import InvalidRequest
+from alignd.messages import plain_messages
+from alignd.metrics import Metrics
+from alignd.policies.router import PolicyRouter
+from alignd.protocol import (
     AssistantMessage,
     ChatCompletion,
     ChatCompletionChunk,
@@ -32,7 +33,7 @@ from server.protocol import (
     Usage,
     fingerprint,
 )
-from server.store import ChoiceRecord, CompletionRecord, Store
+from alignd.store import ChoiceRecord, CompletionRecord, Store
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,8 @@ class ChatService:
         if request.n > 1 and request.temperature == 0:
             raise InvalidRequest("n > 1 needs temperature > 0: greedy decoding gives n identical choices.",
                                  param="temperature")
-        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()}
-                    for m in request.messages]
-        prompt = self.engine.render_prompt(messages)
+        prompt = self.engine.render_prompt(plain_messages({"role": m.role, "content": m.text()}
+                                                          for m in request.messages))
         context_left = self.engine.max_model_len - len(prompt)
         if context_left < 1:
             raise InvalidRequest(

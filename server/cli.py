@@ -9,8 +9,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from server.config import ConfigError, Settings, add_arguments, cli_values, load_settings
-from server.demo.corpus import STYLES
+from alignd.config import ConfigError, Settings, add_arguments, cli_values, load_settings
+from alignd.demo.corpus import STYLES
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -35,7 +35,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the server: build the demo model first if no model is configured, then serve."""
     import uvicorn
 
-    from server.app import create_app, resolve_model
+    from alignd.app import create_app, resolve_model
 
     settings = _settings(args)
     logging.basicConfig(level=settings.server.log_level.upper(),
@@ -55,7 +55,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
     """Build the demo model (or reuse the cached build) and print its folder."""
-    from server.demo.build import build_demo_model, ensure_demo_model
+    from alignd.demo.build import build_demo_model, ensure_demo_model
 
     if args.out:
         path = build_demo_model(args.out, preset=args.preset, seed=args.seed)
@@ -70,7 +70,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     """List the plugins found (built-in, installed, configured), whether they load, their hooks and kinds."""
     import json
 
-    from server.plugins import PluginError, describe_plugins, make_plugin_manager
+    from alignd.feedback.manager import PluginError, describe_plugins, make_plugin_manager
 
     try:
         infos = describe_plugins(make_plugin_manager(_settings(args)))
@@ -185,7 +185,7 @@ def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Chat in the terminal (or over a pipe)."""
-    from clients.terminal import main as chat_main
+    from alignd.clients.terminal import main as chat_main
 
     return chat_main(url=args.url, api_key=args.api_key, model=args.model, temperature=args.temperature,
                      max_tokens=args.max_tokens, system=args.system)
@@ -193,7 +193,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Start a training run and follow it."""
-    from clients.train import main as train_main
+    from alignd.clients.train import main as train_main
 
     return train_main(url=args.url, admin_key=args.admin_key, iterations=args.iterations,
                       rollout_batch_size=args.rollout_batch_size, time_limit_s=args.time_limit_s,
@@ -202,7 +202,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_simulate(args: argparse.Namespace) -> int:
     """Run simulated users."""
-    from clients.simulate import main as simulate_main
+    from alignd.clients.simulate import main as simulate_main
 
     if (args.requests is not None and args.requests < 1) or args.concurrency < 1 or args.report_every < 1:
         print("alignd simulate: --requests, --concurrency and --report-every must be at least 1", file=sys.stderr)

@@ -41,7 +41,7 @@ def demo_model_dir() -> Path:
     The cache lives in ``ALIGND_TEST_CACHE`` (default ``<repo>/.alignd-test-cache``); the first run
     builds it (a few minutes on two CPU cores), later runs reuse it while the build config is unchanged.
     """
-    from server.demo.build import ensure_demo_model  # torch and transformers only when a test needs the model
+    from alignd.demo.build import ensure_demo_model  # torch and transformers only when a test needs the model
 
     default = Path(__file__).resolve().parent.parent / ".alignd-test-cache"
     return ensure_demo_model(Path(os.environ.get("ALIGND_TEST_CACHE", default)), preset="demo", progress=False)
@@ -51,7 +51,7 @@ def demo_model_dir() -> Path:
 def tiny_model_dir() -> Path:
     """The ``tiny`` preset model (seconds per training step on two cores), built once and cached like
     :func:`demo_model_dir`; for trainer tests that need a real model but not a good one."""
-    from server.demo.build import ensure_demo_model
+    from alignd.demo.build import ensure_demo_model
 
     default = Path(__file__).resolve().parent.parent / ".alignd-test-cache"
     return ensure_demo_model(Path(os.environ.get("ALIGND_TEST_CACHE", default)), preset="tiny", progress=False)

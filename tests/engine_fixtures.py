@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from server.config import Settings, load_settings
+from alignd.config import Settings, load_settings
 from tests.serverkit import AppServer, LoopThread
 
 # Light engine settings for a 2-core test machine; the model is the demo model built once per session.
@@ -45,7 +45,7 @@ def engine_loop() -> Iterator[LoopThread]:
 @pytest.fixture(scope="session")
 def engine(engine_loop: LoopThread, demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The real engine on the demo model, shared by every app of the session."""
-    from server.engine.vllm_engine import VLLMEngine
+    from alignd.engine.vllm_engine import VLLMEngine
 
     settings = test_settings(demo_model_dir, tmp_path_factory.mktemp("engine"))
     eng = engine_loop.run(VLLMEngine.start(str(demo_model_dir), settings.engine))
@@ -57,7 +57,7 @@ def engine(engine_loop: LoopThread, demo_model_dir: Path, tmp_path_factory: pyte
 def make_server(engine_loop: LoopThread, engine: Any, demo_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., AppServer]]:
     """Factory: ``make_server(**server_settings)`` serves a new app (own data dir and store) on the shared engine."""
-    from server.app import create_app
+    from alignd.app import create_app
 
     servers: list[AppServer] = []
 

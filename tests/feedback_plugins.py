@@ -10,11 +10,10 @@ from typing import Any
 
 from litestar import Request, post
 
-from server.errors import Unauthorized
-from server.feedback import FeedbackService
-from server.plugins import Feedback, PluginContext, RegisterKind, RegisterRoute, Rejection, Signal, hookimpl
-from server.protocol import ThumbsFeedback
-from server.store import CompletionRecord
+from alignd import CompletionRecord, Feedback, PluginContext, RegisterKind, RegisterRoute, Rejection, Signal, hookimpl
+from alignd.errors import Unauthorized
+from alignd.feedback.service import FeedbackService
+from alignd.protocol import ThumbsFeedback
 
 
 class DuplicateThumbs:

@@ -184,7 +184,7 @@ def test_pinned_version_answers_with_its_adapter(server: AppServer, random_adapt
 
 
 def test_corrupt_adapter_is_refused_and_nothing_changes(server: AppServer, tmp_path: Path) -> None:
-    from server.engine.vllm_engine import PolicyLoadError
+    from alignd.engine.vllm_engine import PolicyLoadError
 
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(PolicyLoadError):
@@ -320,7 +320,7 @@ def test_api_keys_guard_the_client_api(keyed_server: AppServer, header: str | No
 
 
 def test_admin_guard_tells_api_key_from_admin_key(keyed_server: AppServer) -> None:
-    from server.errors import Forbidden, Unauthorized
+    from alignd.errors import Forbidden, Unauthorized
 
     keys = keyed_server.state.key_checker
     keys.check_admin("admin-key")

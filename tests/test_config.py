@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from server.cli import build_parser
-from server.config import OPTIONS, ConfigError, Settings, add_arguments, cli_values, load_settings
+from alignd.cli import build_parser
+from alignd.config import OPTIONS, ConfigError, Settings, add_arguments, cli_values, load_settings
 
 
 def parse(*argv: str) -> dict:
@@ -82,7 +82,7 @@ def test_required_flags_exist_with_env_twins() -> None:
 
 
 def test_serve_help_documents_every_option() -> None:
-    out = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--help"], capture_output=True, text=True,
                          check=True, timeout=120).stdout
     for option in OPTIONS:
         assert f"--{option.flag}" in out, option.flag

@@ -11,9 +11,9 @@ import pytest
 from safetensors.torch import load_file
 from transformers import AutoConfig, GenerationConfig, PreTrainedTokenizerFast
 
-from server.demo import build
-from server.demo.build import build_demo_model, config_hash, ensure_demo_model, evaluate_demo_model
-from server.demo.corpus import (
+from alignd.demo import build
+from alignd.demo.build import build_demo_model, config_hash, ensure_demo_model, evaluate_demo_model
+from alignd.demo.corpus import (
     STYLES,
     TOPICS,
     Label,
@@ -86,7 +86,7 @@ def test_classifier_returns_none_for_unrelated_text() -> None:
 
 
 def test_corpus_module_does_not_import_torch() -> None:
-    code = "import sys, server.demo.corpus; assert 'torch' not in sys.modules"
+    code = "import sys, alignd.demo.corpus; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 

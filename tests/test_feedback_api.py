@@ -547,7 +547,7 @@ def test_duplicate_kind_stops_the_server_from_starting(tmp_path: Path) -> None:
     """``alignd serve`` exits at start, naming both plugins, before it opens the store or loads a model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
     done = subprocess.run(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(tmp_path / "no-model"), "--data-dir",
+        [sys.executable, "-m", "alignd.cli", "serve", "--model", str(tmp_path / "no-model"), "--data-dir",
          str(tmp_path), "--port", "0", "--plugin-module", "tests.feedback_plugins:duplicate_thumbs"],
         capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent, env=env)
     assert done.returncode != 0

@@ -12,7 +12,7 @@ import asyncpg
 import pytest
 from sqlalchemy.engine import make_url
 
-from server.store import Store
+from alignd.store import Store
 from tests.test_feedback_store import make_feedback
 from tests.test_store import _create_database, _drop_database, make_record
 

@@ -9,12 +9,12 @@ from typing import Any
 
 import pytest
 
-from server.store import (
+from alignd.store import (
     LATEST_VERSION,
     MIGRATIONS,
     FeedbackRecord,
-    LabelRecord,
-    PairRecord,
+    Label,
+    PreferencePair,
     RecordRejectedError,
     Store,
     migrations,
@@ -36,10 +36,10 @@ def make_feedback(n: int, completion_id: str = "chatcmpl-000001", **overrides: A
         "choice": n % 2, "payload": {"value": "up", "choice": n % 2}, "user": f"user-{n % 3}",
         "comment": f"comment {n} ☃", "tags": ["a", "b"], "idempotency_key": None, "request_hash": f"h{n}",
         "policy_version": 1, "created": T0 + timedelta(seconds=n),
-        "pairs": [PairRecord(prompt=PROMPT, chosen=f"good {n}", rejected=f"bad {n}", margin=0.5, weight=1 / 3,
+        "pairs": [PreferencePair(prompt=PROMPT, chosen=f"good {n}", rejected=f"bad {n}", margin=0.5, weight=1 / 3,
                              chosen_choice=0, rejected_choice=1)],
-        "labels": [LabelRecord(prompt=PROMPT, reply=f"good {n}", good=True, choice=0),
-                   LabelRecord(prompt=PROMPT, reply=f"bad {n}", good=False, weight=2.0, choice=1)],
+        "labels": [Label(prompt=PROMPT, reply=f"good {n}", good=True, choice=0),
+                   Label(prompt=PROMPT, reply=f"bad {n}", good=False, weight=2.0, choice=1)],
     }
     fields.update(overrides)
     return FeedbackRecord(**fields)

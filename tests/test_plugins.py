@@ -16,30 +16,29 @@ from typing import Any
 import msgspec
 import pytest
 
-from server import hookspecs
-from server.config import Settings, load_settings
-from server.errors import InvalidFeedback
-from server.metrics import Metrics
-from server.plugins import (
+from alignd import Feedback, Signal
+from alignd.config import Settings, load_settings
+from alignd.errors import InvalidFeedback
+from alignd.feedback import hookspecs
+from alignd.feedback.manager import (
     BUILTIN_PLUGINS,
-    Feedback,
     PluginError,
-    Signal,
     collect_feedback_kinds,
     collect_routes,
     describe_plugins,
     hook_impls,
     make_plugin_manager,
 )
-from server.protocol import (
+from alignd.feedback.sinks import SinkDispatcher
+from alignd.metrics import Metrics
+from alignd.protocol import (
     EditFeedback,
     PairwiseFeedback,
     RankingFeedback,
     RatingFeedback,
     ThumbsFeedback,
 )
-from server.sinks import SinkDispatcher
-from server.store import ChoiceRecord, CompletionRecord
+from alignd.store import ChoiceRecord, CompletionRecord
 from tests import feedback_plugins
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +120,7 @@ def test_module_that_cannot_be_imported_or_shares_a_name() -> None:
     with pytest.raises(PluginError, match=r"nowhere_to_be_found.*failed to load"):
         make_plugin_manager(settings(plugin_modules=["nowhere_to_be_found"]))
     with pytest.raises(PluginError, match="two plugins are named 'thumbs'"):
-        make_plugin_manager(settings(plugin_modules=["plugins.thumbs"]))
+        make_plugin_manager(settings(plugin_modules=["alignd.plugins.thumbs"]))
 
 
 def test_invalid_kind_registrations_are_refused() -> None:
@@ -162,7 +161,7 @@ def test_describe_lists_loaded_and_skipped_plugins() -> None:
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}
-    return subprocess.run([sys.executable, "-m", "server.cli", "plugins", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "alignd.cli", "plugins", *args], capture_output=True, text=True,
                           cwd=REPO, env=env, timeout=120)
 
 
@@ -299,13 +298,13 @@ def test_unsafe_example_plugin_yields_a_weighted_bad_label(kinds: dict[str, Any]
     ("order 12345 on 2024-01-02 10:30, v1.2.3", "order 12345 on 2024-01-02 10:30, v1.2.3"),
 ])
 def test_pii_redaction(text: str, expected: str) -> None:
-    from plugins.pii_redact import redact
+    from alignd.plugins.pii_redact import redact
 
     assert redact(text) == expected
 
 
 def test_quota_token_bucket() -> None:
-    from plugins.quota import TokenBuckets
+    from alignd.plugins.quota import TokenBuckets
 
     buckets = TokenBuckets(per_minute=2)
     assert buckets.take("bob", now=0.0) == 0 and buckets.take("bob", now=0.0) == 0

@@ -1,7 +1,7 @@
-"""The Python SDK (``clients.sdk``) against the real server and engine: chat (plain, streamed, extra fields), every
-feedback method, export, API keys, the error mapping, and the async client. The retry policy (429/503 with
-``Retry-After``, connection failures, idempotency keys on retried feedback) is tested against a small scripted HTTP
-stub, since a real server will not answer 503 on cue."""
+"""The Python SDK (``alignd.clients.sdk``) against the real server and engine: chat (plain, streamed, extra
+fields), every feedback method, export, API keys, the error mapping, and the async client. The retry policy
+(429/503 with ``Retry-After``, connection failures, idempotency keys on retried feedback) is tested against a
+small scripted HTTP stub, since a real server will not answer 503 on cue."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from typing import Any, ClassVar
 import msgspec
 import pytest
 
-import clients.sdk as sdk
-from clients import (
+import alignd.clients.sdk as sdk
+from alignd.clients import (
     AligndError,
     APIConnectionError,
     AsyncClient,
@@ -31,7 +31,7 @@ from clients import (
     UnavailableError,
     UnprocessableEntityError,
 )
-from server.protocol import ChatCompletion, ChatCompletionChunk, ChatMessage, FeedbackCreated
+from alignd.protocol import ChatCompletion, ChatCompletionChunk, ChatMessage, FeedbackCreated
 from tests.serverkit import AppServer
 
 ADMIN_KEY = "sdk-admin-key"

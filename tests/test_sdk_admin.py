@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from clients import AsyncClient, Client, ConflictError, NotFoundError, PermissionDeniedError
-from clients.simulate import run_simulation
-from server.protocol import Policy, PolicyList, TrainingRun, TrainingRunList
+from alignd.clients import AsyncClient, Client, ConflictError, NotFoundError, PermissionDeniedError
+from alignd.clients.simulate import run_simulation
+from alignd.protocol import Policy, PolicyList, TrainingRun, TrainingRunList
 from tests.serverkit import AppServer
 
 ADMIN, USER = "sdk-admin-secret", "sdk-user-secret"

@@ -46,7 +46,7 @@ def test_sigterm_drains_in_flight_requests_and_leaves_no_process(demo_model_dir:
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALIGND_KV_CACHE_SPACE_GIB": "1", "ALIGND_MAX_MODEL_LEN": "512"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(demo_model_dir), "--data-dir", str(tmp_path),
+        [sys.executable, "-m", "alignd.cli", "serve", "--model", str(demo_model_dir), "--data-dir", str(tmp_path),
          "--port", str(port), "--shutdown-grace-s", "60"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -96,7 +96,7 @@ def test_sigterm_while_the_engine_starts_leaves_no_engine_process(demo_model_dir
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALIGND_KV_CACHE_SPACE_GIB": "1", "ALIGND_MAX_MODEL_LEN": "512"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", "--model", str(demo_model_dir), "--data-dir", str(tmp_path),
+        [sys.executable, "-m", "alignd.cli", "serve", "--model", str(demo_model_dir), "--data-dir", str(tmp_path),
          "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         # Wait until the engine core process exists but the engine is not ready yet, then stop the server.
@@ -135,16 +135,16 @@ def _cmdline(p: psutil.Process) -> list[str]:
 def test_serve_with_invalid_config_file_fails_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "alignd.toml"
     config.write_text("[engine]\nmax_loras = 0\n")
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+    r = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--config", str(config)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "engine.max_loras" in r.stderr and "--max-loras" in r.stderr
 
     config.write_text("[server]\nport = \n")
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(config)],
+    r = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--config", str(config)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not valid TOML" in r.stderr
 
-    r = subprocess.run([sys.executable, "-m", "server.cli", "serve", "--config", str(tmp_path / "missing.toml")],
+    r = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--config", str(tmp_path / "missing.toml")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "cannot read config file" in r.stderr

@@ -1,7 +1,7 @@
-"""Simulated users (``clients.simulate``) against the real server and engine: the feedback stored for each request
-follows the rules (checked independently from the stored replies with the corpus classifier), the report's counts
-and shares match what was stored, the draws are deterministic for a seed, and ``alignd simulate`` prints its
-progress and table. The rules themselves are also checked on hand-made labels."""
+"""Simulated users (``alignd.clients.simulate``) against the real server and engine: the feedback stored for each
+request follows the rules (checked independently from the stored replies with the corpus classifier),
+the report's counts and shares match what was stored, the draws are deterministic for a seed, and ``alignd simulate``
+prints its progress and table. The rules themselves are also checked on hand-made labels."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from clients import Client
-from clients.simulate import (
+from alignd.clients import Client
+from alignd.clients.simulate import (
     Draws,
     FeedbackKind,
     SimulationReport,
@@ -25,7 +25,7 @@ from clients.simulate import (
     run_simulation,
     utility,
 )
-from server.demo.corpus import Label, Prompt, classify
+from alignd.demo.corpus import Label, Prompt, classify
 from tests.serverkit import AppServer
 
 ADMIN = "sim-admin-key"
@@ -123,7 +123,7 @@ def test_the_draws_are_deterministic_for_a_seed(srv: AppServer, admin: Client, s
 
 
 def test_the_command_prints_progress_and_a_table(srv: AppServer) -> None:
-    done = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--url", srv.url, "--admin-key", ADMIN,
+    done = subprocess.run([sys.executable, "-m", "alignd.cli", "simulate", "--url", srv.url, "--admin-key", ADMIN,
                            "--prefer", "friendly", "--requests", "6", "--report-every", "3", "--concurrency", "2",
                            "--max-tokens", "64", "--seed", "3"],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
@@ -136,7 +136,7 @@ def test_the_command_prints_progress_and_a_table(srv: AppServer) -> None:
     row = lines[header + 1].split()
     assert row[0] == "policy-0" and 12 <= int(row[1]) <= 24, "6 requests of 2 to 4 replies"
     assert lines[-1].startswith("6 requests")
-    bad = subprocess.run([sys.executable, "-m", "server.cli", "simulate", "--url", srv.url, "--prefer", "grumpy",
+    bad = subprocess.run([sys.executable, "-m", "alignd.cli", "simulate", "--url", srv.url, "--prefer", "grumpy",
                           "--requests", "1"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert bad.returncode == 2 and "grumpy" in bad.stderr
 

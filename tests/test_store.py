@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.engine import make_url
 
-from server.store import (
+from alignd.store import (
     LATEST_VERSION,
     MIGRATIONS,
     ChoiceRecord,
@@ -27,7 +27,7 @@ from server.store import (
     StoreError,
     migrations,
 )
-from server.store.tables import metadata
+from alignd.store.tables import metadata
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 

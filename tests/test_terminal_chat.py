@@ -15,8 +15,8 @@ from typing import Any
 import pexpect
 import pytest
 
-from clients import Client
-from clients.terminal import parse_ranking, side_by_side
+from alignd.clients import Client
+from alignd.clients.terminal import parse_ranking, side_by_side
 from tests.serverkit import AppServer
 
 ADMIN, USER = "chat-admin-key", "chat-user-key"
@@ -44,7 +44,7 @@ def run_chat(srv: AppServer, stdin: str, *args: str, api_key: str | None = USER)
     env = {k: v for k, v in os.environ.items() if k not in ("ALIGND_API_KEY", "EDITOR")}
     if api_key is not None:
         env["ALIGND_API_KEY"] = api_key  # the key from the environment, as a user would set it
-    return subprocess.run([sys.executable, "-m", "server.cli", "chat", "--url", srv.url, "--max-tokens", "24", *args],
+    return subprocess.run([sys.executable, "-m", "alignd.cli", "chat", "--url", srv.url, "--max-tokens", "24", *args],
                           input=stdin, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
 
 
@@ -98,7 +98,7 @@ def test_pipe_reports_errors_in_plain_words(srv: AppServer) -> None:
     assert "refused the API key" in refused.stderr and "Traceback" not in refused.stderr
     missing = run_chat(srv, "Hello\n", "--model", "alignd@42")
     assert missing.returncode == 1 and "does not serve that model" in missing.stderr
-    nowhere = subprocess.run([sys.executable, "-m", "server.cli", "chat", "--url", "http://127.0.0.1:9"],
+    nowhere = subprocess.run([sys.executable, "-m", "alignd.cli", "chat", "--url", "http://127.0.0.1:9"],
                              input="Hello\n", capture_output=True, text=True, cwd=REPO, timeout=120)
     assert nowhere.returncode == 1 and "Cannot reach the alignd server" in nowhere.stderr
     usage = run_chat(srv, "/rate 11\n/rank 1\n/compare\n/bogus\n")
@@ -116,7 +116,7 @@ def test_terminal_compare_rank_edit(srv: AppServer, admin: Client, tmp_path: Pat
     editor.chmod(0o755)
     env = {**os.environ, "ALIGND_API_KEY": USER, "EDITOR": str(editor), "TERM": "xterm"}
     env.pop("NO_COLOR", None)
-    child = pexpect.spawn(sys.executable, ["-m", "server.cli", "chat", "--url", srv.url, "--max-tokens", "24"],
+    child = pexpect.spawn(sys.executable, ["-m", "alignd.cli", "chat", "--url", srv.url, "--max-tokens", "24"],
                           cwd=str(REPO), env=env, encoding="utf-8", timeout=120, dimensions=(50, 120))
     transcript: list[str] = []
 

@@ -8,11 +8,11 @@ from typing import Any
 
 import msgspec
 
-from server.engine.router import RESERVED_VERSIONS, PolicyRouter
-from server.errors import NotFound
-from server.store import FeedbackRecord, LabelRecord, PairRecord, PolicyRow, RunRow, Store
-from server.trainer.config import DataConfig
-from server.trainer.data import is_heldout, load_training_data, plain_messages
+from alignd.errors import NotFound
+from alignd.policies.router import RESERVED_VERSIONS, PolicyRouter
+from alignd.store import FeedbackRecord, Label, PolicyRow, PreferencePair, RunRow, Store
+from alignd.trainer.config import DataConfig
+from alignd.trainer.data import is_heldout, load_training_data, plain_messages
 from tests.test_store import make_record, store, store_url  # noqa: F401 - the fixtures, on both databases
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -22,17 +22,17 @@ async def _feedback(store: Store, n: int, *, prompt: str | None = None, ranking:
     """A completion and one feedback event on it with one pair (three for a ranking) and one label."""
     messages = [{"role": "user", "content": [{"type": "text", "text": prompt or f"question {n}"}]}]
     await store.record_completion(make_record(n, messages=messages, created=T0 + timedelta(seconds=n)))
-    pairs = [PairRecord(prompt=messages, chosen=f"good {n}", rejected=f"bad {n}", chosen_choice=0,
+    pairs = [PreferencePair(prompt=messages, chosen=f"good {n}", rejected=f"bad {n}", chosen_choice=0,
                         rejected_choice=1)]
     if ranking:
-        pairs += [PairRecord(prompt=messages, chosen=f"good {n}", rejected=f"worse {n}", weight=1 / 3),
-                  PairRecord(prompt=messages, chosen=f"bad {n}", rejected=f"worse {n}", weight=1 / 3)]
+        pairs += [PreferencePair(prompt=messages, chosen=f"good {n}", rejected=f"worse {n}", weight=1 / 3),
+                  PreferencePair(prompt=messages, chosen=f"bad {n}", rejected=f"worse {n}", weight=1 / 3)]
     fid = f"fb-{n:06d}"
     await store.record_feedback(FeedbackRecord(
         id=fid, completion_id=f"chatcmpl-{n:06d}", kind="ranking" if ranking else "pairwise", choice=None,
         payload={}, user=None, comment=None, tags=[], idempotency_key=None, request_hash=None, policy_version=0,
         created=T0 + timedelta(seconds=n), pairs=pairs,
-        labels=[LabelRecord(prompt=messages, reply=f"good {n}", good=True, choice=0)]))
+        labels=[Label(prompt=messages, reply=f"good {n}", good=True, choice=0)]))
     return fid
 
 

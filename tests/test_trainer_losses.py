@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from server.trainer.gate import PolicyFigures, decide
-from server.trainer.losses import (
+from alignd.trainer.gate import PolicyFigures, decide
+from alignd.trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
     compute_gae,
@@ -20,9 +20,9 @@ from server.trainer.losses import (
     value_loss,
     whiten,
 )
-from server.trainer.models import entropy_from_logits, logprobs_from_logits
-from server.trainer.ppo import kl_penalized_rewards
-from server.trainer.rollout import Rollout, collate_rollouts
+from alignd.trainer.models import entropy_from_logits, logprobs_from_logits
+from alignd.trainer.ppo import kl_penalized_rewards
+from alignd.trainer.rollout import Rollout, collate_rollouts
 
 GARBAGE = 100.0  # what sits under the mask; no result may depend on it
 

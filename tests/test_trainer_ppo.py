@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.demo.corpus import generate_corpus, held_out_prompts, training_prompts
-from server.engine.types import ChoiceDelta, GenerationStep
-from server.protocol import SamplingOptions
-from server.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig
-from server.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
-from server.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
-from server.trainer.ppo import critic_values, init_critic, run_ppo
-from server.trainer.reward_model import Comparison, RewardNormalization, fit_normalization, train_reward_model
-from server.trainer.rollout import (
+from alignd.demo.corpus import generate_corpus, held_out_prompts, training_prompts
+from alignd.engine.types import ChoiceDelta, GenerationStep
+from alignd.protocol import SamplingOptions
+from alignd.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig
+from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
+from alignd.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
+from alignd.trainer.ppo import critic_values, init_critic, run_ppo
+from alignd.trainer.reward_model import Comparison, RewardNormalization, fit_normalization, train_reward_model
+from alignd.trainer.rollout import (
     ROLLOUT_VERSION,
     HFRollouts,
     Sampling,
@@ -302,7 +302,7 @@ def test_vllm_rollouts_load_a_fresh_adapter_under_the_hidden_version(
 def test_importing_the_trainer_imports_neither_torch_nor_vllm() -> None:
     # The package itself (config) is light; the engine-facing modules it leans on must not pull vLLM in either.
     code = (
-        "import sys, server.trainer, server.protocol, server.engine.types; "
+        "import sys, alignd.trainer, alignd.protocol, alignd.engine.types; "
         "assert 'torch' not in sys.modules, 'torch'; assert 'vllm' not in sys.modules, 'vllm'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.demo.corpus import generate_corpus, training_prompts
-from server.trainer.config import AdapterConfig, RewardConfig
-from server.trainer.models import ModelStack
-from server.trainer.reward_model import (
+from alignd.demo.corpus import generate_corpus, training_prompts
+from alignd.trainer.config import AdapterConfig, RewardConfig
+from alignd.trainer.models import ModelStack
+from alignd.trainer.reward_model import (
     MANIFEST,
     Comparison,
     LabelledReply,
@@ -28,7 +28,7 @@ from server.trainer.reward_model import (
     score_rollouts,
     train_reward_model,
 )
-from server.trainer.rollout import HFRollouts, Sampling, collate_rollouts, encode_prompt
+from alignd.trainer.rollout import HFRollouts, Sampling, collate_rollouts, encode_prompt
 
 # The planted rule: enthusiastic beats friendly beats formal beats concise, whatever the prompt.
 RANKING = ("enthusiastic", "friendly", "formal", "concise")

@@ -22,9 +22,9 @@ from typing import Any
 import httpx
 import pytest
 
-from server.app import create_app
-from server.demo.corpus import classify, training_prompts
-from server.store import RunRow
+from alignd.app import create_app
+from alignd.demo.corpus import classify, training_prompts
+from alignd.store import RunRow
 from tests.engine_fixtures import create_pg_database
 from tests.engine_fixtures import test_settings as settings_for
 from tests.serverkit import AppServer, LoopThread
@@ -252,7 +252,7 @@ def test_a_killed_trainer_fails_the_run_and_serving_goes_on(trained: dict[str, A
 def test_alignd_train_starts_a_run_and_follows_it(trained: dict[str, Any]) -> None:
     srv = trained["srv"]
     give_feedback(srv, n_prompts=6)
-    done = subprocess.run([sys.executable, "-m", "server.cli", "train", "--url", srv.url, "--admin-key", ADMIN,
+    done = subprocess.run([sys.executable, "-m", "alignd.cli", "train", "--url", srv.url, "--admin-key", ADMIN,
                            "--iterations", "1", "--no-promote"], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout and "candidate: version" in done.stdout and "(promoted)" not in done.stdout
@@ -264,7 +264,7 @@ def test_alignd_train_starts_a_run_and_follows_it(trained: dict[str, Any]) -> No
     assert latest["status"] == "succeeded" and latest["promoted"] is False
     assert admin(srv, "GET", f"/v1/policies/{latest['candidate']}").json()["status"] == "candidate"
     assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
-    refused = subprocess.run([sys.executable, "-m", "server.cli", "train", "--url", srv.url, "--admin-key", "nope"],
+    refused = subprocess.run([sys.executable, "-m", "alignd.cli", "train", "--url", srv.url, "--admin-key", "nope"],
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "admin key" in refused.stderr.lower()
 

@@ -23,8 +23,8 @@ import httpx
 import pytest
 from playwright.sync_api import Browser, Page, Playwright, sync_playwright
 
-from server.trainer.config import DataConfig
-from server.trainer.data import is_heldout
+from alignd.trainer.config import DataConfig
+from alignd.trainer.data import is_heldout
 from tests.serverkit import AppServer
 
 ADMIN_KEY = "admin-key"

@@ -8,9 +8,10 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from server.api.decoding import decode, read_body
-from server.chat import ChatService
-from server.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from alignd.api.body import read_body
+from alignd.chat import ChatService
+from alignd.decoding import decode
+from alignd.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 
 
 @post("/v1/chat/completions", status_code=200)

@@ -8,11 +8,12 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.response import Stream
 
-from server.api.decoding import convert, decode, read_body
-from server.auth import admin_guard, user_guard
-from server.errors import Unprocessable
-from server.feedback import FeedbackService
-from server.protocol import (
+from alignd.api.body import read_body
+from alignd.auth import admin_guard, user_guard
+from alignd.decoding import convert, decode
+from alignd.errors import Unprocessable
+from alignd.feedback.service import FeedbackService
+from alignd.protocol import (
     ExportQuery,
     FeedbackCreated,
     FeedbackList,

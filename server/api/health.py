@@ -7,7 +7,7 @@ from typing import Any
 from litestar import Request, Response, get
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from server.protocol import Health
+from alignd.protocol import Health
 
 
 @get("/health")

@@ -7,9 +7,9 @@ from typing import Any
 
 from litestar import Request, get
 
-from server.auth import admin_guard
-from server.plugins import describe_plugins
-from server.protocol import PluginCard, PluginList
+from alignd.auth import admin_guard
+from alignd.feedback.manager import describe_plugins
+from alignd.protocol import PluginCard, PluginList
 
 
 @get("/v1/plugins", guards=[admin_guard])

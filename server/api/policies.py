@@ -7,10 +7,11 @@ from typing import Any
 from litestar import Request, get, post
 from litestar.params import FromPath
 
-from server.api.decoding import decode, read_body
-from server.auth import admin_guard
-from server.policies import PolicyRegistry
-from server.protocol import Policy, PolicyList, RollbackRequest
+from alignd.api.body import read_body
+from alignd.auth import admin_guard
+from alignd.decoding import decode
+from alignd.policies.registry import PolicyRegistry
+from alignd.protocol import Policy, PolicyList, RollbackRequest
 
 
 def _registry(request: Request[Any, Any, Any]) -> PolicyRegistry:

@@ -7,11 +7,12 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.params import FromPath
 
-from server.api.decoding import decode, read_body
-from server.auth import admin_guard
-from server.errors import InvalidRequest
-from server.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
-from server.trainer.worker import TrainerSupervisor
+from alignd.api.body import read_body
+from alignd.auth import admin_guard
+from alignd.decoding import decode
+from alignd.errors import InvalidRequest
+from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
+from alignd.trainer.supervisor import TrainerSupervisor
 
 
 def _trainer(request: Request[Any, Any, Any]) -> TrainerSupervisor:

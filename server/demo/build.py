@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.utils import logging as hf_logging
 
-from server.demo.corpus import Dialogue, classify, generate_corpus, held_out_prompts
+from alignd.demo.corpus import Dialogue, classify, generate_corpus, held_out_prompts
 
 __all__ = [
     "CHAT_TEMPLATE",

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from server.protocol import SamplingOptions
+from alignd.protocol import SamplingOptions
 
 
 async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: int, *, temperature: float,

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from server.config import EngineSettings
-from server.engine.types import ChoiceDelta, GenerationStep
-from server.errors import EngineFailure, InvalidRequest, NotFound
-from server.protocol import SamplingOptions
+from alignd.config import EngineSettings
+from alignd.engine.types import ChoiceDelta, GenerationStep
+from alignd.errors import EngineFailure, InvalidRequest, NotFound
+from alignd.protocol import SamplingOptions
 
 log = logging.getLogger(__name__)
 

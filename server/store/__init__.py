@@ -3,19 +3,19 @@
 Importing this package touches no database; :meth:`Store.open` does.
 """
 
-from server.store.migrations import LATEST_VERSION, MIGRATIONS, Migration, MigrationError
-from server.store.records import (
+from alignd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration, MigrationError
+from alignd.store.records import (
     ChoiceRecord,
     CompletionRecord,
     FeedbackRecord,
-    LabelRecord,
-    PairRecord,
+    Label,
+    PreferencePair,
     StoredFeedback,
     StoredLabel,
     StoredPair,
 )
-from server.store.store import RecordRejectedError, Store, StoreClosedError, StoreError, StoreStats
-from server.store.training import PolicyRow, RunRow
+from alignd.store.store import RecordRejectedError, Store, StoreClosedError, StoreError, StoreStats
+from alignd.store.training import PolicyRow, RunRow
 
 __all__ = [
     "LATEST_VERSION",
@@ -23,11 +23,11 @@ __all__ = [
     "ChoiceRecord",
     "CompletionRecord",
     "FeedbackRecord",
-    "LabelRecord",
+    "Label",
     "Migration",
     "MigrationError",
-    "PairRecord",
     "PolicyRow",
+    "PreferencePair",
     "RecordRejectedError",
     "RunRow",
     "Store",

@@ -1,6 +1,6 @@
 """Feedback in the store: rows for the group-commit writer, and the queries of the feedback service and exports.
 
-:class:`FeedbackQueries` is mixed into :class:`~server.store.Store`; feedback events are written through
+:class:`FeedbackQueries` is mixed into :class:`~alignd.store.Store`; feedback events are written through
 ``Store.record_feedback`` (group commit, with their pairs and labels in the same transaction) and read here.
 Exports page through the tables by key (``created``, ``id``), so memory stays constant however much is stored.
 """
@@ -16,7 +16,7 @@ from sqlalchemy import Engine, Select, and_, create_engine, event, func, insert,
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from server.store.records import (
+from alignd.store.records import (
     ChoiceRecord,
     CompletionRecord,
     FeedbackRecord,
@@ -24,7 +24,7 @@ from server.store.records import (
     StoredLabel,
     StoredPair,
 )
-from server.store.tables import choices, completions, feedback, labels, preference_pairs
+from alignd.store.tables import choices, completions, feedback, labels, preference_pairs
 
 __all__ = ["FeedbackQueries", "insert_feedback"]
 
@@ -49,9 +49,9 @@ async def insert_feedback(conn: AsyncConnection, records: Sequence[FeedbackRecor
                       "policy_version": rec.policy_version, "created": rec.created, "used_in_run": None}
         pair_rows.extend({**provenance, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
                           "chosen_choice": p.chosen_choice, "rejected_choice": p.rejected_choice,
-                          "margin": p.margin, "weight": p.weight} for p in rec.pairs)
+                          "margin": float(p.margin), "weight": float(p.weight)} for p in rec.pairs)
         label_rows.extend({**provenance, "choice": lb.choice, "prompt": lb.prompt, "reply": lb.reply,
-                           "good": lb.good, "weight": lb.weight} for lb in rec.labels)
+                           "good": lb.good, "weight": float(lb.weight)} for lb in rec.labels)
     await conn.execute(insert(feedback), feedback_rows)
     if pair_rows:
         await conn.execute(insert(preference_pairs), pair_rows)
@@ -127,7 +127,7 @@ def _context_result(completion_rows: list[Any] | None, history_rows: list[Any] |
 
 
 class FeedbackQueries:
-    """Reads of feedback, pairs and labels (a mixin of :class:`~server.store.Store`)."""
+    """Reads of feedback, pairs and labels (a mixin of :class:`~alignd.store.Store`)."""
 
     _engine: AsyncEngine
     _reader: Engine | None = None

@@ -11,7 +11,7 @@ lock, on SQLite it starts with ``BEGIN IMMEDIATE`` (the database write lock).
 Adding a table (feedback, preference_pairs, …) is one new step: write a
 function taking a sync :class:`~sqlalchemy.engine.Connection`, append a
 :class:`Migration` to :data:`MIGRATIONS`, and add the same table to
-:mod:`server.store.tables`. A step creates its tables from its *own*
+:mod:`alignd.store.tables`. A step creates its tables from its *own*
 definitions, never from ``tables.py``: ``tables.py`` is the schema after the
 last step, and a step must keep doing exactly what it did when databases
 were first migrated with it.
@@ -43,8 +43,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.store.tables import NULLABLE_JSON, UTCDateTime, schema_migrations
-from server.store.tables import metadata as current_metadata
+from alignd.store.tables import NULLABLE_JSON, UTCDateTime, schema_migrations
+from alignd.store.tables import metadata as current_metadata
 
 __all__ = [
     "LATEST_VERSION",

@@ -11,8 +11,8 @@ __all__ = [
     "ChoiceRecord",
     "CompletionRecord",
     "FeedbackRecord",
-    "LabelRecord",
-    "PairRecord",
+    "Label",
+    "PreferencePair",
     "StoredFeedback",
     "StoredLabel",
     "StoredPair",
@@ -61,28 +61,36 @@ class CompletionRecord(msgspec.Struct, kw_only=True):
     """The generated choices, in index order."""
 
 
-class PairRecord(msgspec.Struct, kw_only=True):
-    """A preference pair derived from a feedback event: for ``prompt``, ``chosen`` beats ``rejected``."""
+class PreferencePair(msgspec.Struct, kw_only=True):
+    """Training signal: for ``prompt``, reply ``chosen`` is better than ``rejected``.
+
+    The one pair type: a feedback plugin's converter returns it, the store keeps it (read back as
+    :class:`StoredPair`, with provenance), the export and the trainer read it."""
 
     prompt: list[dict[str, Any]]
-    """The conversation before the reply, as ``{"role", "content"}`` dicts."""
+    """The conversation before the reply: ``[{"role", "content"}, …]`` (see ``alignd.completion_prompt``)."""
     chosen: str
     rejected: str
     margin: float = 0.0
+    """How much better (reward units, ≥ 0): subtracted inside the Bradley–Terry loss."""
     weight: float = 1.0
+    """Loss weight (a ranking of K choices weighs each of its pairs 1/C(K,2))."""
     chosen_choice: int | None = None
     """Index of the chosen reply among the completion's choices (None: not a generated choice, e.g. an edit)."""
     rejected_choice: int | None = None
 
 
-class LabelRecord(msgspec.Struct, kw_only=True):
-    """An unpaired label derived from a feedback event: ``reply`` to ``prompt`` is good or bad."""
+class Label(msgspec.Struct, kw_only=True):
+    """Training signal without a pair: ``reply`` to ``prompt`` is good or bad (KTO, the reward model's binary term).
+
+    The one label type, from plugin to store (read back as :class:`StoredLabel`) to trainer."""
 
     prompt: list[dict[str, Any]]
     reply: str
     good: bool
     weight: float = 1.0
     choice: int | None = None
+    """Index of the judged reply among the completion's choices, when it is one."""
 
 
 class FeedbackRecord(msgspec.Struct, kw_only=True):
@@ -105,8 +113,8 @@ class FeedbackRecord(msgspec.Struct, kw_only=True):
     policy_version: int
     """The policy version that generated the completion."""
     created: datetime
-    pairs: list[PairRecord] = []
-    labels: list[LabelRecord] = []
+    pairs: list[PreferencePair] = []
+    labels: list[Label] = []
 
 
 class StoredFeedback(msgspec.Struct, kw_only=True):
@@ -128,7 +136,7 @@ class StoredFeedback(msgspec.Struct, kw_only=True):
     label_count: int
 
 
-class StoredPair(PairRecord, kw_only=True):
+class StoredPair(PreferencePair, kw_only=True):
     """A stored preference pair with its provenance."""
 
     id: int
@@ -140,7 +148,7 @@ class StoredPair(PairRecord, kw_only=True):
     used_in_run: str | None = None
 
 
-class StoredLabel(LabelRecord, kw_only=True):
+class StoredLabel(Label, kw_only=True):
     """A stored unpaired label with its provenance."""
 
     id: int

@@ -32,11 +32,11 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from server.store.feedback import FeedbackQueries, insert_feedback
-from server.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_version, migrate
-from server.store.records import ChoiceRecord, CompletionRecord, FeedbackRecord
-from server.store.tables import choices, completions
-from server.store.training import TrainingQueries
+from alignd.store.feedback import FeedbackQueries, insert_feedback
+from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_version, migrate
+from alignd.store.records import ChoiceRecord, CompletionRecord, FeedbackRecord
+from alignd.store.tables import choices, completions
+from alignd.store.training import TrainingQueries
 
 __all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "StoreStats"]
 

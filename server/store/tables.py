@@ -1,7 +1,7 @@
 """The current database schema, as SQLAlchemy Core tables.
 
 These definitions describe the schema *after* every migration in
-:mod:`server.store.migrations` has run, and are what queries are written
+:mod:`alignd.store.migrations` has run, and are what queries are written
 against. Migrations do not create tables from here (a step must keep creating
 exactly what it created when it was written); ``tests/test_store.py`` checks
 that a freshly migrated database matches these tables.
@@ -83,7 +83,7 @@ metadata = MetaData(
     }
 )
 
-#: One row per applied migration step (managed by :func:`server.store.migrations.migrate`).
+#: One row per applied migration step (managed by :func:`alignd.store.migrations.migrate`).
 schema_migrations = Table(
     "schema_migrations",
     metadata,

@@ -14,7 +14,7 @@ import msgspec
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from server.store.tables import completions, labels, policies, preference_pairs, training_runs
+from alignd.store.tables import completions, labels, policies, preference_pairs, training_runs
 
 __all__ = ["PolicyRow", "RunRow", "TrainingQueries"]
 

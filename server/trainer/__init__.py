@@ -3,10 +3,10 @@
 Modules: ``config`` (settings), ``losses`` (pure functions), ``models`` (one base, named LoRA adapters),
 ``reward_model``, ``rollout``, ``ppo``, ``gate``. Importing this package imports neither torch nor vLLM; the
 submodules that need torch import it themselves, and vLLM is only ever reached through the engine object a caller
-hands to :class:`server.trainer.rollout.VLLMRollouts`.
+hands to :class:`alignd.trainer.rollout.VLLMRollouts`.
 """
 
-from server.trainer.config import (
+from alignd.trainer.config import (
     AdapterConfig,
     GateConfig,
     PPOConfig,

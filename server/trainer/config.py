@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from server.config import TrainerSettings
-from server.protocol import TrainingRunRequest
+from alignd.config import TrainerSettings
+from alignd.protocol import TrainingRunRequest
 
 __all__ = [
     "AdapterConfig",

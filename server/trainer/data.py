@@ -19,9 +19,9 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.store import Store
-from server.trainer.config import DataConfig
-from server.trainer.reward_model import Comparison, LabelledReply
+from alignd.store import Store
+from alignd.trainer.config import DataConfig
+from alignd.trainer.reward_model import Comparison, LabelledReply
 
 __all__ = ["TrainingData", "is_heldout", "load_training_data", "plain_messages"]
 

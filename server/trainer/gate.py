@@ -16,10 +16,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.trainer.config import GateConfig
-from server.trainer.models import ModelStack
-from server.trainer.reward_model import RewardNormalization, score_rollouts
-from server.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
+from alignd.trainer.config import GateConfig
+from alignd.trainer.models import ModelStack
+from alignd.trainer.reward_model import RewardNormalization, score_rollouts
+from alignd.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
 
 __all__ = ["DECISION_FILE", "GateDecision", "PolicyFigures", "decide", "evaluate", "evaluate_policy", "save_decision"]
 

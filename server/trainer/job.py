@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from server.trainer.config import TrainerConfig
+from alignd.trainer.config import TrainerConfig
 
 __all__ = ["RunJob", "RunResult"]
 

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from server.trainer.config import AdapterConfig, DeviceName, DTypeName, TrainerConfig
+from alignd.trainer.config import AdapterConfig, DeviceName, DTypeName, TrainerConfig
 
 __all__ = [
     "ADAPTER_CONFIG",

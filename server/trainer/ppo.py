@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from server.trainer.config import PPOConfig, TrainerConfig
-from server.trainer.losses import (
+from alignd.trainer.config import PPOConfig, TrainerConfig
+from alignd.trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
     KLController,
@@ -29,9 +29,9 @@ from server.trainer.losses import (
     value_loss,
     whiten,
 )
-from server.trainer.models import CRITIC, POLICY, REWARD, ModelStack, entropy_from_logits, logprobs_from_logits
-from server.trainer.reward_model import RewardNormalization, score_rollouts
-from server.trainer.rollout import Experience, Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
+from alignd.trainer.models import CRITIC, POLICY, REWARD, ModelStack, entropy_from_logits, logprobs_from_logits
+from alignd.trainer.reward_model import RewardNormalization, score_rollouts
+from alignd.trainer.rollout import Experience, Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
 
 __all__ = [
     "IterationStats",
@@ -289,7 +289,7 @@ def run_ppo(
 ) -> list[IterationStats]:
     """Train the ``policy`` adapter of ``stack`` against its ``reward`` adapter; returns each iteration's stats.
 
-    ``prompts`` are rendered prompt token ids (see :func:`server.trainer.rollout.encode_prompt`). Each run starts
+    ``prompts`` are rendered prompt token ids (see :func:`alignd.trainer.rollout.encode_prompt`). Each run starts
     a fresh critic from the reward model.
     """
     ppo = config.ppo

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from server.trainer.config import AdapterConfig, RewardConfig
-from server.trainer.losses import label_loss, reward_loss
-from server.trainer.models import REWARD, ModelStack
-from server.trainer.rollout import Rollout, collate_rollouts, encode_prompt
+from alignd.trainer.config import AdapterConfig, RewardConfig
+from alignd.trainer.losses import label_loss, reward_loss
+from alignd.trainer.models import REWARD, ModelStack
+from alignd.trainer.rollout import Rollout, collate_rollouts, encode_prompt
 
 __all__ = [
     "MANIFEST",

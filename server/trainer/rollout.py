@@ -19,11 +19,11 @@ import torch
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
-from server.engine.rollouts import adapter_replies
-from server.engine.router import RESERVED_VERSIONS
-from server.protocol import SamplingOptions
-from server.trainer.config import RolloutBackendName
-from server.trainer.models import ModelStack, logprobs_from_logits
+from alignd.engine.rollouts import adapter_replies
+from alignd.policies.router import RESERVED_VERSIONS
+from alignd.protocol import SamplingOptions
+from alignd.trainer.config import RolloutBackendName
+from alignd.trainer.models import ModelStack, logprobs_from_logits
 
 __all__ = [
     "ROLLOUT_VERSION",
@@ -142,7 +142,7 @@ def _cut_at_eos(prompt: list[int], generated: list[int], eos_id: int) -> Rollout
 
 
 class PolicyEngine(Protocol):
-    """The part of the serving engine's API rollouts need (see ``server.engine.vllm_engine.VLLMEngine``)."""
+    """The part of the serving engine's API rollouts need (see ``alignd.engine.vllm_engine.VLLMEngine``)."""
 
     async def load_policy(self, version: int, adapter_dir: str | Path) -> None: ...
 
@@ -198,7 +198,7 @@ class VLLMRollouts:
 
 
 class RolloutLink(Protocol):
-    """How a trainer process asks the server for something (see ``server.trainer.worker``)."""
+    """How a trainer process asks the server for something (see ``alignd.trainer.supervisor``)."""
 
     def call(self, method: str, payload: dict[str, Any]) -> Any: ...
 

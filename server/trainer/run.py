@@ -15,14 +15,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
-from server.store import Store
-from server.trainer.data import TrainingData, load_training_data
-from server.trainer.gate import decide, evaluate, save_decision
-from server.trainer.job import RunJob, RunResult
-from server.trainer.models import POLICY, ModelStack, load_stack
-from server.trainer.ppo import IterationStats, run_ppo
-from server.trainer.reward_model import fit_normalization, save_reward_model, train_reward_model
-from server.trainer.rollout import RemoteRollouts, RolloutBackend, RolloutLink, Sampling, encode_prompt
+from alignd.store import Store
+from alignd.trainer.data import TrainingData, load_training_data
+from alignd.trainer.gate import decide, evaluate, save_decision
+from alignd.trainer.job import RunJob, RunResult
+from alignd.trainer.models import POLICY, ModelStack, load_stack
+from alignd.trainer.ppo import IterationStats, run_ppo
+from alignd.trainer.reward_model import fit_normalization, save_reward_model, train_reward_model
+from alignd.trainer.rollout import RemoteRollouts, RolloutBackend, RolloutLink, Sampling, encode_prompt
 
 log = logging.getLogger(__name__)
 

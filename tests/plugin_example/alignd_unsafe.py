@@ -7,8 +7,7 @@ from typing import Annotated, Literal
 
 import msgspec
 
-from server.plugins import Feedback, Label, RegisterKind, Signal, choice_text, completion_prompt, hookimpl
-from server.store import CompletionRecord
+from alignd import CompletionRecord, Feedback, Label, RegisterKind, Signal, choice_text, completion_prompt, hookimpl
 
 #: How much a report weighs in training, by category.
 WEIGHTS = {"harmful": 2.0, "illegal": 2.0, "privacy": 1.5, "other": 1.0}

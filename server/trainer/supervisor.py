@@ -32,15 +32,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from server.engine.rollouts import adapter_replies
-from server.engine.router import RESERVED_VERSIONS
-from server.errors import AlignError, Conflict, NotFound, Unavailable
-from server.metrics import Metrics
-from server.policies import PolicyRegistry
-from server.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
-from server.store import RunRow, Store
-from server.trainer.config import TrainerConfig
-from server.trainer.job import RunJob
+from alignd.engine.rollouts import adapter_replies
+from alignd.errors import AlignError, Conflict, NotFound, Unavailable
+from alignd.metrics import Metrics
+from alignd.policies.registry import PolicyRegistry
+from alignd.policies.router import RESERVED_VERSIONS
+from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
+from alignd.store import RunRow, Store
+from alignd.trainer.config import TrainerConfig
+from alignd.trainer.job import RunJob
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def worker_main(conn: Connection, job: RunJob) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s trainer: %(message)s")
     import torch
 
-    from server.trainer.run import run_training
+    from alignd.trainer.run import run_training
 
     torch.set_num_threads(max(1, job.threads))
     link = RunLink(conn)

@@ -1,6 +1,6 @@
 """The hook specifications of alignd plugins (pluggy project name ``"alignd"``), and nothing else.
 
-Plugins mark their implementations with :data:`hookimpl` (also importable as ``server.plugins.hookimpl``). An
+Plugins mark their implementations with :data:`hookimpl` (``from alignd import hookimpl``). An
 implementation may take any subset of a hook's arguments, by name. Arguments are only ever added, never removed.
 ``docs/plugins.md`` has a tutorial and a reference section for every hook here (a test checks it).
 """
@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from server.plugins import Feedback, PluginContext, RegisterKind, RegisterRoute, Rejection, Signal
-    from server.store import CompletionRecord
+    from alignd.feedback.types import Feedback, PluginContext, RegisterKind, RegisterRoute, Rejection, Signal
+    from alignd.store.records import CompletionRecord
 
 hookspec = pluggy.HookspecMarker("alignd")
 hookimpl = pluggy.HookimplMarker("alignd")

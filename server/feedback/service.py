@@ -21,25 +21,23 @@ from typing import Any, NamedTuple
 import msgspec
 import pluggy
 
-from server.api.decoding import convert
-from server.config import Settings
-from server.errors import AlignError, Conflict, InvalidFeedback, NotFound, RateLimited, Unprocessable
-from server.metrics import Metrics
-from server.plugins import (
+from alignd.config import Settings
+from alignd.decoding import convert
+from alignd.errors import AlignError, Conflict, InvalidFeedback, NotFound, RateLimited, Unprocessable
+from alignd.feedback.manager import PluginError, call_impl, collect_feedback_kinds, hook_impls, maybe_await
+from alignd.feedback.sinks import SinkDispatcher
+from alignd.feedback.types import (
     Feedback,
     FeedbackKind,
     PluginContext,
-    PluginError,
     Rejection,
     Signal,
-    call_impl,
-    collect_feedback_kinds,
-    completion_prompt,
-    hook_impls,
-    maybe_await,
-    plain_messages,
+    iso,
+    payload_choice,
 )
-from server.protocol import (
+from alignd.messages import plain_messages
+from alignd.metrics import Metrics
+from alignd.protocol import (
     FEEDBACK_COMMON_FIELDS,
     ExportQuery,
     FeedbackBucket,
@@ -53,12 +51,9 @@ from server.protocol import (
     KTOLine,
     PreferenceLine,
 )
-from server.sinks import SinkDispatcher
-from server.store import (
+from alignd.store import (
     CompletionRecord,
     FeedbackRecord,
-    LabelRecord,
-    PairRecord,
     RecordRejectedError,
     Store,
     StoredFeedback,
@@ -79,11 +74,6 @@ class Submitted(NamedTuple):
     created: FeedbackCreated
     replayed: bool
     """True when an earlier request with the same idempotency key and body is answered again."""
-
-
-def iso(moment: datetime) -> str:
-    """A UTC timestamp as ISO 8601 with a ``Z``."""
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def assistant(text: str) -> list[dict[str, str]]:
@@ -130,17 +120,13 @@ class FeedbackService:
             except Exception:
                 log.exception("plugin %s failed to shut down", impl.plugin_name)
 
-    def reload_kinds(self) -> None:
-        """Collect the feedback kinds again (after registering a plugin at run time, e.g. in a test)."""
-        self.kinds = collect_feedback_kinds(self.pm)
-
     # --- submission ------------------------------------------------------------------------------------------
 
     async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Submitted:
         """Validate, convert, filter and store one feedback body (a decoded JSON object); see the module doc.
 
         ``idempotency_key`` is the ``Idempotency-Key`` header, if any. Raises the typed errors of
-        :mod:`server.errors`.
+        :mod:`alignd.errors`.
         """
         try:
             return await self._submit(body, idempotency_key)
@@ -347,32 +333,13 @@ class FeedbackService:
         return events
 
 
-def feedback_event(feedback: Feedback, completion: CompletionRecord, signal: Signal) -> FeedbackEvent:
-    """The event line of a just-stored feedback event (what ``jsonl_sink`` writes and ``webhook`` posts)."""
-    return FeedbackEvent(
-        id=feedback.id, created=iso(feedback.created), completion_id=completion.id, kind=feedback.kind,
-        choice=_choice_of(feedback.payload), policy_version=completion.policy_version,
-        payload=msgspec.to_builtins(feedback.payload), user=feedback.user, comment=feedback.comment,
-        tags=feedback.tags, pairs=len(signal.pairs), labels=len(signal.labels),
-        prompt=completion_prompt(completion), choices=[c.text for c in completion.choices])
-
-
-def _choice_of(payload: Any) -> int | None:
-    choice = getattr(payload, "choice", None)
-    return choice if isinstance(choice, int) else None
-
-
 def _record(feedback: Feedback, completion: CompletionRecord, signal: Signal, request_hash: str) -> FeedbackRecord:
     return FeedbackRecord(
-        id=feedback.id, completion_id=completion.id, kind=feedback.kind, choice=_choice_of(feedback.payload),
+        id=feedback.id, completion_id=completion.id, kind=feedback.kind, choice=payload_choice(feedback.payload),
         payload=msgspec.to_builtins(feedback.payload), user=feedback.user, comment=feedback.comment,
         tags=feedback.tags, idempotency_key=feedback.idempotency_key, request_hash=request_hash,
         policy_version=completion.policy_version, created=feedback.created,
-        pairs=[PairRecord(prompt=p.prompt, chosen=p.chosen, rejected=p.rejected, margin=float(p.margin),
-                          weight=float(p.weight), chosen_choice=p.chosen_choice, rejected_choice=p.rejected_choice)
-               for p in signal.pairs],
-        labels=[LabelRecord(prompt=lb.prompt, reply=lb.reply, good=lb.good, weight=float(lb.weight),
-                            choice=lb.choice) for lb in signal.labels])
+        pairs=signal.pairs, labels=signal.labels)
 
 
 def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:

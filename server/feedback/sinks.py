@@ -18,8 +18,8 @@ from typing import Any
 
 import pluggy
 
-from server.metrics import Metrics
-from server.plugins import hook_impls
+from alignd.feedback.manager import hook_impls
+from alignd.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from server.errors import NotFound
+from alignd.errors import NotFound
 
 RESERVED_VERSIONS = 1_000_000_000
 """Versions from here up are the trainer's (rollout adapters): loaded in the engine, never served to users."""

@@ -18,11 +18,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from server.engine.router import PolicyRouter
-from server.errors import Conflict, NotFound, Unprocessable
-from server.metrics import Metrics
-from server.protocol import Policy, PolicyList
-from server.store import PolicyRow, Store
+from alignd.errors import Conflict, NotFound, Unprocessable
+from alignd.metrics import Metrics
+from alignd.policies.router import PolicyRouter
+from alignd.protocol import Policy, PolicyList
+from alignd.store import PolicyRow, Store
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class PolicyRegistry:
         return await self.promote(version, reason=f"rollback from version {self.router.promoted}")
 
     async def _load(self, row: PolicyRow) -> None:
-        from server.engine.vllm_engine import PolicyLoadError  # the engine package imports vLLM lazily
+        from alignd.engine.vllm_engine import PolicyLoadError  # the engine package imports vLLM lazily
 
         if row.adapter_path is None:
             raise Unprocessable(f"Policy {row.version} has no adapter folder.", code="policy_load_failed")

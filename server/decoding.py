@@ -1,4 +1,7 @@
-"""Request bodies: size limit, JSON decoding into a Struct, and msgspec's errors turned into OpenAI errors."""
+"""JSON into msgspec Structs, with msgspec's errors turned into OpenAI-shaped errors naming the field.
+
+Pure: no HTTP here, so services (the feedback service converts a body for its kind) and handlers share it.
+"""
 
 from __future__ import annotations
 
@@ -6,29 +9,13 @@ import re
 from typing import Any, TypeVar
 
 import msgspec
-from litestar import Request
 
-from server.errors import AlignError, InvalidRequest, PayloadTooLarge
+from alignd.errors import AlignError, InvalidRequest
 
 T = TypeVar("T")
 _AT = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
 _MISSING = re.compile(r"missing required field `(?P<field>[^`]+)`")
 _UNKNOWN = re.compile(r"unknown field `(?P<field>[^`]+)`")
-
-
-async def read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
-    """The body, refusing (413) one over ``limit`` bytes before reading it when Content-Length says so."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"Request body is {declared} bytes; the limit is {limit}.")
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def decode(body: bytes, type_: type[T], *, invalid: type[AlignError] = InvalidRequest) -> T:

@@ -1,4 +1,4 @@
-"""Feedback plugins: what a plugin works with (feedback, signal, rejection, context) and the plugin manager.
+"""The plugin manager: which plugins load, and the calls into their contribution hooks.
 
 The manager is built per app by :func:`make_plugin_manager` from the settings, never at import. Every plugin, built-in
 or not, goes through the same path: a name, an import target and where it came from (built-in, an installed
@@ -15,47 +15,31 @@ import inspect
 import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from datetime import datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pluggy
 from litestar import Router
 
-from server import hookspecs
-from server.auth import admin_guard, user_guard
-from server.errors import InvalidFeedback
-from server.hookspecs import hookimpl
-from server.protocol import FEEDBACK_COMMON_FIELDS
-from server.store import CompletionRecord
+from alignd.auth import admin_guard, user_guard
+from alignd.feedback import hookspecs
+from alignd.feedback.types import Converter, FeedbackKind
+from alignd.protocol import FEEDBACK_COMMON_FIELDS
 
 if TYPE_CHECKING:
-    from server.config import Settings
-    from server.metrics import Metrics
+    from alignd.config import Settings
 
 __all__ = [
     "BUILTIN_PLUGINS",
     "ENTRY_POINT_GROUP",
     "AlignPluginManager",
-    "Feedback",
-    "FeedbackKind",
-    "InvalidFeedback",
-    "Label",
-    "PluginContext",
     "PluginError",
     "PluginInfo",
-    "PreferencePair",
-    "Rejection",
-    "Signal",
-    "choice_text",
     "collect_feedback_kinds",
     "collect_routes",
-    "completion_prompt",
     "describe_plugins",
-    "hookimpl",
     "make_plugin_manager",
-    "plain_messages",
 ]
 
 log = logging.getLogger(__name__)
@@ -64,15 +48,15 @@ ENTRY_POINT_GROUP = "alignd"
 
 #: The built-in plugins, loaded exactly like a module named in ``plugin_modules`` (name: the module's last part).
 BUILTIN_PLUGINS: tuple[str, ...] = (
-    "plugins.thumbs",
-    "plugins.ranking",
-    "plugins.pairwise",
-    "plugins.rating",
-    "plugins.edit",
-    "plugins.pii_redact",
-    "plugins.quota",
-    "plugins.jsonl_sink",
-    "plugins.webhook",
+    "alignd.plugins.thumbs",
+    "alignd.plugins.ranking",
+    "alignd.plugins.pairwise",
+    "alignd.plugins.rating",
+    "alignd.plugins.edit",
+    "alignd.plugins.pii_redact",
+    "alignd.plugins.quota",
+    "alignd.plugins.jsonl_sink",
+    "alignd.plugins.webhook",
 )
 
 _PLUGIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")  # it becomes a URL segment: /v1/plugins/<name>/
@@ -81,140 +65,6 @@ _KIND_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 
 class PluginError(Exception):
     """A plugin cannot be loaded or contradicts another; the server does not start. The message names the plugins."""
-
-
-# --- what plugins see --------------------------------------------------------------------------------------------
-
-
-class Feedback(msgspec.Struct, kw_only=True):
-    """One feedback event as plugins see it. ``payload`` is an instance of the kind's payload Struct."""
-
-    id: str
-    """``"fb-…"``, assigned before any hook runs."""
-    completion_id: str
-    kind: str
-    payload: Any
-    user: str | None
-    """The body's ``user``, else the completion's ``user``."""
-    comment: str | None
-    tags: list[str]
-    idempotency_key: str | None
-    created: datetime
-    history: list[Feedback] = []
-    """Earlier accepted feedback of this kind on the same completion, oldest first; filled only for kinds
-    registered with ``uses_history=True`` (their own ``history`` is empty)."""
-
-
-class PreferencePair(msgspec.Struct, kw_only=True):
-    """Training signal: for ``prompt``, reply ``chosen`` is better than ``rejected``."""
-
-    prompt: list[dict[str, Any]]
-    """The conversation before the reply: ``[{"role", "content"}, …]`` (see :func:`completion_prompt`)."""
-    chosen: str
-    rejected: str
-    margin: float = 0.0
-    """How much better (reward units, ≥ 0): subtracted inside the Bradley–Terry loss."""
-    weight: float = 1.0
-    """Loss weight (a ranking of K choices weighs each of its pairs 1/C(K,2))."""
-    chosen_choice: int | None = None
-    """Index of the chosen reply among the completion's choices, when it is one (not for an edit)."""
-    rejected_choice: int | None = None
-
-
-class Label(msgspec.Struct, kw_only=True):
-    """Training signal without a pair: ``reply`` to ``prompt`` is good or bad (KTO, binary reward loss)."""
-
-    prompt: list[dict[str, Any]]
-    reply: str
-    good: bool
-    weight: float = 1.0
-    choice: int | None = None
-
-
-class Signal(msgspec.Struct, kw_only=True):
-    """What a feedback event yields for training: preference pairs and/or unpaired labels (maybe neither)."""
-
-    pairs: list[PreferencePair] = []
-    labels: list[Label] = []
-
-
-class Rejection(msgspec.Struct, kw_only=True):
-    """A ``filter_feedback`` verdict: refuse this event with ``status`` (422, or 429 for quotas)."""
-
-    reason: str
-    """Shown to the client as the error message."""
-    code: str = "feedback_rejected"
-    """Short machine-readable reason: the error's ``code`` and the metric's ``reason`` label."""
-    status: Literal[422, 429] = 422
-    param: str | None = None
-    """The offending request field, if one is to blame (a 422's ``param``)."""
-    retry_after: float | None = None
-    """Seconds until a retry may succeed (sent as ``Retry-After`` with a 429)."""
-
-
-Converter = Callable[[Feedback, CompletionRecord], Signal]
-
-
-@dataclass(frozen=True, slots=True)
-class FeedbackKind:
-    """A registered feedback kind."""
-
-    name: str
-    payload: type[msgspec.Struct]
-    convert: Converter
-    plugin: str
-    description: str = ""
-    uses_history: bool = False
-
-    @property
-    def fields(self) -> frozenset[str]:
-        """The body fields of this kind (the payload Struct's field names)."""
-        return frozenset(self.payload.__struct_fields__)
-
-
-class RegisterKind(Protocol):
-    def __call__(self, name: str, payload: type[msgspec.Struct], convert: Converter, *, description: str = "",
-                 uses_history: bool = False) -> None: ...
-
-
-class RegisterRoute(Protocol):
-    def __call__(self, handler: Any, *, auth: Literal["user", "admin", "none"] = "user") -> None: ...
-
-
-@dataclass
-class PluginContext:
-    """Per-app things plugins may use; keep your own per-app objects in ``state[<your plugin name>]``."""
-
-    settings: Settings
-    metrics: Metrics
-    state: dict[str, Any] = field(default_factory=dict)
-
-
-def completion_prompt(completion: CompletionRecord) -> list[dict[str, Any]]:
-    """The completion's request messages as plain ``{"role", "content"}`` dicts (content parts joined, the
-    ``developer`` role as ``system``): the ``prompt`` of TRL's conversational formats."""
-    return plain_messages(completion.messages)
-
-
-def plain_messages(messages: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Stored request messages as plain ``{"role", "content"}`` dicts (see :func:`completion_prompt`)."""
-    prompt: list[dict[str, Any]] = []
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        role = message.get("role")
-        prompt.append({"role": "system" if role == "developer" else role, "content": content or ""})
-    return prompt
-
-
-def choice_text(completion: CompletionRecord, index: int, *, param: str = "choice") -> str:
-    """The text of choice ``index``; an index the completion lacks is an ``InvalidFeedback`` naming ``param``."""
-    if not 0 <= index < len(completion.choices):
-        raise InvalidFeedback(
-            f"{param} is {index}, but completion {completion.id} has {len(completion.choices)} choice(s) "
-            f"(0…{len(completion.choices) - 1}).", param=param)
-    return completion.choices[index].text
 
 
 # --- the manager -------------------------------------------------------------------------------------------------
