@@ -198,7 +198,7 @@ class VLLMRollouts:
 
 
 class RolloutLink(Protocol):
-    """How a trainer process asks the server for something (see ``alignd.trainer.supervisor``)."""
+    """How a trainer process asks the server for something (see :mod:`alignd.trainer.child`)."""
 
     def call(self, method: str, payload: dict[str, Any]) -> Any: ...
 

@@ -1,6 +1,6 @@
 """One training run, start to candidate: data → reward model → normalisation → PPO → gate → staged adapter.
 
-Runs inside the trainer process (see ``worker.py``); talks to the server only through a :class:`Reporter` (phase,
+Runs inside the trainer process (entered through :mod:`alignd.trainer.child`); talks to the server only through a :class:`Reporter` (phase,
 progress, figures) and the rollout link. Registration and promotion are the server's (it owns the registry).
 """
 
@@ -71,7 +71,7 @@ def _ppo_reporter(reporter: Reporter, iterations: int, history: list[dict[str, A
 
 
 def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResult:
-    """The cycle, in numbered phases; raises on failure (the worker reports it and the run is marked failed)."""
+    """The cycle, in numbered phases; raises on failure (the child process reports it and the run is marked failed)."""
     config, seconds = job.config, {}
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,15 +1,10 @@
-"""The trainer process and its supervisor in the server.
+"""The server's side of training: starts each run in its own process, supervises it, registers and promotes.
 
 Each run is a fresh process (``spawn``: no CUDA or vLLM state inherited), so a crash, a kill or a leak in training
-never reaches serving. The process talks to the server over one pipe:
-
-- ``("progress", phase, progress, metrics)``: the server writes it to the run's row and to /metrics;
-- ``("call", n, method, payload)`` → ``("reply", n, ok, value)``: requests to the server; ``rollouts`` generates
-  replies with the serving engine (the adapter loaded under a reserved version users cannot reach);
-- ``("result", RunResult)`` or ``("error", message, traceback)``: the outcome.
-
-The supervisor registers the candidate, promotes it when it passed the gate, and marks the run failed whenever the
-process ends without a result (crash, kill, time limit). This module imports no torch: the server imports it.
+never reaches serving. The process reports progress and asks for rollouts over one pipe (the messages are listed in
+:mod:`alignd.trainer.child`, the process's side). The supervisor answers rollout calls with the serving engine,
+registers the candidate, promotes it when it passed the gate, and marks the run failed whenever the process ends
+without a result (crash, kill, time limit). This module imports no torch: the server imports it.
 """
 
 from __future__ import annotations
@@ -23,7 +18,6 @@ import os
 import socket
 import threading
 import time
-import traceback
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,54 +33,13 @@ from alignd.policies.registry import PolicyRegistry
 from alignd.policies.router import RESERVED_VERSIONS
 from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
 from alignd.store import RunRow, Store
+from alignd.trainer.child import child_main
 from alignd.trainer.config import TrainerConfig
 from alignd.trainer.job import RunJob
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RunLink", "TrainerSupervisor", "TriggerPolicy", "worker_main"]
-
-
-# --- the trainer process's side --------------------------------------------------------------------------------
-
-
-class RunLink:
-    """The trainer process's end of the pipe: progress reports and blocking calls to the server."""
-
-    def __init__(self, conn: Connection) -> None:
-        self.conn = conn
-        self._calls = itertools.count()
-
-    def report(self, phase: str, progress: float, metrics: dict[str, Any] | None = None) -> None:
-        self.conn.send(("progress", phase, progress, metrics or {}))
-
-    def call(self, method: str, payload: dict[str, Any]) -> Any:
-        n = next(self._calls)
-        self.conn.send(("call", n, method, payload))
-        kind, reply_n, ok, value = self.conn.recv()
-        if kind != "reply" or reply_n != n:
-            raise RuntimeError(f"unexpected message from the server: {kind} {reply_n}")
-        if not ok:
-            raise RuntimeError(f"the server could not {method}: {value}")
-        return value
-
-
-def worker_main(conn: Connection, job: RunJob) -> None:
-    """Entry point of the trainer process: run, then send the result or the error."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s trainer: %(message)s")
-    import torch
-
-    from alignd.trainer.run import run_training
-
-    torch.set_num_threads(max(1, job.threads))
-    link = RunLink(conn)
-    try:
-        result = run_training(job, link, link)
-        conn.send(("result", dataclasses.asdict(result)))
-    except BaseException as e:
-        conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
-    finally:
-        conn.close()
+__all__ = ["TrainerSupervisor", "TriggerPolicy"]
 
 
 # --- the server's side ----------------------------------------------------------------------------------------
@@ -229,7 +182,7 @@ class TrainerSupervisor:
     def _spawn(self, row: RunRow, job: RunJob, promote: bool) -> _ActiveRun:
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=worker_main, args=(child_conn, job), name=f"alignd-trainer-{row.id}",
+        process = ctx.Process(target=child_main, args=(child_conn, job), name=f"alignd-trainer-{row.id}",
                               daemon=True)
         try:
             process.start()
