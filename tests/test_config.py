@@ -94,3 +94,40 @@ def test_every_setting_has_a_description() -> None:
     assert all(o.help for o in OPTIONS), [o.flag for o in OPTIONS if not o.help]
     assert Settings.__doc__
     assert build_parser().prog == "alignd"
+
+
+# --- one trainer settings tree ---------------------------------------------------------------------------------
+
+# [trainer] settings the server uses itself (when to start a run, how long it may take, its threads): not the run's.
+_SERVER_SIDE = {"training_trigger", "min_new_pairs", "min_new_labels", "min_interval_s", "run_timeout_s",
+                "trainer_threads"}
+
+
+def test_the_trainer_defaults_are_the_settings_defaults() -> None:
+    """The trainer's dataclasses (used directly by tests and benchmarks) and a server with default settings train
+    with the same figures: there is one set of defaults."""
+    from alignd.config import TrainerSettings
+    from alignd.trainer.config import TrainerConfig, trainer_config
+
+    assert trainer_config(TrainerSettings()) == TrainerConfig()
+
+
+def test_every_trainer_setting_reaches_the_run_or_the_server() -> None:
+    """A [trainer] setting that changes nothing in a run's config must be one the server uses itself."""
+    import msgspec
+
+    from alignd.config import TrainerSettings
+    from alignd.trainer.config import trainer_config
+
+    defaults = TrainerSettings()
+    baseline = trainer_config(defaults)
+    changed = {"trainer_device": "cpu", "ppo_time_limit_s": 60.0}
+    for name in msgspec.structs.fields(TrainerSettings):
+        if name.name in _SERVER_SIDE:
+            continue
+        value = changed.get(name.name)
+        if value is None:
+            default = getattr(defaults, name.name)
+            value = default + 1 if isinstance(default, int | float) else default
+        settings = msgspec.structs.replace(defaults, **{name.name: value})
+        assert trainer_config(settings) != baseline, f"[trainer] {name.name} does not reach the run's config"

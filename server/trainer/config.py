@@ -1,7 +1,10 @@
 """Trainer settings: one dataclass per stage, gathered in :class:`TrainerConfig`.
 
-Defaults suit the demo model on a two-core machine; real deployments raise the batch sizes and iterations. Importing
-this module imports neither torch nor vLLM.
+One source of truth: a field that operators set (the ``[trainer]`` section of :class:`alignd.config.Settings`, with
+its flag and ``ALIGND_*`` variable) takes its default from that section, so the server, the benchmarks and the tests
+build the same defaults; :func:`trainer_config` copies a server's settings and a run's overrides in. The other fields
+are the algorithm's own constants. Defaults suit the demo model on a two-core machine. Importing this module imports
+neither torch nor vLLM.
 """
 
 from __future__ import annotations
@@ -34,14 +37,17 @@ DeviceName = Literal["auto", "cuda", "cpu"]
 DTypeName = Literal["auto", "bfloat16", "float32"]
 """Base-model dtype; ``auto`` is bfloat16 on a CUDA device that supports it, float32 otherwise."""
 
+_SETTINGS = TrainerSettings()
+"""The operator-facing defaults, which the fields below that mirror a setting take as theirs."""
+
 
 @dataclass
 class AdapterConfig:
     """Shape of every LoRA adapter the trainer creates (policy, critic, reward model)."""
 
-    r: int = 8
+    r: int = _SETTINGS.lora_rank
     """LoRA rank; must not exceed the engine's ``max_lora_rank`` for policies to be servable."""
-    alpha: int = 16
+    alpha: int = _SETTINGS.lora_alpha
     """LoRA scaling numerator: updates are scaled by ``alpha / r``."""
     dropout: float = 0.0
     """LoRA dropout. Keep 0 for PPO: log-probs recomputed during the update must match the rollout's."""
@@ -79,13 +85,13 @@ class RewardConfig:
 class PPOConfig:
     """PPO on the policy adapter; critic = its own adapter plus a value head, initialised from the reward model."""
 
-    iterations: int = 20
+    iterations: int = _SETTINGS.ppo_iterations
     """Rollout-then-update iterations."""
-    rollout_batch_size: int = 32
+    rollout_batch_size: int = _SETTINGS.rollout_batch_size
     """Prompts (one reply each) per iteration."""
     max_prompt_tokens: int = 256
     """Prompts are cut to their last this many tokens (prompt + reply must fit the engine's ``max_model_len``)."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = _SETTINGS.max_new_tokens
     """Reply length limit; replies that reach it without EOS are penalised."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are recomputed with the same temperature (logits / T)."""
@@ -111,7 +117,7 @@ class PPOConfig:
     """GAE λ."""
     init_kl_coef: float = 0.05
     """Initial β of the per-token KL penalty ``-β (log π - log π_ref)``."""
-    target_kl: float | None = 2.0
+    target_kl: float | None = _SETTINGS.target_kl
     """Sequence KL (nats) the adaptive controller steers towards; None keeps β fixed."""
     kl_horizon: int = 256
     """Adaptive controller horizon, in samples: β moves by at most 20% × rollout_batch_size / horizon per iteration."""
@@ -119,7 +125,7 @@ class PPOConfig:
     """Subtracted from the (normalised) reward-model score of a reply that hit the length limit without EOS."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip over policy and critic parameters together."""
-    time_limit_s: float | None = None
+    time_limit_s: float | None = _SETTINGS.ppo_time_limit_s
     """Stop after the iteration that crosses this wall time; None runs every iteration."""
     rollout_backend: RolloutBackendName = "vllm"
     """Rollout generator. ``hf`` exists for the benchmark that shows what generating in vLLM buys."""
@@ -129,13 +135,13 @@ class PPOConfig:
 class GateConfig:
     """Promotion gate: the candidate must beat the current policy by a margin and stay close to the base."""
 
-    margin: float = 0.05
+    margin: float = _SETTINGS.gate_margin
     """Required gain in mean normalised reward over the current policy."""
-    kl_budget: float = 8.0
+    kl_budget: float = _SETTINGS.kl_budget
     """Largest allowed mean sequence KL (nats) of the candidate to the base model."""
     n_prompts: int = 64
     """Held-out prompts both policies answer."""
-    max_new_tokens: int = 64
+    max_new_tokens: int = _SETTINGS.max_new_tokens
     """Reply length limit while evaluating."""
     temperature: float = 1.0
     """Sampling temperature while evaluating (KL is measured at this temperature)."""
@@ -173,11 +179,11 @@ class TrainerConfig:
     """Promotion gate."""
     data: DataConfig = field(default_factory=DataConfig)
     """Training data selection."""
-    device: DeviceName = "auto"
+    device: DeviceName = _SETTINGS.trainer_device  # type: ignore[assignment]
     """Where to train."""
     dtype: DTypeName = "auto"
     """Base-model dtype (adapters and heads always train in float32)."""
-    seed: int = 0
+    seed: int = _SETTINGS.trainer_seed
     """Seed for adapter initialisation, data order, prompt sampling and trainer-side generation."""
 
 

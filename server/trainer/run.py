@@ -1,7 +1,8 @@
 """One training run, start to candidate: data → reward model → normalisation → PPO → gate → staged adapter.
 
-Runs inside the trainer process (entered through :mod:`alignd.trainer.child`); talks to the server only through a :class:`Reporter` (phase,
-progress, figures) and the rollout link. Registration and promotion are the server's (it owns the registry).
+Runs inside the trainer process (entered through :mod:`alignd.trainer.child`); talks to the server only through a
+:class:`Reporter` (phase, progress, figures) and the rollout link. Registration and promotion are the server's (it
+owns the registry).
 """
 
 from __future__ import annotations
