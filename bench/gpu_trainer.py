@@ -55,10 +55,11 @@ def main() -> int:
 
     from alignd.demo.build import ensure_demo_model
     from alignd.demo.corpus import generate_corpus, training_prompts
+    from alignd.store.records import PreferencePair
     from alignd.trainer.config import TrainerConfig
     from alignd.trainer.models import load_stack
     from alignd.trainer.ppo import run_ppo
-    from alignd.trainer.reward_model import Comparison, train_reward_model
+    from alignd.trainer.reward_model import train_reward_model
     from alignd.trainer.rollout import HFRollouts, encode_prompt
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -76,7 +77,7 @@ def main() -> int:
     print(f"dtype {next(stack.causal_lm.parameters()).dtype}")
     rng = random.Random(0)
     corpus = generate_corpus(args.pairs * 2, seed=1)
-    pairs = [Comparison(prompt=[{"role": "user", "content": a.prompt}], chosen=a.reply, rejected=b.reply)
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": a.prompt}], chosen=a.reply, rejected=b.reply)
              for a, b in zip(corpus[::2], corpus[1::2], strict=False)][:args.pairs]
     rng.shuffle(pairs)
 
@@ -88,7 +89,7 @@ def main() -> int:
         torch.cuda.reset_peak_memory_stats()
     sync()
     tick = time.monotonic()
-    figures = train_reward_model(stack, pairs, config.reward, config.lora, seed=0)
+    figures = train_reward_model(stack, [[p] for p in pairs], config.reward, config.lora, seed=0)
     sync()
     rm_seconds = time.monotonic() - tick
     print(f"reward model: {figures.steps} steps of {config.reward.batch_size} pairs in {rm_seconds:.2f} s "

@@ -42,10 +42,11 @@ def main() -> int:
     from alignd.demo.build import ensure_demo_model
     from alignd.demo.corpus import generate_corpus, training_prompts
     from alignd.engine.vllm_engine import VLLMEngine
+    from alignd.store.records import PreferencePair
     from alignd.trainer.config import TrainerConfig
     from alignd.trainer.models import POLICY, load_stack
     from alignd.trainer.ppo import run_ppo
-    from alignd.trainer.reward_model import Comparison, fit_normalization, train_reward_model
+    from alignd.trainer.reward_model import fit_normalization, train_reward_model
     from alignd.trainer.rollout import HFRollouts, Sampling, VLLMRollouts, encode_prompt
 
     torch.set_num_threads(args.threads)
@@ -74,12 +75,12 @@ def main() -> int:
     by_prompt: dict[str, dict[str, str]] = {}
     for d in generate_corpus(args.pairs * 4, seed=1):
         by_prompt.setdefault(d.prompt, {})[d.style] = d.reply
-    pairs = [Comparison(prompt=[{"role": "user", "content": p}], chosen=s["friendly"],
+    pairs = [PreferencePair(prompt=[{"role": "user", "content": p}], chosen=s["friendly"],
                         rejected=s[rng.choice([k for k in s if k != "friendly"])])
              for p, s in by_prompt.items() if "friendly" in s and len(s) > 1][:args.pairs]
     stack = load_stack(model, config)
     tick = time.monotonic()
-    rm = train_reward_model(stack, pairs, config.reward, config.lora, seed=0)
+    rm = train_reward_model(stack, [[p] for p in pairs], config.reward, config.lora, seed=0)
     rm_seconds = time.monotonic() - tick
     prompts = [encode_prompt(stack.tokenizer, [{"role": "user", "content": p.text}], 256)
                for p in training_prompts(256, seed=2)]

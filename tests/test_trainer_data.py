@@ -12,7 +12,8 @@ from alignd.errors import NotFound
 from alignd.policies.router import RESERVED_VERSIONS, PolicyRouter
 from alignd.store import FeedbackRecord, Label, PolicyRow, PreferencePair, RunRow, Store
 from alignd.trainer.config import DataConfig
-from alignd.trainer.data import is_heldout, load_training_data, plain_messages
+from alignd.trainer.data import is_heldout, load_training_data
+from alignd.trainer.reward_model import PairGroup
 from tests.test_store import make_record, store, store_url  # noqa: F401 - the fixtures, on both databases
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -36,6 +37,11 @@ async def _feedback(store: Store, n: int, *, prompt: str | None = None, ranking:
     return fid
 
 
+def _events(groups: list[PairGroup]) -> set[str]:
+    """The feedback event of each pair group (every pair of event ``n`` is about "… n")."""
+    return {f"fb-{int(group[0].chosen.split()[-1]):06d}" for group in groups}
+
+
 async def test_selection_holds_out_by_event_replays_old_signal_and_dedupes_prompts(store: Store) -> None:
     config = DataConfig(heldout_fraction=0.2, replay_fraction=0.5, max_prompts=100)
     ids = [await _feedback(store, n, ranking=n % 4 == 0) for n in range(40)]
@@ -45,12 +51,12 @@ async def test_selection_holds_out_by_event_replays_old_signal_and_dedupes_promp
     assert 0 < len(held_ids) < len(ids)  # the hash splits this set both ways
 
     data = await load_training_data(store, config)
-    train_groups = {c.group for c in data.train_pairs}
-    held_groups = {c.group for c in data.heldout_pairs}
-    assert held_groups == held_ids and train_groups == set(ids) - held_ids  # one event is never on both sides
-    ranking = [c for c in data.train_pairs + data.heldout_pairs if c.group == "fb-000000"]
+    assert _events(data.heldout_pairs) == held_ids
+    assert _events(data.train_pairs) == set(ids) - held_ids  # one event is never on both sides
+    [ranking] = [g for g in data.train_pairs + data.heldout_pairs if _events([g]) == {"fb-000000"}]
     assert len(ranking) == 3  # a ranking's pairs stay together
-    assert data.train_pairs[0].prompt == [{"role": "user", "content": "question 0"}]  # text parts joined
+    assert data.train_pairs[0][0].prompt == [{"role": "user", "content": "question 0"}]  # text parts joined
+    assert (data.train_pairs[0][0].chosen_choice, data.train_pairs[0][0].rejected_choice) == (0, 1)
     assert len(data.new_pair_ids) == 41 + 2 * 10 and len(data.new_label_ids) == 41
     assert len(data.train_labels) == 41 - len(held_ids)
     prompts = data.ppo_prompts + data.gate_prompts
@@ -65,13 +71,13 @@ async def test_selection_holds_out_by_event_replays_old_signal_and_dedupes_promp
     assert later.new_pair_ids and len(later.new_pair_ids) == 1
     new_train = 0 if is_heldout("fb-000100", 0.2) else 1
     assert len(later.train_pairs) == new_train + round(0.5 * new_train)
-    assert {c.group for c in later.heldout_pairs} >= held_ids  # held-out events stay held out in every run
+    assert _events(later.heldout_pairs) >= held_ids  # held-out events stay held out in every run
     # With nothing new, a run (asked for by an operator) trains on the older signal.
     await store.mark_used("run-2", later.new_pair_ids, later.new_label_ids)
     again = await load_training_data(store, config)
     everything = {*ids, "fb-000100"}
     assert not again.new_pair_ids
-    assert {c.group for c in again.train_pairs} == {i for i in everything if not is_heldout(i, 0.2)}
+    assert _events(again.train_pairs) == {i for i in everything if not is_heldout(i, 0.2)}
 
 
 async def test_run_and_policy_rows_round_trip_and_orphans_fail(store: Store) -> None:
@@ -113,9 +119,3 @@ def test_reserved_versions_are_never_routed() -> None:
         assert e.code == "model_not_found"
     else:
         raise AssertionError("a trainer version was served")
-
-
-def test_plain_messages_joins_parts() -> None:
-    assert plain_messages([{"role": "system", "content": None},
-                           {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]
-                          ) == [{"role": "system", "content": ""}, {"role": "user", "content": "ab"}]

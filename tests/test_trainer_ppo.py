@@ -21,11 +21,12 @@ import torch
 from alignd.demo.corpus import generate_corpus, held_out_prompts, training_prompts
 from alignd.engine.types import ChoiceDelta, GenerationStep
 from alignd.protocol import SamplingOptions
+from alignd.store.records import PreferencePair
 from alignd.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig
 from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
 from alignd.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
 from alignd.trainer.ppo import critic_values, init_critic, run_ppo
-from alignd.trainer.reward_model import Comparison, RewardNormalization, fit_normalization, train_reward_model
+from alignd.trainer.reward_model import PairGroup, RewardNormalization, fit_normalization, train_reward_model
 from alignd.trainer.rollout import (
     ROLLOUT_VERSION,
     HFRollouts,
@@ -54,17 +55,17 @@ def user(text: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": text}]
 
 
-def style_ranking_pairs(n_dialogues: int, seed: int) -> list[Comparison]:
+def style_ranking_pairs(n_dialogues: int, seed: int) -> list[PairGroup]:
     grouped: dict[str, dict[str, str]] = {}
     for dialogue in generate_corpus(n_dialogues, seed=seed):
         grouped.setdefault(dialogue.prompt, {})[dialogue.style] = dialogue.reply
-    pairs = []
+    groups = []
     for prompt, replies in grouped.items():
         ranked = [style for style in RANKING if style in replies]
         weight = 1 / max(1, len(ranked) * (len(ranked) - 1) // 2)
-        pairs += [Comparison(user(prompt), replies[a], replies[b], weight=weight, group=prompt)
-                  for a, b in combinations(ranked, 2)]
-    return pairs
+        groups.append([PreferencePair(prompt=user(prompt), chosen=replies[a], rejected=replies[b], weight=weight)
+                       for a, b in combinations(ranked, 2)])
+    return groups
 
 
 def prompt_ids(stack: ModelStack, texts: list[str]) -> list[list[int]]:

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from alignd.demo.corpus import generate_corpus, training_prompts
+from alignd.store.records import Label, PreferencePair
 from alignd.trainer.config import AdapterConfig, RewardConfig
 from alignd.trainer.models import ModelStack
 from alignd.trainer.reward_model import (
     MANIFEST,
-    Comparison,
-    LabelledReply,
+    PairGroup,
     RewardFigures,
     _collate,
     _pack,
@@ -51,17 +51,18 @@ def replies_by_prompt(n_dialogues: int, seed: int) -> dict[str, dict[str, str]]:
     return grouped
 
 
-def ranking_pairs(grouped: dict[str, dict[str, str]]) -> list[Comparison]:
+def ranking_pairs(grouped: dict[str, dict[str, str]]) -> list[PairGroup]:
     """Every prompt's replies ranked by the rule: all C(K,2) pairs, each weighing 1/C(K,2), one group per prompt."""
-    pairs = []
+    groups = []
     for prompt, replies in grouped.items():
         ranked = [style for style in RANKING if style in replies]
         weight = 1 / max(1, len(ranked) * (len(ranked) - 1) // 2)
-        pairs += [
-            Comparison([{"role": "user", "content": prompt}], replies[a], replies[b], weight=weight, group=prompt)
+        groups.append([
+            PreferencePair(prompt=[{"role": "user", "content": prompt}], chosen=replies[a], rejected=replies[b],
+                           weight=weight)
             for a, b in combinations(ranked, 2)
-        ]
-    return pairs
+        ])
+    return groups
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +75,7 @@ def trained(stack: ModelStack) -> RewardFigures:
     """A reward model fitted on the planted ranking (held-out prompts split off by group), plus a few labels."""
     grouped = replies_by_prompt(400, seed=5)
     labels = [
-        LabelledReply([{"role": "user", "content": prompt}], replies[style], good=style == "enthusiastic")
+        Label(prompt=[{"role": "user", "content": prompt}], reply=replies[style], good=style == "enthusiastic")
         for prompt, replies in list(grouped.items())[:20]
         for style in ("enthusiastic", "concise")
         if style in replies
@@ -126,22 +127,25 @@ def test_unpaired_labels_alone_teach_the_rule(stack: ModelStack) -> None:
     labels = []
     for prompt, replies in grouped.items():
         style = rng.choice(sorted(replies))
-        labels.append(LabelledReply([{"role": "user", "content": prompt}], replies[style], good=style == RANKING[0]))
+        labels.append(Label(prompt=[{"role": "user", "content": prompt}], reply=replies[style],
+                            good=style == RANKING[0]))
     figures = train_reward_model(stack, [], RewardConfig(epochs=2), AdapterConfig(), labels=labels, heldout=[])
     assert figures.labels == len(labels) and figures.heldout_accuracy is None
     unseen = replies_by_prompt(80, seed=12)
     enthusiastic = {replies[RANKING[0]] for replies in unseen.values() if RANKING[0] in replies}
-    heldout = [pair for pair in ranking_pairs(unseen) if pair.chosen in enthusiastic]  # the labelled rule only
+    heldout = [[pair] for group in ranking_pairs(unseen) for pair in group
+               if pair.chosen in enthusiastic]  # the labelled rule only
     accuracy, _ = evaluate_pairs(stack, heldout, RewardConfig())
     assert accuracy >= 0.9
 
 
 def test_a_ranking_shares_one_batch_and_each_reply_is_scored_once() -> None:
     prompt = [{"role": "user", "content": "q"}]
-    ranking = [Comparison(prompt, a, b, weight=1 / 6, group="fb-1") for a, b in combinations("wxyz", 2)]
-    singles = [Comparison(prompt, "s", "t"), Comparison(prompt, "u", "v")]
-    labels = [LabelledReply(prompt, "w", good=True)]
-    batches = _pack(_units([singles[0], *ranking, singles[1]], labels), batch_size=4)
+    ranking = [PreferencePair(prompt=prompt, chosen=a, rejected=b, weight=1 / 6) for a, b in combinations("wxyz", 2)]
+    singles = [PreferencePair(prompt=prompt, chosen="s", rejected="t"),
+               PreferencePair(prompt=prompt, chosen="u", rejected="v")]
+    labels = [Label(prompt=prompt, reply="w", good=True)]
+    batches = _pack(_units([[singles[0]], ranking, [singles[1]]], labels), batch_size=4)
     assert batches == [[[singles[0]], ranking], [[singles[1]], labels[0]]]  # the ranking travels whole, overflowing
 
     def encoder(_prompt: list[dict[str, str]], reply: str) -> tuple[int, ...]:

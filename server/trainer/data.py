@@ -19,11 +19,12 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignd.store import Store
+from alignd.messages import plain_messages
+from alignd.store import Label, PreferencePair, Store
 from alignd.trainer.config import DataConfig
-from alignd.trainer.reward_model import Comparison, LabelledReply
+from alignd.trainer.reward_model import PairGroup
 
-__all__ = ["TrainingData", "is_heldout", "load_training_data", "plain_messages"]
+__all__ = ["TrainingData", "is_heldout", "load_training_data"]
 
 
 def _unit_hash(key: str) -> float:
@@ -36,24 +37,15 @@ def is_heldout(key: str, fraction: float) -> bool:
     return _unit_hash(key) < fraction
 
 
-def plain_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """Messages as ``{"role", "content"}`` with text content (content parts joined), for the chat template."""
-    out = []
-    for m in messages:
-        content = m.get("content")
-        if isinstance(content, list):
-            content = "".join(part.get("text", "") for part in content if isinstance(part, dict))
-        out.append({"role": m["role"], "content": content or ""})
-    return out
-
-
 @dataclass
 class TrainingData:
     """What one run trains and evaluates on."""
 
-    train_pairs: list[Comparison]
-    heldout_pairs: list[Comparison]
-    train_labels: list[LabelledReply]
+    train_pairs: list[PairGroup]
+    """Pairs to train on, grouped by feedback event."""
+    heldout_pairs: list[PairGroup]
+    """Pairs of held-out events: the reward model's accuracy is measured on them."""
+    train_labels: list[Label]
     ppo_prompts: list[list[dict[str, str]]]
     """Distinct recent user prompts for rollouts."""
     gate_prompts: list[list[dict[str, str]]]
@@ -63,20 +55,26 @@ class TrainingData:
     new_label_ids: list[int] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
-        return {"train_pairs": len(self.train_pairs), "heldout_pairs": len(self.heldout_pairs),
+        return {"train_pairs": sum(map(len, self.train_pairs)), "heldout_pairs": sum(map(len, self.heldout_pairs)),
                 "train_labels": len(self.train_labels), "new_pairs": len(self.new_pair_ids),
                 "new_labels": len(self.new_label_ids), "ppo_prompts": len(self.ppo_prompts),
                 "gate_prompts": len(self.gate_prompts)}
 
 
-def _comparison(row: dict[str, Any]) -> Comparison:
-    return Comparison(prompt=plain_messages(row["prompt"]), chosen=row["chosen"], rejected=row["rejected"],
-                      margin=float(row["margin"]), weight=float(row["weight"]), group=row["feedback_id"])
+def _groups(rows: list[dict[str, Any]]) -> list[PairGroup]:
+    """Stored pair rows as the one pair type, grouped by the feedback event that made them (in first-seen order)."""
+    groups: dict[str, list[PreferencePair]] = {}
+    for row in rows:
+        groups.setdefault(row["feedback_id"], []).append(PreferencePair(
+            prompt=plain_messages(row["prompt"]), chosen=row["chosen"], rejected=row["rejected"],
+            margin=float(row["margin"]), weight=float(row["weight"]), chosen_choice=row.get("chosen_choice"),
+            rejected_choice=row.get("rejected_choice")))
+    return list(groups.values())
 
 
-def _label(row: dict[str, Any]) -> LabelledReply:
-    return LabelledReply(prompt=plain_messages(row["prompt"]), reply=row["reply"], good=bool(row["good"]),
-                         weight=float(row["weight"]))
+def _label(row: dict[str, Any]) -> Label:
+    return Label(prompt=plain_messages(row["prompt"]), reply=row["reply"], good=bool(row["good"]),
+                 weight=float(row["weight"]), choice=row.get("choice"))
 
 
 async def _signal(store: Store, table: str, cap: int, config: DataConfig, rng: random.Random
@@ -116,7 +114,6 @@ async def load_training_data(store: Store, config: DataConfig, seed: int = 0) ->
     pairs, heldout_pairs, pair_ids = await _signal(store, "preference_pairs", config.max_pairs, config, rng)
     labels, _, label_ids = await _signal(store, "labels", config.max_labels, config, rng)
     ppo_prompts, gate_prompts = await _prompts(store, config)
-    return TrainingData(train_pairs=[_comparison(r) for r in pairs],
-                        heldout_pairs=[_comparison(r) for r in heldout_pairs],
+    return TrainingData(train_pairs=_groups(pairs), heldout_pairs=_groups(heldout_pairs),
                         train_labels=[_label(r) for r in labels], ppo_prompts=ppo_prompts, gate_prompts=gate_prompts,
                         new_pair_ids=pair_ids, new_label_ids=label_ids)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from alignd.store.records import Label, PreferencePair
 from alignd.trainer.config import AdapterConfig, RewardConfig
 from alignd.trainer.losses import label_loss, reward_loss
 from alignd.trainer.models import REWARD, ModelStack
@@ -26,8 +27,7 @@ from alignd.trainer.rollout import Rollout, collate_rollouts, encode_prompt
 
 __all__ = [
     "MANIFEST",
-    "Comparison",
-    "LabelledReply",
+    "PairGroup",
     "RewardFigures",
     "RewardNormalization",
     "evaluate_pairs",
@@ -43,30 +43,9 @@ MANIFEST = "reward.json"
 """Figures of a saved reward model, next to its adapter."""
 
 
-@dataclass(frozen=True)
-class Comparison:
-    """For ``prompt``, reply ``chosen`` beats ``rejected``."""
-
-    prompt: list[dict[str, Any]]
-    """The conversation before the reply, as ``{"role", "content"}`` dicts."""
-    chosen: str
-    rejected: str
-    margin: float = 0.0
-    """Required reward gap, subtracted inside the Bradley–Terry loss."""
-    weight: float = 1.0
-    """Loss weight (1/C(K,2) for each pair of a K-way ranking)."""
-    group: str | None = None
-    """Pairs of one group (e.g. one ranking's feedback id) share a batch and a held-out side."""
-
-
-@dataclass(frozen=True)
-class LabelledReply:
-    """An unpaired judgement: ``reply`` to ``prompt`` is good or bad."""
-
-    prompt: list[dict[str, Any]]
-    reply: str
-    good: bool
-    weight: float = 1.0
+PairGroup = Sequence[PreferencePair]
+"""The pairs of one feedback event (a ranking's C(K,2), or a single pair): they share a batch, and a side of the
+held-out split. Pairs and labels are the feedback plugins' own types (:mod:`alignd.store.records`)."""
 
 
 @dataclass
@@ -101,7 +80,7 @@ class RewardFigures:
 
 # --- data -----------------------------------------------------------------------------------------------------
 
-_Unit = list[Comparison] | LabelledReply  # what is never split across batches
+_Unit = PairGroup | Label  # what is never split across batches
 
 
 class _Encoder:
@@ -136,22 +115,19 @@ class _Batch:
     label_weight: Tensor  # (M,)
 
 
-def _units(comparisons: Sequence[Comparison], labels: Sequence[LabelledReply]) -> list[_Unit]:
-    """Comparisons grouped (ungrouped ones alone), then labels, in first-seen order."""
-    groups: dict[object, list[Comparison]] = {}
-    for index, pair in enumerate(comparisons):
-        groups.setdefault(pair.group if pair.group is not None else ("pair", index), []).append(pair)
-    return [*groups.values(), *labels]
+def _units(groups: Sequence[PairGroup], labels: Sequence[Label]) -> list[_Unit]:
+    """The non-empty pair groups, then the labels."""
+    return [*(g for g in groups if g), *labels]
 
 
 def _split_heldout(
-    comparisons: Sequence[Comparison], fraction: float, rng: random.Random
-) -> tuple[list[Comparison], list[Comparison]]:
+    groups: Sequence[PairGroup], fraction: float, rng: random.Random
+) -> tuple[list[PairGroup], list[PairGroup]]:
     """Hold out whole groups, about ``fraction`` of them."""
-    groups = [u for u in _units(comparisons, []) if isinstance(u, list)]
-    rng.shuffle(groups)
-    n_heldout = max(1, round(len(groups) * fraction)) if fraction > 0 and len(groups) > 1 else 0
-    return [p for g in groups[n_heldout:] for p in g], [p for g in groups[:n_heldout] for p in g]
+    shuffled = [g for g in groups if g]
+    rng.shuffle(shuffled)
+    n_heldout = max(1, round(len(shuffled) * fraction)) if fraction > 0 and len(shuffled) > 1 else 0
+    return shuffled[n_heldout:], shuffled[:n_heldout]
 
 
 def _pack(units: Sequence[_Unit], batch_size: int) -> list[list[_Unit]]:
@@ -163,7 +139,7 @@ def _pack(units: Sequence[_Unit], batch_size: int) -> list[list[_Unit]]:
             batches.append([])
             size = 0
         batches[-1].append(unit)
-        size += 2 * len(unit) if isinstance(unit, list) else 1  # an upper bound; duplicates are merged later
+        size += 1 if isinstance(unit, Label) else 2 * len(unit)  # an upper bound; duplicates are merged later
     return [b for b in batches if b]
 
 
@@ -173,8 +149,8 @@ def _collate(units: Sequence[_Unit], encoder: _Encoder, pad_id: int, device: tor
     def row(prompt: list[dict[str, Any]], reply: str) -> int:
         return rows.setdefault(encoder(prompt, reply), len(rows))
 
-    pairs = [p for u in units if isinstance(u, list) for p in u]
-    labels = [u for u in units if isinstance(u, LabelledReply)]
+    pairs = [p for u in units if not isinstance(u, Label) for p in u]
+    labels = [u for u in units if isinstance(u, Label)]
     chosen = [row(p.prompt, p.chosen) for p in pairs]
     rejected = [row(p.prompt, p.rejected) for p in pairs]
     labelled = [row(x.prompt, x.reply) for x in labels]
@@ -241,18 +217,18 @@ def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float) -> tuple[Te
 
 def train_reward_model(
     stack: ModelStack,
-    comparisons: Sequence[Comparison],
+    groups: Sequence[PairGroup],
     config: RewardConfig,
     adapter: AdapterConfig,
-    labels: Sequence[LabelledReply] = (),
-    heldout: Sequence[Comparison] | None = None,
+    labels: Sequence[Label] = (),
+    heldout: Sequence[PairGroup] | None = None,
     seed: int = 0,
 ) -> RewardFigures:
-    """Fit a fresh ``reward`` adapter and head; hold out groups of ``comparisons`` unless ``heldout`` is given."""
+    """Fit a fresh ``reward`` adapter and head; hold out some of the ``groups`` unless ``heldout`` is given."""
     started = time.monotonic()
     rng = random.Random(seed)
     torch.manual_seed(seed)
-    train = list(comparisons)
+    train = list(groups)
     if heldout is None:
         train, heldout = _split_heldout(train, config.heldout_fraction, rng)
     stack.add_adapter(REWARD, adapter, head=True)
@@ -280,8 +256,8 @@ def train_reward_model(
         train_loss=sum(epoch_losses) / max(1, len(epoch_losses)),
         heldout_accuracy=accuracy,
         heldout_loss=heldout_loss,
-        train_pairs=len(train),
-        heldout_pairs=len(heldout),
+        train_pairs=sum(len(g) for g in train),
+        heldout_pairs=sum(len(g) for g in heldout),
         labels=len(labels),
         steps=steps,
         seconds=round(time.monotonic() - started, 2),
@@ -290,13 +266,13 @@ def train_reward_model(
 
 @torch.no_grad()
 def evaluate_pairs(
-    stack: ModelStack, comparisons: Sequence[Comparison], config: RewardConfig, encoder: _Encoder | None = None
+    stack: ModelStack, groups: Sequence[PairGroup], config: RewardConfig, encoder: _Encoder | None = None
 ) -> tuple[float, float]:
     """``(accuracy, loss)`` of the reward model on pairs: share ranked right (ties count wrong), mean BT loss."""
     encoder = encoder or _Encoder(stack, config)
     correct, losses, total = 0, 0.0, 0
     with stack.use(REWARD):
-        for batch_units in _pack(_units(comparisons, []), config.batch_size):
+        for batch_units in _pack(_units(groups, []), config.batch_size):
             batch = _collate(batch_units, encoder, stack.tokenizer.pad_token_id, stack.device)
             loss, right = _batch_loss(stack, batch, 0.0)
             correct += int(right.sum())
