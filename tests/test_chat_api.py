@@ -13,6 +13,7 @@ import openai
 import pytest
 
 from tests.serverkit import AppServer
+from tests.store_reads import count_completions, get_completion
 
 HELLO = [{"role": "user", "content": "How do I bake bread at home?"}]
 
@@ -33,11 +34,11 @@ def sse_events(response: httpx.Response) -> list[Any]:
 
 
 def stored(srv: AppServer, completion_id: str) -> Any:
-    return srv.loop.run(srv.state.store.get_completion(completion_id))
+    return srv.loop.run(get_completion(srv.state.store, completion_id))
 
 
 def count_stored(srv: AppServer) -> int:
-    return srv.loop.run(srv.state.store.count_completions())
+    return srv.loop.run(count_completions(srv.state.store))
 
 
 # --- happy paths -------------------------------------------------------------------------------------------------

@@ -433,7 +433,7 @@ def test_failing_and_hanging_sinks_never_fail_the_request(sink_server: AppServer
         started = time.perf_counter()
         r = send(srv, completion_id=cid, kind="thumbs", value="up")
         assert r.status_code == 201 and time.perf_counter() - started < 1.5, "sinks run after the answer"
-        assert srv.loop.run(srv.state.store.feedback_history(cid, "thumbs"))[0].id == r.json()["id"]
+        assert srv.loop.run(srv.state.store.list_feedback(completion_id=cid, kind="thumbs"))[0].id == r.json()["id"]
         wait_for(lambda: recorder.seen)
         assert recorder.seen == [(r.json()["id"], 0, 1)]
         wait_for(lambda: metric(srv, 'alignd_sink_timeouts_total{plugin="hanging"}') >= 1)
@@ -513,7 +513,7 @@ def test_webhook_posts_signed_events_with_retries(make_server: Callable[..., App
     handler.statuses = [500] * 4  # retries exhausted: counted, and the event stays stored
     lost = send(srv, completion_id=cid, kind="pairwise", winner="tie").json()["id"]
     wait_for(lambda: metric(srv, 'alignd_sink_failures_total{plugin="webhook"}') == 1)
-    assert any(e.id == lost for e in srv.loop.run(srv.state.store.feedback_history(cid, "pairwise")))
+    assert any(e.id == lost for e in srv.loop.run(srv.state.store.list_feedback(completion_id=cid, kind="pairwise")))
 
 
 # --- plugins: routes, blocking, conflicts ------------------------------------------------------------------------
@@ -527,7 +527,7 @@ def test_plugin_route_turns_reactions_into_feedback(make_server: Callable[..., A
     r = httpx.post(url, json={"completion_id": cid, "emoji": "+1"},
                    headers={"x-reaction-token": feedback_plugins.Reactions.TOKEN})
     assert r.status_code == 201, r.text
-    [stored] = srv.loop.run(srv.state.store.feedback_history(cid, "thumbs"))
+    [stored] = srv.loop.run(srv.state.store.list_feedback(completion_id=cid, kind="thumbs"))
     assert stored.id == r.json()["feedback_id"] and stored.tags == ["reaction"]
     assert srv.state.feedback.context.state["reactions"]["started"] > 0
 
@@ -539,7 +539,7 @@ def test_blocked_plugin_is_not_loaded(make_server: Callable[..., AppServer]) -> 
     r = send(srv, completion_id=cid, kind="rating", score=5)
     assert r.status_code == 422 and r.json()["error"]["code"] == "unknown_kind"
     assert send(srv, completion_id=cid, kind="thumbs", value="up", comment="me@example.com").status_code == 201
-    [event] = srv.loop.run(srv.state.store.feedback_history(cid, "thumbs"))
+    [event] = srv.loop.run(srv.state.store.list_feedback(completion_id=cid, kind="thumbs"))
     assert event.comment == "me@example.com", "pii_redact is blocked"
 
 

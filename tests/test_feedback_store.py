@@ -10,14 +10,11 @@ from typing import Any
 import pytest
 
 from alignd.store import (
-    LATEST_VERSION,
-    MIGRATIONS,
     FeedbackRecord,
     Label,
     PreferencePair,
     RecordRejectedError,
     Store,
-    migrations,
 )
 from tests import test_store
 from tests.test_store import make_record
@@ -101,7 +98,7 @@ async def test_history_listing_filters_and_pages(store: Store) -> None:
     await store.record_completion(make_record(2))
     for n in range(10):
         await store.record_feedback(make_feedback(n, completion_id=f"chatcmpl-00000{1 + n % 2}"))
-    history = await store.feedback_history("chatcmpl-000001", "rating")
+    history = await store.list_feedback(completion_id="chatcmpl-000001", kind="rating")
     assert [f.id for f in history] == ["fb-000000", "fb-000002", "fb-000004", "fb-000006", "fb-000008"]
     everything = await store.list_feedback(limit=100)
     assert [f.id for f in everything] == [f"fb-{n:06d}" for n in range(10)]
@@ -131,18 +128,3 @@ async def test_exports_page_through_everything(store: Store) -> None:
     context = await store.prompts_and_choices(["chatcmpl-000001", "chatcmpl-000001"])
     assert context == {"chatcmpl-000001": ([{"role": "user", "content": "question 1"}],
                                            ["answer 1", "other answer 1"])}
-
-
-async def test_version_1_database_is_upgraded_in_place(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:1])
-    monkeypatch.setattr(migrations, "LATEST_VERSION", 1)
-    async with await Store.open(store_url) as old:
-        await old.record_completion(make_record(1))
-        assert await old.schema_version() == 1
-    monkeypatch.undo()
-    async with await Store.open(store_url) as new:
-        assert await new.schema_version() == LATEST_VERSION == 3
-        assert await new.count_completions() == 1
-        await new.record_feedback(make_feedback(1))
-        assert await new.count_feedback() == (1, 1, 2)
-        assert await new.list_policies() == [] and await new.list_runs() == []  # version 3's tables

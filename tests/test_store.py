@@ -12,22 +12,19 @@ from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from alignd.store import (
-    LATEST_VERSION,
-    MIGRATIONS,
+    HEAD,
     ChoiceRecord,
     CompletionRecord,
-    Migration,
     RecordRejectedError,
     Store,
     StoreClosedError,
     StoreError,
-    migrations,
 )
-from alignd.store.tables import metadata
+from tests.store_reads import count_completions, get_completion
 
 T0 = datetime(2025, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
 
@@ -100,91 +97,6 @@ async def store(store_url: str) -> AsyncIterator[Store]:
         await s.close()
 
 
-def _schema(conn: Connection) -> dict[str, Any]:
-    insp = inspect(conn)
-    return {
-        table: {
-            "columns": sorted((c["name"], bool(c["nullable"])) for c in insp.get_columns(table)),
-            "indexes": sorted(ix["name"] for ix in insp.get_indexes(table)),
-            "pk": sorted(insp.get_pk_constraint(table)["constrained_columns"]),
-        }
-        for table in insp.get_table_names()
-    }
-
-
-# ---------------------------------------------------------------- migrations
-
-
-async def test_migrations_create_schema_and_are_idempotent(store_url: str) -> None:
-    async with await Store.open(store_url) as first:
-        assert await first.schema_version() == LATEST_VERSION
-        await first.record_completion(make_record(1))
-    async with await Store.open(store_url) as second:  # migrating again changes nothing
-        assert await second.schema_version() == LATEST_VERSION
-        assert await second.count_completions() == 1
-        async with second.engine.connect() as conn:
-            rows = (await conn.execute(text("SELECT version, name FROM schema_migrations ORDER BY version"))).all()
-    assert [tuple(r) for r in rows] == [(m.version, m.name) for m in MIGRATIONS]
-
-
-async def test_migrated_schema_matches_tables_py(store: Store) -> None:
-    async with store.engine.connect() as conn:
-        actual = await conn.run_sync(_schema)
-    expected = {
-        table.name: {
-            "columns": sorted((c.name, bool(c.nullable)) for c in table.columns),
-            "indexes": sorted(str(ix.name) for ix in table.indexes),
-            "pk": sorted(c.name for c in table.primary_key.columns),
-        }
-        for table in metadata.sorted_tables
-    }
-    assert actual == expected
-
-
-async def test_concurrent_opens_migrate_once(store_url: str) -> None:
-    """Several servers starting at once on an empty database (advisory lock / BEGIN IMMEDIATE)."""
-    stores = await asyncio.gather(*(Store.open(store_url) for _ in range(4)))
-    try:
-        assert [await s.schema_version() for s in stores] == [LATEST_VERSION] * 4
-        async with stores[0].engine.connect() as conn:
-            count = (await conn.execute(text("SELECT count(*) FROM schema_migrations"))).scalar_one()
-        assert count == len(MIGRATIONS)
-    finally:
-        await asyncio.gather(*(s.close() for s in stores))
-
-
-async def test_a_failing_step_leaves_no_trace(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each step runs in one transaction with its schema_migrations row: all or nothing."""
-
-    def broken_step(conn: Connection) -> None:
-        conn.execute(text("CREATE TABLE half_done (id INTEGER PRIMARY KEY)"))
-        raise RuntimeError("step failed midway")
-
-    async with await Store.open(store_url):
-        pass
-    broken = (*MIGRATIONS, Migration(LATEST_VERSION + 1, "broken", broken_step))
-    monkeypatch.setattr(migrations, "MIGRATIONS", broken)
-    monkeypatch.setattr(migrations, "LATEST_VERSION", LATEST_VERSION + 1)
-    with pytest.raises(StoreError, match="step failed midway"):
-        await Store.open(store_url)
-    monkeypatch.undo()
-
-    async with await Store.open(store_url) as store:
-        assert await store.schema_version() == LATEST_VERSION
-        async with store.engine.connect() as conn:
-            tables = await conn.run_sync(lambda c: inspect(c).get_table_names())
-        assert "half_done" not in tables
-
-
-async def test_database_newer_than_code_is_refused(store_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    async with await Store.open(store_url):
-        pass
-    monkeypatch.setattr(migrations, "MIGRATIONS", MIGRATIONS[:-1])
-    monkeypatch.setattr(migrations, "LATEST_VERSION", LATEST_VERSION - 1)
-    with pytest.raises(StoreError, match="newer than this alignd"):
-        await Store.open(store_url)
-
-
 # ---------------------------------------------------------------- reads and writes
 
 
@@ -212,45 +124,24 @@ async def test_round_trip(store: Store) -> None:
     await store.record_completion(full)
     await store.record_completion(sparse)
 
-    got = await store.get_completion(full.id)
+    got = await get_completion(store, full.id)
     assert got == full
     assert got is not None and got.created.tzinfo == UTC  # returned in UTC, same instant
     assert got.created == datetime(2025, 6, 1, 6, 30, 0, 123456, tzinfo=UTC)
-    got_sparse = await store.get_completion(sparse.id)
+    got_sparse = await get_completion(store, sparse.id)
     assert got_sparse == sparse
     assert got_sparse is not None and got_sparse.metadata is None and got_sparse.user is None
-    assert await store.get_completion("chatcmpl-missing") is None
+    assert await get_completion(store, "chatcmpl-missing") is None
 
     async with store.engine.connect() as conn:  # None metadata is SQL NULL, not JSON 'null'
         nulls = (await conn.execute(text("SELECT count(*) FROM completions WHERE metadata IS NULL"))).scalar_one()
     assert nulls == 1
 
 
-async def test_list_completions_filters(store: Store) -> None:
-    records = [make_record(n) for n in range(12)]  # created T0+n s, policy_version n % 3
-    for rec in records:
-        await store.record_completion(rec)
-
-    assert await store.count_completions() == 12
-    assert await store.list_completions() == records[::-1]  # newest first
-    assert await store.list_completions(limit=3) == records[:-4:-1]
-    assert await store.list_completions(limit=0) == []
-    assert await store.list_completions(since=T0 + timedelta(seconds=9)) == records[:8:-1]
-    assert await store.list_completions(since=T0 + timedelta(seconds=4), newest_first=False, limit=2) == records[4:6]
-    assert await store.list_completions(policy_version=1) == [r for r in records[::-1] if r.policy_version == 1]
-    assert await store.list_completions(policy_version=2, since=T0 + timedelta(seconds=6)) == [
-        records[11],
-        records[8],
-    ]
-    assert await store.list_completions(policy_version=99) == []
-    with pytest.raises(ValueError):
-        await store.list_completions(since=datetime(2025, 1, 1))  # naive
-
-
 async def test_naive_created_is_rejected(store: Store) -> None:
     with pytest.raises(RecordRejectedError):
         await store.record_completion(make_record(1, created=datetime(2025, 1, 1)))
-    assert await store.count_completions() == 0
+    assert await count_completions(store) == 0
 
 
 # ---------------------------------------------------------------- group commit
@@ -260,12 +151,12 @@ async def test_group_commit_batches_concurrent_writes(store: Store) -> None:
     records = [make_record(n) for n in range(500)]
     await asyncio.gather(*(store.record_completion(r) for r in records))
 
-    assert await store.count_completions() == 500
+    assert await count_completions(store) == 500
     assert store.stats.records == 500
     assert store.stats.failed == 0
     assert store.stats.batches < store.stats.records  # several records shared a transaction
     assert 1 < store.stats.largest_batch <= 256
-    assert await store.get_completion(records[321].id) == records[321]
+    assert await get_completion(store, records[321].id) == records[321]
 
 
 async def test_bad_record_fails_only_its_own_caller(store: Store) -> None:
@@ -281,10 +172,10 @@ async def test_bad_record_fails_only_its_own_caller(store: Store) -> None:
     assert failed == {7, len(batch) - 1}
     assert all(isinstance(results[i], RecordRejectedError) for i in failed)
     assert "chatcmpl-000999" in str(results[7])
-    assert await store.count_completions() == 21
-    original = await store.get_completion("chatcmpl-000999")
+    assert await count_completions(store) == 21
+    original = await get_completion(store, "chatcmpl-000999")
     assert original is not None and original.model == "original"
-    twin = await store.get_completion("chatcmpl-000005")
+    twin = await get_completion(store, "chatcmpl-000005")
     assert twin is not None and twin.model == "alignd"  # the first of the two won
     assert store.stats.failed == 2
     # The whole batch went to the writer together, failed, and was retried record by record.
@@ -294,7 +185,7 @@ async def test_bad_record_fails_only_its_own_caller(store: Store) -> None:
 async def test_backpressure_bounds_batches(store_url: str) -> None:
     async with await Store.open(store_url, batch_max=4, queue_max=8) as store:
         await asyncio.gather(*(store.record_completion(make_record(n)) for n in range(100)))
-        assert await store.count_completions() == 100
+        assert await count_completions(store) == 100
         assert store.stats.largest_batch <= 4
         assert store.stats.batches >= 25
 
@@ -309,7 +200,7 @@ async def test_close_drains_everything_enqueued(store_url: str) -> None:
     await store.close()  # idempotent
 
     async with await Store.open(store_url) as reopened:
-        assert await reopened.count_completions() == 300
+        assert await count_completions(reopened) == 300
 
 
 async def test_close_refuses_callers_still_waiting_for_room(store_url: str) -> None:
@@ -323,7 +214,7 @@ async def test_close_refuses_callers_still_waiting_for_room(store_url: str) -> N
     with pytest.raises(StoreClosedError):
         await store.record_completion(make_record(100))
     with pytest.raises(StoreClosedError):
-        await store.count_completions()
+        await store.list_feedback()
 
 
 async def test_data_survives_close_and_reopen(store_url: str) -> None:
@@ -331,8 +222,8 @@ async def test_data_survives_close_and_reopen(store_url: str) -> None:
     async with await Store.open(store_url) as store:
         await store.record_completion(rec)
     async with await Store.open(store_url) as store:
-        assert await store.get_completion(rec.id) == rec
-        assert await store.count_completions() == 1
+        assert await get_completion(store, rec.id) == rec
+        assert await count_completions(store) == 1
 
 
 # ---------------------------------------------------------------- backends and URLs
@@ -352,10 +243,10 @@ async def test_sqlite_uses_wal_and_connection_pragmas(tmp_path: Path) -> None:
 async def test_sqlite_relative_url_creates_parent_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     async with await Store.open("sqlite:///nested/dir/alignd.db") as store:
-        assert await store.schema_version() == LATEST_VERSION
+        assert await store.schema_revision() == HEAD
     assert (tmp_path / "nested" / "dir" / "alignd.db").is_file()
     async with await Store.open(f"sqlite+aiosqlite:///{tmp_path}/nested/dir/alignd.db") as store:
-        assert await store.schema_version() == LATEST_VERSION
+        assert await store.schema_revision() == HEAD
 
 
 async def test_open_errors_name_the_url_without_password() -> None:
@@ -381,7 +272,7 @@ async def test_postgres_scheme_aliases(postgres_server_url: str) -> None:
         for scheme in ("postgres", "postgresql+asyncpg"):
             aliased = make_url(url).set(drivername=scheme).render_as_string(hide_password=False)
             async with await Store.open(aliased) as store:
-                assert await store.schema_version() == LATEST_VERSION
+                assert await store.schema_revision() == HEAD
                 assert "***" in store.url and make_url(url).password not in store.url
     finally:
         await _drop_database(postgres_server_url, name)

@@ -28,6 +28,7 @@ from alignd.store import RunRow
 from tests.engine_fixtures import create_pg_database
 from tests.engine_fixtures import test_settings as settings_for
 from tests.serverkit import AppServer, LoopThread
+from tests.store_reads import get_completion
 
 ADMIN, USER = "admin-secret", "user-secret"
 TRAINER = {"training_trigger": "manual", "ppo_iterations": 2, "rollout_batch_size": 8, "max_new_tokens": 24,
@@ -146,7 +147,7 @@ def test_a_run_trains_gates_and_promotes_without_failed_requests(trained: dict[s
     assert statuses and all(s == 200 for s in statuses)
     assert all(r.status_code == 200 and r.json()["system_fingerprint"] == "policy-1" for r in trained["after"])
     # The store names the version that generated it.
-    stored = srv.loop.run(srv.state.store.get_completion(trained["after"][0].json()["id"]))
+    stored = srv.loop.run(get_completion(srv.state.store, trained["after"][0].json()["id"]))
     assert stored.policy_version == 1
     # The registry: a manifest and safetensors only; the base retired.
     policies = admin(srv, "GET", "/v1/policies").json()

@@ -1,9 +1,9 @@
-"""Durable storage: SQLAlchemy Core tables, migrations and the :class:`Store` (SQLite WAL or PostgreSQL).
+"""Durable storage: SQLAlchemy Core tables, Alembic migrations and the :class:`Store` (SQLite WAL or PostgreSQL).
 
 Importing this package touches no database; :meth:`Store.open` does.
 """
 
-from alignd.store.migrations import LATEST_VERSION, MIGRATIONS, Migration, MigrationError
+from alignd.store.migrations import HEAD, MigrationError
 from alignd.store.records import (
     ChoiceRecord,
     CompletionRecord,
@@ -18,13 +18,11 @@ from alignd.store.store import RecordRejectedError, Store, StoreClosedError, Sto
 from alignd.store.training import PolicyRow, RunRow
 
 __all__ = [
-    "LATEST_VERSION",
-    "MIGRATIONS",
+    "HEAD",
     "ChoiceRecord",
     "CompletionRecord",
     "FeedbackRecord",
     "Label",
-    "Migration",
     "MigrationError",
     "PolicyRow",
     "PreferencePair",

@@ -182,15 +182,6 @@ class FeedbackQueries:
         """The feedback event stored under this idempotency key, if any."""
         [rows] = await self._point_reads(select(feedback).where(feedback.c.idempotency_key == idempotency_key))
         return _stored_feedback(rows[0]) if rows else None
-
-    async def feedback_history(self, completion_id: str, kind: str) -> list[StoredFeedback]:
-        """Every feedback event of ``kind`` on the completion, oldest first."""
-        self._check_open()
-        query = (select(feedback).where(feedback.c.completion_id == completion_id, feedback.c.kind == kind)
-                 .order_by(feedback.c.created, feedback.c.id))
-        async with self._engine.connect() as conn:
-            return [_stored_feedback(row) for row in await conn.execute(query)]
-
     async def list_feedback(self, *, completion_id: str | None = None, kind: str | None = None,
                             user: str | None = None, since: datetime | None = None,
                             policy_version: int | None = None, after: str | None = None,

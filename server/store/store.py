@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable, Sequence
+import sqlite3
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
 import msgspec
-from sqlalchemy import Row, event, func, insert, select
+from sqlalchemy import event, insert
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -33,8 +34,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from alignd.store.feedback import FeedbackQueries, insert_feedback
-from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_version, migrate
-from alignd.store.records import ChoiceRecord, CompletionRecord, FeedbackRecord
+from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_revision, migrate
+from alignd.store.records import CompletionRecord, FeedbackRecord
 from alignd.store.tables import choices, completions
 from alignd.store.training import TrainingQueries
 
@@ -85,7 +86,7 @@ def _mask_password(raw: str) -> str:
     return re.sub(r"(://[^:/@]*:)[^@/]*@", r"\1***@", raw)
 
 
-def _async_url(raw: str) -> URL:
+def async_url(raw: str) -> URL:
     """Map a user-facing database URL to the async driver SQLAlchemy should use."""
     try:
         url = make_url(raw)
@@ -111,6 +112,19 @@ def _json_dumps(value: Any) -> str:
     return msgspec.json.encode(value).decode()
 
 
+def _set_wal(cursor: Any) -> None:
+    """WAL mode, persistent in the file. Switching a new file's journal mode needs its exclusive lock, and SQLite
+    answers "database is locked" at once (no busy wait) when several processes open the new file together: retry."""
+    for attempt in range(50):
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or attempt == 49:
+                raise
+            time.sleep(0.1)
+
+
 def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
     """Per-connection SQLite settings (PRAGMAs are per connection, not per file)."""
     # Let SQLAlchemy's "begin" listener emit BEGIN: the driver's implicit transactions would
@@ -118,7 +132,7 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> N
     dbapi_connection.isolation_level = None
     cursor = dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _set_wal(cursor)
         # In WAL mode NORMAL is still safe against corruption; a power loss may lose the last commits.
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
@@ -203,28 +217,6 @@ def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
     ]
 
 
-def _completion_record(row: Row[Any], choice_rows: Iterable[Row[Any]]) -> CompletionRecord:
-    m = row._mapping
-    return CompletionRecord(
-        id=m["id"],
-        created=m["created"],
-        model=m["model"],
-        policy_version=m["policy_version"],
-        messages=m["messages"],
-        params=m["params"],
-        user=m["user"],
-        metadata=m["metadata"],
-        prompt_tokens=m["prompt_tokens"],
-        completion_tokens=m["completion_tokens"],
-        latency_ms=m["latency_ms"],
-        stream=m["stream"],
-        choices=[
-            ChoiceRecord(index=c.index, text=c.text, token_ids=list(c.token_ids), finish_reason=c.finish_reason)
-            for c in choice_rows
-        ],
-    )
-
-
 class Store(FeedbackQueries, TrainingQueries):
     """Durable storage for completions and feedback; one per process, shared by all requests.
 
@@ -280,7 +272,7 @@ class Store(FeedbackQueries, TrainingQueries):
         queue_max = 4 * batch_max if queue_max is None else queue_max
         if queue_max < 1:
             raise ValueError(f"queue_max must be at least 1, got {queue_max}")
-        sa_url = _async_url(url)
+        sa_url = async_url(url)
         display_url = sa_url.render_as_string(hide_password=True)
         if sa_url.get_backend_name() == "sqlite" and _is_sqlite_file(sa_url):
             try:
@@ -327,11 +319,6 @@ class Store(FeedbackQueries, TrainingQueries):
         await self.close()
 
     @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` has been called."""
-        return self._closing
-
-    @property
     def url(self) -> str:
         """The database URL, password masked."""
         return self._display_url
@@ -342,11 +329,11 @@ class Store(FeedbackQueries, TrainingQueries):
         written through :meth:`record_completion` only)."""
         return self._engine
 
-    async def schema_version(self) -> int:
-        """The database's applied migration version (read from ``schema_migrations``)."""
+    async def schema_revision(self) -> str | None:
+        """The database's Alembic revision (:data:`alignd.store.migrations.HEAD` once open)."""
         self._check_open()
         async with self._engine.connect() as conn:
-            return await conn.run_sync(current_version)
+            return await conn.run_sync(current_revision)
 
     def _check_open(self) -> None:
         if self._close_task is not None and self._close_task.done():
@@ -461,63 +448,3 @@ class Store(FeedbackQueries, TrainingQueries):
         self.stats.failed += 1
         if not item.done.done():
             item.done.set_exception(error)
-
-    # ------------------------------------------------------------------ reads
-
-    async def get_completion(self, id: str) -> CompletionRecord | None:
-        """The completion with this id and its choices, or None."""
-        self._check_open()
-        async with self._engine.connect() as conn:
-            row = (await conn.execute(select(completions).where(completions.c.id == id))).first()
-            if row is None:
-                return None
-            choice_rows = await conn.execute(
-                select(choices).where(choices.c.completion_id == id).order_by(choices.c.index)
-            )
-            return _completion_record(row, choice_rows)
-
-    async def list_completions(
-        self,
-        *,
-        limit: int = 100,
-        since: datetime | None = None,
-        policy_version: int | None = None,
-        newest_first: bool = True,
-    ) -> list[CompletionRecord]:
-        """Up to ``limit`` completions with their choices, ordered by ``created`` (then id).
-
-        ``since`` (timezone-aware) keeps those created at or after it; ``policy_version``
-        keeps those generated by that version. Newest first unless ``newest_first=False``
-        (oldest first suits paging forward with ``since``).
-        """
-        if limit < 0:
-            raise ValueError(f"limit must be >= 0, got {limit}")
-        self._check_open()
-        order = (completions.c.created, completions.c.id)
-        query = select(completions).order_by(*(c.desc() for c in order) if newest_first else order).limit(limit)
-        if since is not None:
-            if since.tzinfo is None or since.utcoffset() is None:
-                raise ValueError(f"since must be timezone-aware, got {since!r}")
-            query = query.where(completions.c.created >= since)
-        if policy_version is not None:
-            query = query.where(completions.c.policy_version == policy_version)
-        async with self._engine.connect() as conn:
-            rows = (await conn.execute(query)).all()
-            by_id: dict[str, list[Row[Any]]] = {row.id: [] for row in rows}
-            ids = list(by_id)
-            for start in range(0, len(ids), _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK]
-                result = await conn.execute(
-                    select(choices)
-                    .where(choices.c.completion_id.in_(chunk))
-                    .order_by(choices.c.completion_id, choices.c.index)
-                )
-                for choice in result:
-                    by_id[choice.completion_id].append(choice)
-        return [_completion_record(row, by_id[row.id]) for row in rows]
-
-    async def count_completions(self) -> int:
-        """How many completions are stored."""
-        self._check_open()
-        async with self._engine.connect() as conn:
-            return (await conn.execute(select(func.count()).select_from(completions))).scalar_one()

@@ -1,10 +1,8 @@
-"""The current database schema, as SQLAlchemy Core tables.
+"""The database schema, as SQLAlchemy Core tables: its one definition.
 
-These definitions describe the schema *after* every migration in
-:mod:`alignd.store.migrations` has run, and are what queries are written
-against. Migrations do not create tables from here (a step must keep creating
-exactly what it created when it was written); ``tests/test_store.py`` checks
-that a freshly migrated database matches these tables.
+Queries are written against these tables. The Alembic revisions in :mod:`alignd.store.migrations` take a database
+to this schema (they are history and never import the tables, only the column types below);
+``tests/test_migrations.py`` fails when the latest revision and these tables disagree.
 """
 
 from __future__ import annotations
@@ -38,7 +36,6 @@ __all__ = [
     "metadata",
     "policies",
     "preference_pairs",
-    "schema_migrations",
     "training_runs",
 ]
 
@@ -81,15 +78,6 @@ metadata = MetaData(
         "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
         "pk": "pk_%(table_name)s",
     }
-)
-
-#: One row per applied migration step (managed by :func:`alignd.store.migrations.migrate`).
-schema_migrations = Table(
-    "schema_migrations",
-    metadata,
-    Column("version", Integer, primary_key=True, autoincrement=False),
-    Column("name", Text, nullable=False),
-    Column("applied", UTCDateTime, nullable=False),
 )
 
 #: One row per chat completion request that the server answered.

@@ -73,12 +73,6 @@ class TrainingQueries:
         self._check_open()
         async with self._write_engine.begin() as conn:
             await conn.execute(insert(policies).values(**msgspec.structs.asdict(row)))
-
-    async def update_policy(self, version: int, **values: Any) -> None:
-        self._check_open()
-        async with self._write_engine.begin() as conn:
-            await conn.execute(update(policies).where(policies.c.version == version).values(**values))
-
     async def set_promoted(self, version: int, when: datetime, reason: str | None = None) -> None:
         """Make ``version`` the one promoted policy, in one transaction: the previous one becomes ``retired``."""
         self._check_open()
