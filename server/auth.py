@@ -58,9 +58,9 @@ class KeyChecker:
 
 async def user_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for the client API."""
-    connection.app.state.key_checker.check_user(bearer(connection))
+    connection.app.state.services.key_checker.check_user(bearer(connection))
 
 
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for operator endpoints."""
-    connection.app.state.key_checker.check_admin(bearer(connection))
+    connection.app.state.services.key_checker.check_admin(bearer(connection))

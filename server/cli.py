@@ -52,7 +52,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             log_level=settings.server.log_level, lifespan="on", access_log=False)
     server = _draining_server_class()(config)
     server.run()
-    return 1 if getattr(app.state, "engine_error", None) else 0
+    services = getattr(app.state, "services", None)  # set by the lifespan
+    return 1 if services is not None and services.engine_error else 0
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

@@ -10,9 +10,18 @@ from typing import Any
 
 from litestar import Request, post
 
-from alignd import CompletionRecord, Feedback, PluginContext, RegisterKind, RegisterRoute, Rejection, Signal, hookimpl
+from alignd import (
+    CompletionRecord,
+    Feedback,
+    FeedbackSubmitter,
+    PluginContext,
+    RegisterKind,
+    RegisterRoute,
+    Rejection,
+    Signal,
+    hookimpl,
+)
 from alignd.errors import Unauthorized
-from alignd.feedback.service import FeedbackService
 from alignd.protocol import ThumbsFeedback
 
 
@@ -93,12 +102,11 @@ class Reactions:
 
 
 @post("/reaction", status_code=201)
-async def reaction(request: Request[Any, Any, Any]) -> dict[str, Any]:
+async def reaction(request: Request[Any, Any, Any], feedback: FeedbackSubmitter) -> dict[str, Any]:
     if request.headers.get("x-reaction-token") != Reactions.TOKEN:
         raise Unauthorized("Bad reaction token.")
     body = await request.json()
-    service: FeedbackService = request.app.state.feedback
-    created, _ = await service.submit({"completion_id": body["completion_id"], "kind": "thumbs",
+    created, _ = await feedback.submit({"completion_id": body["completion_id"], "kind": "thumbs",
                                        "value": "up" if body["emoji"] == "+1" else "down",
                                        "tags": ["reaction"], "user": body.get("user")})
     return {"feedback_id": created.id}

@@ -15,6 +15,8 @@ from typing import Any, TypeVar
 import uvicorn
 from litestar import Litestar
 
+from alignd.services import Services
+
 T = TypeVar("T")
 
 
@@ -66,8 +68,9 @@ class AppServer:
         return f"http://{host}:{port}"
 
     @property
-    def state(self) -> Any:
-        return self.app.state
+    def state(self) -> Services:
+        """The app's services (what its lifespan opened)."""
+        return self.app.state.services
 
     def stop(self) -> None:
         self.server.should_exit = True

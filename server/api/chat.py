@@ -1,30 +1,50 @@
-"""``POST /v1/chat/completions`` and ``GET /v1/models``: thin handlers over the chat service."""
+"""``POST /v1/chat/completions`` and ``GET /v1/models`` (API key): thin handlers over the chat service. They answer
+503 while the engine loads (or after it failed to start)."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
-from litestar import Request, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
 from alignd.api.body import read_body
+from alignd.auth import user_guard
 from alignd.chat import ChatService
 from alignd.decoding import decode
+from alignd.errors import Unavailable
+from alignd.policies.router import PolicyRouter
 from alignd.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from alignd.services import Services
 
 
-@post("/v1/chat/completions", status_code=200)
-async def chat_completions(request: Request[Any, Any, Any]) -> Response[ChatCompletion] | Stream:
-    state = request.app.state
-    service: ChatService = state.chat
-    chat_request = decode(await read_body(request, state.settings.server.max_body_bytes), ChatCompletionRequest)
-    prepared = service.prepare(chat_request)
-    if chat_request.stream:
-        # Litestar cancels the iterator when the client disconnects, which aborts the engine request.
-        return Stream(service.stream(prepared), media_type="text/event-stream",
-                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    return Response(await _unless_disconnected(request, service.complete(prepared)))
+def ready_chat(services: Services) -> ChatService:
+    """The chat service, or a 503 with ``Retry-After`` while there is none."""
+    if services.chat is None:
+        raise Unavailable(f"The engine failed to start: {services.engine_error}" if services.engine_error else
+                          "The model is still loading; retry shortly.", headers={"Retry-After": "5"})
+    return services.chat
+
+
+class ChatController(Controller):
+    path = "/v1"
+    guards = (user_guard,)
+
+    @post("/chat/completions", status_code=200)
+    async def chat_completions(self, request: Request[Any, Any, Any], chat: ChatService,
+                               services: Services) -> Response[ChatCompletion] | Stream:
+        body = await read_body(request, services.settings.server.max_body_bytes)
+        prepared = chat.prepare(decode(body, ChatCompletionRequest))
+        if prepared.request.stream:
+            # Litestar cancels the iterator when the client disconnects, which aborts the engine request.
+            return Stream(chat.stream(prepared), media_type="text/event-stream",
+                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return Response(await _unless_disconnected(request, chat.complete(prepared)))
+
+    @get("/models")
+    async def list_models(self, chat: ChatService, router: PolicyRouter) -> ModelList:
+        return ModelList(data=[ModelCard(id=name) for name in router.model_names()])
 
 
 async def _unless_disconnected(request: Request[Any, Any, Any], work: Any) -> Any:
@@ -50,9 +70,3 @@ async def _unless_disconnected(request: Request[Any, Any, Any], work: Any) -> An
             pass
         raise asyncio.CancelledError("client disconnected")
     return task.result()
-
-
-@get("/v1/models")
-async def list_models(request: Request[Any, Any, Any]) -> ModelList:
-    router = request.app.state.router
-    return ModelList(data=[ModelCard(id=name) for name in router.model_names()])

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
-from litestar import Request, Response, get, post
+from litestar import Controller, Request, Response, get, post
 from litestar.response import Stream
 
 from alignd.api.body import read_body
 from alignd.auth import admin_guard, user_guard
+from alignd.config import Settings
 from alignd.decoding import convert, decode
 from alignd.errors import Unprocessable
 from alignd.feedback.service import FeedbackService
@@ -22,36 +23,35 @@ from alignd.protocol import (
     FeedbackStatsQuery,
 )
 
-
-@post("/v1/feedback", status_code=201, guards=[user_guard])
-async def create_feedback(request: Request[Any, Any, Any]) -> Response[FeedbackCreated]:
-    state = request.app.state
-    service: FeedbackService = state.feedback
-    body = decode(await read_body(request, state.settings.server.max_body_bytes), dict[str, Any])
-    created, replayed = await service.submit(body, idempotency_key=request.headers.get("idempotency-key"))
-    return Response(created, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
+Q = TypeVar("Q")
 
 
-@get("/v1/feedback", guards=[admin_guard])
-async def list_feedback(request: Request[Any, Any, Any]) -> FeedbackList:
-    service: FeedbackService = request.app.state.feedback
-    return await service.list_feedback(convert(_query(request), FeedbackQuery, invalid=Unprocessable, strict=False))
+class FeedbackController(Controller):
+    path = "/v1/feedback"
+
+    @post("/", status_code=201, guards=[user_guard])
+    async def create_feedback(self, request: Request[Any, Any, Any], feedback: FeedbackService,
+                              settings: Settings) -> Response[FeedbackCreated]:
+        body = decode(await read_body(request, settings.server.max_body_bytes), dict[str, Any])
+        created, replayed = await feedback.submit(body, idempotency_key=request.headers.get("idempotency-key"))
+        return Response(created, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
+
+    @get("/", guards=[admin_guard])
+    async def list_feedback(self, request: Request[Any, Any, Any], feedback: FeedbackService) -> FeedbackList:
+        return await feedback.list_feedback(_query(request, FeedbackQuery))
+
+    @get("/export", guards=[admin_guard])
+    async def export_feedback(self, request: Request[Any, Any, Any], feedback: FeedbackService) -> Stream:
+        query = _query(request, ExportQuery)
+        return Stream(feedback.export(query), media_type="application/x-ndjson",
+                      headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
+
+    @get("/stats", guards=[admin_guard])
+    async def feedback_stats(self, request: Request[Any, Any, Any], feedback: FeedbackService) -> FeedbackStats:
+        return await feedback.stats(_query(request, FeedbackStatsQuery))
 
 
-@get("/v1/feedback/export", guards=[admin_guard])
-async def export_feedback(request: Request[Any, Any, Any]) -> Stream:
-    service: FeedbackService = request.app.state.feedback
-    query = convert(_query(request), ExportQuery, invalid=Unprocessable, strict=False)
-    return Stream(service.export(query), media_type="application/x-ndjson",
-                  headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
-
-
-@get("/v1/feedback/stats", guards=[admin_guard])
-async def feedback_stats(request: Request[Any, Any, Any]) -> FeedbackStats:
-    service: FeedbackService = request.app.state.feedback
-    return await service.stats(convert(_query(request), FeedbackStatsQuery, invalid=Unprocessable, strict=False))
-
-
-def _query(request: Request[Any, Any, Any]) -> dict[str, str]:
-    # The last value of a repeated parameter wins.
-    return {name: values[-1] for name, values in request.query_params.dict().items()}
+def _query(request: Request[Any, Any, Any], type_: type[Q]) -> Q:
+    """The query string as ``type_`` (a 422 naming the parameter); the last value of a repeated parameter wins."""
+    values = {name: values[-1] for name, values in request.query_params.dict().items()}
+    return convert(values, type_, invalid=Unprocessable, strict=False)

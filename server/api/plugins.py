@@ -3,16 +3,18 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from litestar import Request, get
+from litestar import Controller, get
 
 from alignd.auth import admin_guard
-from alignd.feedback.manager import describe_plugins
+from alignd.feedback.manager import AlignPluginManager, describe_plugins
 from alignd.protocol import PluginCard, PluginList
 
 
-@get("/v1/plugins", guards=[admin_guard])
-async def list_plugins(request: Request[Any, Any, Any]) -> PluginList:
-    return PluginList(data=[PluginCard(name=p.name, origin=p.origin, status=p.status, hooks=list(p.hooks),
-                                       kinds=list(p.kinds)) for p in describe_plugins(request.app.state.plugins)])
+class PluginController(Controller):
+    path = "/v1/plugins"
+    guards = (admin_guard,)
+
+    @get("/")
+    async def list_plugins(self, plugins: AlignPluginManager) -> PluginList:
+        return PluginList(data=[PluginCard(name=p.name, origin=p.origin, status=p.status, hooks=list(p.hooks),
+                                           kinds=list(p.kinds)) for p in describe_plugins(plugins)])

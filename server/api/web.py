@@ -18,8 +18,8 @@ from litestar.static_files import create_static_files_router
 
 @cache
 def web_dir() -> Path:
-    """``clients/web/``. find_spec locates the package without importing it (clients/__init__ pulls in the SDK)."""
-    spec = importlib.util.find_spec("clients")
+    """``clients/web/``. find_spec locates the package without importing it (its __init__ pulls in the SDK)."""
+    spec = importlib.util.find_spec("alignd.clients")
     if spec is None or spec.origin is None:
         raise RuntimeError("the clients package (with clients/web/) is not installed")
     return Path(spec.origin).parent / "web"

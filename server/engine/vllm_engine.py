@@ -107,11 +107,6 @@ class VLLMEngine:
         # The template writes the special tokens itself.
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    def token_id(self, token: str) -> int | None:
-        """The id of a vocabulary entry, or None."""
-        tid = self.tokenizer.convert_tokens_to_ids(token)
-        return tid if isinstance(tid, int) and tid != self.tokenizer.unk_token_id else None
-
     # --- generation ------------------------------------------------------------------------------------------
 
     def _sampling_params(self, options: SamplingOptions, stream: bool) -> Any:
@@ -184,10 +179,6 @@ class VLLMEngine:
         finally:
             await agen.aclose()
 
-    async def abort(self, request_id: str) -> None:
-        """Stop a request and free its KV cache."""
-        await self._llm.abort(request_id)
-
     def num_unfinished_requests(self) -> int:
         return self._llm.get_num_unfinished_requests()
 
@@ -234,10 +225,6 @@ class VLLMEngine:
     async def check_health(self) -> None:
         """Raise if the engine core has died."""
         await self._llm.check_health()
-
-    @property
-    def errored(self) -> bool:
-        return bool(self._llm.errored)
 
     def shutdown(self) -> None:
         """Stop the engine core process and free its resources."""

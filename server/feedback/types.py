@@ -25,6 +25,7 @@ __all__ = [
     "Converter",
     "Feedback",
     "FeedbackKind",
+    "FeedbackSubmitter",
     "InvalidFeedback",
     "Label",
     "PluginContext",
@@ -107,6 +108,13 @@ class FeedbackKind:
 class RegisterKind(Protocol):
     def __call__(self, name: str, payload: type[msgspec.Struct], convert: Converter, *, description: str = "",
                  uses_history: bool = False) -> None: ...
+
+
+class FeedbackSubmitter(Protocol):
+    """What a plugin's route handler receives as its ``feedback`` parameter: stores a feedback body exactly like
+    ``POST /v1/feedback`` (same validation, hooks and errors) and returns ``(created, replayed)``."""
+
+    async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Any: ...
 
 
 class RegisterRoute(Protocol):

@@ -39,10 +39,7 @@ from alignd.trainer.job import RunJob
 
 log = logging.getLogger(__name__)
 
-__all__ = ["TrainerSupervisor", "TriggerPolicy"]
-
-
-# --- the server's side ----------------------------------------------------------------------------------------
+__all__ = ["TrainerSupervisor", "TriggerPolicy", "default_threads"]
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Alembic's entry point for its command line (``alembic revision --autogenerate``, ``alembic upgrade head``, run
-from the repository root): the database is the one alignd is configured with (``alignd.toml``,
-``ALIGND_DATABASE``), or ``alembic -x url=<database URL> …``. The server itself does not go through here: :func:`alignd.store.migrations.migrate` runs the
-same revisions when a store opens."""
+from the repository root): the database is the one alignd is configured with (``alignd.toml``, ``ALIGND_DATABASE``),
+or ``alembic -x url=<database URL> …``. The server itself does not go through here:
+:func:`alignd.store.migrations.migrate` runs the same revisions when a store opens."""
 
 from __future__ import annotations
 
