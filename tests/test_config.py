@@ -131,3 +131,25 @@ def test_every_trainer_setting_reaches_the_run_or_the_server() -> None:
             value = default + 1 if isinstance(default, int | float) else default
         settings = msgspec.structs.replace(defaults, **{name.name: value})
         assert trainer_config(settings) != baseline, f"[trainer] {name.name} does not reach the run's config"
+
+
+def test_the_training_docs_list_every_trainer_flag_with_its_default() -> None:
+    """docs/training.md's flag table names each [trainer] option once, with the default the CLI has."""
+    documented: dict[str, str] = {}
+    for line in (Path(__file__).parents[1] / "docs" / "training.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`--"):
+            flags = [f.strip(" `") for f in cells[0].split(",")]
+            defaults = [d.strip(" `") for d in cells[1].split(",")]
+            documented.update(zip(flags, defaults if len(defaults) == len(flags) else defaults * len(flags),
+                                  strict=True))
+    options = {f"--{o.flag}": o.default for o in OPTIONS if o.path[0] == "trainer"}
+    assert documented.keys() == options.keys()
+    for flag, default in options.items():
+        text = documented[flag]
+        if default is None:
+            assert text == "unset", flag
+        elif isinstance(default, int | float) and flag != "--trainer-threads":  # 0 means "half the CPUs"
+            assert float(text) == default, flag
+        elif isinstance(default, str):
+            assert text == default, flag
