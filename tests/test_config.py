@@ -153,3 +153,16 @@ def test_the_training_docs_list_every_trainer_flag_with_its_default() -> None:
             assert float(text) == default, flag
         elif isinstance(default, str):
             assert text == default, flag
+
+
+def test_a_run_request_overrides_the_settings_budget() -> None:
+    """POST /v1/training/runs may change a run's budget; what it leaves out comes from the [trainer] settings."""
+    from alignd.config import TrainerSettings
+    from alignd.protocol import TrainingRunRequest
+    from alignd.trainer.config import trainer_config
+
+    settings = TrainerSettings(ppo_iterations=3, rollout_batch_size=16, ppo_time_limit_s=90.0)
+    ppo = trainer_config(settings, TrainingRunRequest(iterations=5, time_limit_s=30.0)).ppo
+    assert (ppo.iterations, ppo.rollout_batch_size, ppo.time_limit_s) == (5, 16, 30.0)
+    ppo = trainer_config(settings, TrainingRunRequest()).ppo
+    assert (ppo.iterations, ppo.rollout_batch_size, ppo.time_limit_s) == (3, 16, 90.0)
