@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from alignd.trainer.gate import PolicyFigures, decide
+from alignd.trainer.gate import PolicyFigures, decide, length_controlled_gain
 from alignd.trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -161,7 +161,7 @@ def test_collate_rollouts_pads_prompts_left_and_replies_right() -> None:
 
 
 def figures(reward: float, kl: float) -> PolicyFigures:
-    return PolicyFigures(mean_reward=reward, mean_score=reward, kl=kl, eos_rate=1.0, response_length=10.0, n=8)
+    return PolicyFigures(mean_reward=reward, kl=kl, eos_rate=1.0, response_length=10.0, n=8)
 
 
 def test_gate_decisions() -> None:
@@ -175,6 +175,22 @@ def test_gate_decisions() -> None:
     both = decide(figures(-1.0, 6.0), current, margin=0.1, kl_budget=5.0)
     assert not both.promote and "margin" in both.reason and "budget" in both.reason
     assert both.to_dict()["candidate"]["kl"] == 6.0
+
+
+def test_length_controlled_gain_removes_what_length_explains() -> None:
+    """Scores that rise with length: a candidate that is only longer gains nothing at equal length; one that is
+    better at every length keeps its gain; with equal lengths the figure is the plain difference of means."""
+    lengths = torch.tensor([10.0, 20.0, 30.0, 40.0])
+    longer = lengths + 20
+
+    def score(n: torch.Tensor) -> torch.Tensor:
+        return 0.05 * n
+
+    assert length_controlled_gain(score(longer), longer, score(lengths), lengths) == pytest.approx(0.0, abs=1e-9)
+    assert length_controlled_gain(score(longer) + 0.3, longer, score(lengths), lengths) == pytest.approx(0.3)
+    same = torch.full((4,), 25.0)
+    gain = length_controlled_gain(torch.tensor([1.0, 2.0, 3.0, 4.0]), same, torch.tensor([0.0, 1.0, 1.0, 0.0]), same)
+    assert gain == pytest.approx(2.5 - 0.5)
 
 
 def test_logprobs_and_entropy_from_logits() -> None:

@@ -15,10 +15,11 @@ from alignd.protocol import SamplingOptions
 
 
 async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: int, *, temperature: float,
-                           max_new_tokens: int, eos_id: int, request_prefix: str = "rollout"
+                           max_new_tokens: int, request_prefix: str = "rollout"
                            ) -> list[tuple[list[int], bool]]:
-    """``(reply token ids, ended)`` for each prompt, sampled from policy ``version``; a reply that ended on a stop
-    token other than EOS gets EOS appended, so every finished episode ends the same way."""
+    """``(reply token ids, ended)`` for each prompt, sampled from policy ``version``: the tokens exactly as sampled
+    (a finished reply keeps the stop token it sampled; nothing is appended), and whether it finished before
+    ``max_new_tokens`` (False: truncated at the cap, and scored as truncated)."""
     options = SamplingOptions(n=1, max_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0)
     batch_id = uuid.uuid4().hex[:12]
 
@@ -30,11 +31,7 @@ async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: i
         if final is None or not final.choices:
             raise RuntimeError(f"the engine returned nothing for rollout request {request_id}")
         choice = final.choices[0]
-        response = list(choice.token_ids)
-        ended = choice.finish_reason == "stop"
-        if ended and (not response or response[-1] != eos_id):
-            response.append(eos_id)
-        return response, ended
+        return list(choice.token_ids), choice.finish_reason == "stop"
 
     tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
     try:
@@ -49,7 +46,7 @@ async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: i
 
 
 async def adapter_replies(engine: Any, prompts: Sequence[list[int]], adapter_dir: str | Path | None, version: int, *,
-                          temperature: float, max_new_tokens: int, eos_id: int, request_prefix: str = "rollout"
+                          temperature: float, max_new_tokens: int, request_prefix: str = "rollout"
                           ) -> list[tuple[list[int], bool]]:
     """:func:`generate_replies` from an adapter folder loaded under ``version`` for the occasion (a fresh LoRA id)
     and unloaded afterwards; without a folder, from the base model (version 0)."""
@@ -59,7 +56,7 @@ async def adapter_replies(engine: Any, prompts: Sequence[list[int]], adapter_dir
         await engine.load_policy(version, adapter_dir)
     try:
         return await generate_replies(engine, prompts, version, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, eos_id=eos_id, request_prefix=request_prefix)
+                                      max_new_tokens=max_new_tokens, request_prefix=request_prefix)
     finally:  # free the slot, and the folder it may read, whatever happened
         if version:
             await engine.unload_policy(version)

@@ -121,8 +121,6 @@ class PPOConfig:
     """Sequence KL (nats) the adaptive controller steers towards; None keeps β fixed."""
     kl_horizon: int = 256
     """Adaptive controller horizon, in samples: β moves by at most 20% × rollout_batch_size / horizon per iteration."""
-    no_eos_penalty: float = 1.0
-    """Subtracted from the (normalised) reward-model score of a reply that hit the length limit without EOS."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip over policy and critic parameters together."""
     time_limit_s: float | None = _SETTINGS.ppo_time_limit_s

@@ -2,7 +2,9 @@
 
 The candidate is promoted only if its mean reward beats the current policy's by the configured margin and its KL to
 the base stays within budget; otherwise it stays a rejected candidate, with its figures and the reason saved next to
-its adapter.
+its adapter. Replies are scored as sampled (one cut at the length cap is scored as truncated; nothing rewards or
+punishes length by itself), and the gain is also reported with length regressed out, so that a candidate that only
+got longer or shorter shows as such.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from alignd.trainer.models import ModelStack
 from alignd.trainer.reward_model import RewardNormalization, score_rollouts
 from alignd.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
 
-__all__ = ["DECISION_FILE", "GateDecision", "PolicyFigures", "decide", "evaluate", "evaluate_policy", "save_decision"]
+__all__ = ["DECISION_FILE", "GateDecision", "PolicyFigures", "decide", "evaluate", "evaluate_policy",
+           "length_controlled_gain", "save_decision"]
 
 DECISION_FILE = "gate.json"
 """The gate's decision and figures, written into the candidate's adapter folder."""
@@ -32,9 +35,7 @@ class PolicyFigures:
     """How one policy did on the held-out prompts."""
 
     mean_reward: float
-    """Mean normalised reward-model score, no-EOS penalty included: what the gate compares."""
-    mean_score: float
-    """Mean normalised reward-model score alone."""
+    """Mean normalised reward-model score: what the gate compares."""
     kl: float
     """Mean over replies of the summed ``log π - log π_base`` (nats); 0 for the base itself."""
     eos_rate: float
@@ -55,6 +56,8 @@ class GateDecision:
     current: PolicyFigures
     margin: float
     kl_budget: float
+    length_controlled_gain: float
+    """The candidate's reward gain with reply length regressed out (see :func:`length_controlled_gain`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,6 +78,15 @@ def _sequence_kl(stack: ModelStack, rollouts: Sequence[Rollout], adapter: str, t
     return torch.cat(parts)  # (B,)
 
 
+@dataclass(frozen=True)
+class _Samples:
+    """One policy's scored replies."""
+
+    figures: PolicyFigures
+    scores: Tensor  # (B,) normalised reward-model score
+    lengths: Tensor  # (B,) reply tokens
+
+
 def evaluate_policy(
     stack: ModelStack,
     backend: RolloutBackend,
@@ -82,23 +94,34 @@ def evaluate_policy(
     adapter: str | None,
     normalization: RewardNormalization,
     config: GateConfig,
-    no_eos_penalty: float,
-) -> PolicyFigures:
+) -> _Samples:
     """Sample one reply per prompt from ``adapter`` (None: the base), score it and measure its KL to the base."""
     rollouts = backend.generate(stack, prompts, adapter, Sampling(config.temperature, config.max_new_tokens))
     sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
     ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
     scores = score_rollouts(stack, sequences, attention_mask, normalization)  # (B,)
-    rewards = scores - no_eos_penalty * (~ended).float()  # (B,)
+    lengths = action_mask.sum(-1).float()  # (B,)
     kl = _sequence_kl(stack, rollouts, adapter, config.temperature) if adapter is not None else torch.zeros(1)
-    return PolicyFigures(
-        mean_reward=rewards.mean().item(),
-        mean_score=scores.mean().item(),
+    figures = PolicyFigures(
+        mean_reward=scores.mean().item(),
         kl=kl.mean().item(),
         eos_rate=ended.float().mean().item(),
-        response_length=action_mask.sum(-1).float().mean().item(),
+        response_length=lengths.mean().item(),
         n=len(rollouts),
     )
+    return _Samples(figures, scores.cpu(), lengths.cpu())
+
+
+def length_controlled_gain(candidate_scores: Tensor, candidate_lengths: Tensor, current_scores: Tensor,
+                           current_lengths: Tensor) -> float:
+    """The candidate's coefficient in ``score ~ 1 + length + is_candidate`` over both policies' replies (least
+    squares): its reward gain at equal reply length. Equal to the plain gain when lengths do not differ."""
+    scores = torch.cat([candidate_scores, current_scores]).double()  # (2B,)
+    lengths = torch.cat([candidate_lengths, current_lengths]).double()  # (2B,)
+    is_candidate = torch.cat([torch.ones_like(candidate_scores), torch.zeros_like(current_scores)]).double()
+    design = torch.stack([torch.ones_like(scores), lengths - lengths.mean(), is_candidate], dim=1)  # (2B, 3)
+    coefficients = torch.linalg.lstsq(design, scores.unsqueeze(1)).solution.squeeze(1)  # (3,)
+    return coefficients[2].item()
 
 
 def evaluate(
@@ -109,17 +132,17 @@ def evaluate(
     current: str | None,
     normalization: RewardNormalization,
     config: GateConfig,
-    no_eos_penalty: float,
-) -> tuple[PolicyFigures, PolicyFigures]:
-    """Figures of the candidate adapter and of the current policy (an adapter, or None for the base)."""
-    args = (normalization, config, no_eos_penalty)
-    return (
-        evaluate_policy(stack, backend, prompts, candidate, *args),
-        evaluate_policy(stack, backend, prompts, current, *args),
-    )
+) -> tuple[PolicyFigures, PolicyFigures, float]:
+    """Figures of the candidate adapter and of the current policy (an adapter, or None for the base), and the
+    candidate's length-controlled gain."""
+    ours = evaluate_policy(stack, backend, prompts, candidate, normalization, config)
+    theirs = evaluate_policy(stack, backend, prompts, current, normalization, config)
+    gain = length_controlled_gain(ours.scores, ours.lengths, theirs.scores, theirs.lengths)
+    return ours.figures, theirs.figures, gain
 
 
-def decide(candidate: PolicyFigures, current: PolicyFigures, margin: float, kl_budget: float) -> GateDecision:
+def decide(candidate: PolicyFigures, current: PolicyFigures, margin: float, kl_budget: float,
+           length_controlled: float = float("nan")) -> GateDecision:
     """Promote only if the candidate gains at least ``margin`` in mean reward and its KL is within ``kl_budget``."""
     gain = candidate.mean_reward - current.mean_reward
     failures = []
@@ -130,9 +153,8 @@ def decide(candidate: PolicyFigures, current: PolicyFigures, margin: float, kl_b
     reason = "; ".join(failures) or (
         f"mean reward gain {gain:+.3f} ≥ margin {margin:.3f} and KL {candidate.kl:.3f} ≤ budget {kl_budget:.3f}"
     )
-    return GateDecision(
-        promote=not failures, reason=reason, candidate=candidate, current=current, margin=margin, kl_budget=kl_budget
-    )
+    return GateDecision(promote=not failures, reason=reason, candidate=candidate, current=current, margin=margin,
+                        kl_budget=kl_budget, length_controlled_gain=length_controlled)
 
 
 def save_decision(folder: str | Path, decision: GateDecision) -> Path:

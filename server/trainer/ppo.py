@@ -66,7 +66,7 @@ class IterationStats:
 
     iteration: int
     reward: float
-    """Mean normalised reward-model score of the iteration's replies (no-EOS penalty included, KL not)."""
+    """Mean normalised reward-model score of the iteration's replies (KL penalty not included)."""
     kl: float
     """Mean over replies of the summed per-token ``log π - log π_ref`` (nats)."""
     kl_coef: float
@@ -181,8 +181,9 @@ def make_experience(
     logprobs, entropy, ref_logprobs, values = _forward_passes(stack, sequences, attention_mask, response_len, config)
     values = values * action_mask
     ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
+    # Scored as sampled: a reply cut at the cap ends without a stop token, which the reward model has seen on
+    # truncated replies in training, so no penalty for length (in either direction) is added here.
     scores = score_rollouts(stack, sequences, attention_mask, normalization, config.forward_batch_size)  # (B,)
-    scores = scores - config.no_eos_penalty * (~ended).float()  # rambling to the limit must not pay
     rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef)
     advantages, returns = compute_gae(rewards, values, action_mask, config.gamma, config.lam)
     return Experience(

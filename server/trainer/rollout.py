@@ -190,8 +190,7 @@ class VLLMRollouts:
             folder = None if adapter is None else stack.save_adapter(adapter, Path(tmp) / adapter)
             replies = self._run(adapter_replies(
                 self.engine, prompts, folder, ROLLOUT_VERSION, temperature=sampling.temperature,
-                max_new_tokens=sampling.max_new_tokens, eos_id=stack.tokenizer.eos_token_id,
-                request_prefix=self.request_prefix))
+                max_new_tokens=sampling.max_new_tokens, request_prefix=self.request_prefix))
         return [Rollout(prompt_ids=list(p), response_ids=r, ended=e)
                 for p, (r, e) in zip(prompts, replies, strict=True)]
 
@@ -216,7 +215,7 @@ class RemoteRollouts:
     ) -> list[Rollout]:
         payload: dict[str, Any] = {"prompts": [list(p) for p in prompts], "temperature": sampling.temperature,
                                    "max_new_tokens": sampling.max_new_tokens,
-                                   "eos_id": stack.tokenizer.eos_token_id, "adapter_dir": None}
+                                   "adapter_dir": None}
         with tempfile.TemporaryDirectory(dir=self.workdir, prefix="rollout-") as tmp:
             if adapter is not None:
                 payload["adapter_dir"] = str(stack.save_adapter(adapter, Path(tmp) / adapter))

@@ -125,16 +125,17 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
 
     # 5. Gate: candidate and current policy answer the same held-out prompts.
     tick = time.monotonic()
-    candidate, current = evaluate(stack, backend, _sample(gate_ids, config.gate.n_prompts, rng), POLICY,
-                                  CURRENT if job.parent_adapter is not None else None, rm.normalization,
-                                  config.gate, config.ppo.no_eos_penalty)
-    decision = decide(candidate, current, config.gate.margin, config.gate.kl_budget)
+    candidate, current, length_controlled = evaluate(
+        stack, backend, _sample(gate_ids, config.gate.n_prompts, rng), POLICY,
+        CURRENT if job.parent_adapter is not None else None, rm.normalization, config.gate)
+    decision = decide(candidate, current, config.gate.margin, config.gate.kl_budget, length_controlled)
     staged = stack.save_adapter(POLICY, run_dir / "candidate")
     save_decision(staged, decision)
     seconds["gate"] = time.monotonic() - tick
     figures = {"reward": candidate.mean_reward, "kl": candidate.kl, "eos_rate": candidate.eos_rate,
                "current_reward": current.mean_reward, "current_kl": current.kl,
-               "heldout_accuracy": rm.heldout_accuracy}
+               "heldout_accuracy": rm.heldout_accuracy, "length_controlled_gain": length_controlled,
+               "response_length": candidate.response_length, "current_response_length": current.response_length}
     reporter.report("register", PHASE_START["register"],
                     {"gate": decision.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}})
     return RunResult(staged_adapter=str(staged), passed=decision.promote, reason=decision.reason, figures=figures,
