@@ -176,7 +176,10 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     run_timeout_s: Annotated[
         float, Meta(gt=0, description="Kill a run that takes longer than this (it is marked failed).")
     ] = 3600.0
-    max_new_tokens: Annotated[int, Meta(ge=1, description="Reply length limit of rollouts and the gate.")] = 64
+    max_new_tokens: Annotated[
+        int, Meta(ge=1, description="Upper bound of the reply length of rollouts and the gate; the length used is the "
+                  "95th percentile of recently served replies' lengths, within it.")
+    ] = 256
     gate_margin: Annotated[
         float, Meta(description="Promote only if the candidate's mean normalised reward beats the current "
                     "policy's by this much on held-out prompts.")

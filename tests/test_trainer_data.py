@@ -7,12 +7,13 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import pytest
 
 from alignd.errors import NotFound
 from alignd.policies.router import RESERVED_VERSIONS, PolicyRouter
 from alignd.store import FeedbackRecord, Label, PolicyRow, PreferencePair, RunRow, Store
 from alignd.trainer.config import DataConfig
-from alignd.trainer.data import is_heldout, load_training_data
+from alignd.trainer.data import is_heldout, length_cap, load_training_data
 from alignd.trainer.reward_model import PairGroup
 from tests.test_store import make_record, store, store_url  # noqa: F401 - the fixtures, on both databases
 
@@ -42,42 +43,60 @@ def _events(groups: list[PairGroup]) -> set[str]:
     return {f"fb-{int(group[0].chosen.split()[-1]):06d}" for group in groups}
 
 
-async def test_selection_holds_out_by_event_replays_old_signal_and_dedupes_prompts(store: Store) -> None:
-    config = DataConfig(heldout_fraction=0.2, replay_fraction=0.5, max_prompts=100)
+def _held(n: int) -> bool:
+    return is_heldout(f"chatcmpl-{n:06d}", 0.2)
+
+
+async def test_selection_accumulates_weighs_by_recency_and_holds_out_by_completion(store: Store) -> None:
+    config = DataConfig(heldout_fraction=0.2, recency_half_life=20, max_prompts=100)
     ids = [await _feedback(store, n, ranking=n % 4 == 0) for n in range(40)]
     await _feedback(store, 40, prompt="question 1")  # a repeated prompt
     ids.append("fb-000040")
-    held_ids = {i for i in ids if is_heldout(i, 0.2)}
+    held_ids = {f"fb-{n:06d}" for n in range(41) if _held(n)}
     assert 0 < len(held_ids) < len(ids)  # the hash splits this set both ways
 
     data = await load_training_data(store, config)
     assert _events(data.heldout_pairs) == held_ids
-    assert _events(data.train_pairs) == set(ids) - held_ids  # one event is never on both sides
+    assert _events(data.train_pairs) == set(ids) - held_ids  # one completion's feedback is never on both sides
     [ranking] = [g for g in data.train_pairs + data.heldout_pairs if _events([g]) == {"fb-000000"}]
     assert len(ranking) == 3  # a ranking's pairs stay together
     assert data.train_pairs[0][0].prompt == [{"role": "user", "content": "question 0"}]  # text parts joined
     assert (data.train_pairs[0][0].chosen_choice, data.train_pairs[0][0].rejected_choice) == (0, 1)
     assert len(data.new_pair_ids) == 41 + 2 * 10 and len(data.new_label_ids) == 41
-    assert len(data.train_labels) == 41 - len(held_ids)
+    assert {lb.reply for lb in data.train_labels} == {f"good {n}" for n in range(41) if not _held(n)}
+    # Newer signal weighs more: the newest pair 1, one half-life (20 rows) older 1/2.
+    newest = data.train_pairs[-1][-1] if not _held(40) else data.heldout_pairs[-1][-1]
+    assert newest.weight == pytest.approx(1.0)
+    assert min(p.weight for g in data.train_pairs for p in g) < 0.5 * max(p.weight for g in data.train_pairs for p in g)
+    # Choice 1 of every completion was cut at its length limit when served (make_record): those replies are
+    # known as truncated, the finished ones are not.
+    assert {f"bad {n}" for n in range(41)} <= data.truncated_replies
+    assert not {f"good {n}" for n in range(41)} & data.truncated_replies
+    assert sorted(set(data.served_lengths)) == [2, 3]  # make_record's choices: 3 and 2 tokens
     prompts = data.ppo_prompts + data.gate_prompts
     assert len(prompts) == 40  # "question 1" twice counts once
     assert not set(map(str, data.ppo_prompts)) & set(map(str, data.gate_prompts))
 
-    # After a run consumed them, nothing is new; a later run replays a share of the old signal.
+    # After a run consumed them, nothing is new; a later run still learns from everything, the new first in weight.
     await store.mark_used("run-1", data.new_pair_ids, data.new_label_ids)
     assert await store.count_unused_signal() == (0, 0)
     await _feedback(store, 100)
     later = await load_training_data(store, config)
     assert later.new_pair_ids and len(later.new_pair_ids) == 1
-    new_train = 0 if is_heldout("fb-000100", 0.2) else 1
-    assert len(later.train_pairs) == new_train + round(0.5 * new_train)
-    assert _events(later.heldout_pairs) >= held_ids  # held-out events stay held out in every run
-    # With nothing new, a run (asked for by an operator) trains on the older signal.
-    await store.mark_used("run-2", later.new_pair_ids, later.new_label_ids)
-    again = await load_training_data(store, config)
-    everything = {*ids, "fb-000100"}
-    assert not again.new_pair_ids
-    assert _events(again.train_pairs) == {i for i in everything if not is_heldout(i, 0.2)}
+    assert _events(later.train_pairs) == {*ids, "fb-000100"} - held_ids - ({"fb-000100"} if _held(100) else set())
+    assert _events(later.heldout_pairs) >= held_ids  # held-out completions stay held out in every run
+    # A cap keeps the newest: all the new rows, then the most recent older ones.
+    capped = await load_training_data(store, DataConfig(heldout_fraction=0.2, max_pairs=5, max_labels=5))
+    assert len(capped.new_pair_ids) == 1
+    kept = {int(p.chosen.split()[-1]) for g in capped.train_pairs + capped.heldout_pairs for p in g}
+    assert kept == {100, 40, 39, 38, 37} - ({36} if False else set()) or (max(kept) == 100 and min(kept) >= 36)
+
+
+def test_length_cap_follows_what_users_are_served() -> None:
+    assert length_cap([], upper=256) == 256  # nothing served yet: the setting
+    assert length_cap(list(range(1, 101)), upper=256) == 95  # the 95th percentile
+    assert length_cap([400] * 10, upper=256) == 256  # never past the setting
+    assert length_cap([3, 4, 5], upper=256) == 16  # nor below the floor
 
 
 async def test_run_and_policy_rows_round_trip_and_orphans_fail(store: Store) -> None:

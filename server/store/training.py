@@ -14,7 +14,7 @@ import msgspec
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alignd.store.tables import completions, labels, policies, preference_pairs, training_runs
+from alignd.store.tables import choices, completions, labels, policies, preference_pairs, training_runs
 
 __all__ = ["PolicyRow", "RunRow", "TrainingQueries"]
 
@@ -176,6 +176,28 @@ class TrainingQueries:
                     await conn.execute(update(table).where(table.c.id.in_(list(ids[start:start + 500])),
                                                            table.c.used_in_run.is_(None))
                                        .values(used_in_run=run_id))
+
+    async def served_reply_lengths(self, limit: int) -> list[int]:
+        """Token counts of the most recent choices users were served (aborted ones left out)."""
+        self._check_open()
+        query = (select(choices.c.token_ids).join(completions, completions.c.id == choices.c.completion_id)
+                 .where(choices.c.finish_reason.in_(("stop", "length")))
+                 .order_by(completions.c.created.desc()).limit(limit))
+        async with self._engine.connect() as conn:
+            return [len(r.token_ids) for r in await conn.execute(query)]
+
+    async def truncated_choices(self, completion_ids: Sequence[str]) -> set[tuple[str, int]]:
+        """``(completion id, choice index)`` of the choices among these completions that were cut at their
+        length limit (``finish_reason`` "length")."""
+        self._check_open()
+        found: set[tuple[str, int]] = set()
+        ids = sorted(set(completion_ids))
+        async with self._engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = select(choices.c.completion_id, choices.c.index).where(
+                    choices.c.completion_id.in_(ids[start:start + 500]), choices.c.finish_reason == "length")
+                found.update((r.completion_id, r.index) for r in await conn.execute(query))
+        return found
 
     async def recent_prompts(self, limit: int) -> list[list[dict[str, Any]]]:
         """The request messages of the most recent completions, newest first (duplicates included)."""

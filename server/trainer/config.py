@@ -75,8 +75,8 @@ class RewardConfig:
     """Share of comparison groups held out for the reported pairwise accuracy (when no held-out set is given)."""
     max_prompt_tokens: int = 256
     """Prompts are cut to their last this many tokens."""
-    max_reply_tokens: int = 128
-    """Replies are cut to their first this many tokens (the closing EOS stays)."""
+    max_reply_tokens: int = 256
+    """Replies are cut to their first this many tokens (and then count as truncated: no end-of-turn token)."""
     normalization_samples: int = 64
     """Reference-policy replies scored to fit the reward's mean and standard deviation."""
 
@@ -147,20 +147,23 @@ class GateConfig:
 
 @dataclass
 class DataConfig:
-    """What one run trains on: the feedback collected since the last run, a replay of older signal, and prompts."""
+    """What one run trains on: the accumulated feedback, newest weighing most, a held-out split, and prompts."""
 
     max_pairs: int = 4096
-    """Most new preference pairs one run takes (oldest unused first; the rest wait for the next run)."""
+    """Most preference pairs one run takes: every new one (up to this), then the most recent older ones."""
     max_labels: int = 4096
-    """Most new unpaired labels one run takes."""
-    replay_fraction: float = 0.25
-    """Older, already trained-on signal added to a run, as a share of its new signal (keeps the reward model
-    from forgetting)."""
+    """Most unpaired labels one run takes, chosen the same way."""
+    recency_half_life: int = 1024
+    """Signal this many rows older than the newest weighs half as much (recency weighting of accumulated
+    feedback: users' taste may drift, but a run never forgets what it learned from a small new batch)."""
     heldout_fraction: float = 0.1
-    """Share of feedback events, chosen by a stable hash of their id, that never trains: the reward model's held-out
-    accuracy is measured on their pairs. Prompts are split the same way: held-out ones are the gate's."""
+    """Share of completions, chosen by a stable hash of their id, whose feedback never trains: the reward model's
+    held-out accuracy is measured on their pairs, and no reply is on both sides. Prompts are split the same way:
+    held-out ones are the gate's."""
     max_prompts: int = 512
     """Most distinct recent user prompts drawn for PPO and the gate."""
+    served_lengths: int = 512
+    """Recent served replies whose token counts set the rollout length cap (their 95th percentile)."""
 
 
 @dataclass

@@ -1,21 +1,22 @@
 """Training data for one run, read from the store: preference pairs and labels, a held-out split, PPO prompts.
 
 Selection rules:
-- new signal is what no run has used yet (oldest first, up to a cap); a replay share of older signal is mixed in
-  (all of it, up to the cap, when nothing is new);
-- a stable hash of each feedback event's id decides whether it is held out, so a held-out event never trains in
-  any run, and all pairs of one event (a ranking's) fall on the same side;
+- a run learns from the accumulated signal: every pair and label no run has used yet (up to a cap), then the most
+  recent older ones up to the same cap; each weighs less the older it is (``recency_half_life``), so the reward
+  model neither forgets what came before a small new batch nor clings to old taste;
+- a stable hash of each completion's id decides whether its feedback is held out, in every run: no reply is ever on
+  both sides (a thumbs label cannot train on a held-out pair's reply), and a ranking's pairs stay together;
+- replies that were cut at their length limit when served are known as truncated, so the reward model sees them as
+  truncated (no end-of-turn token), like the rollouts it scores;
 - prompts are the distinct request messages of recent completions (real user prompts); a stable hash of each
-  prompt sets a share aside for the gate, so the gate judges on prompts PPO did not optimise on.
-Truncation happens when prompts are tokenised (``encode_prompt`` keeps a prompt's last tokens; the reward model's
-encoder cuts a long reply but keeps its closing EOS), never silently dropping a reply's end.
+  prompt sets a share aside for the gate, so the gate judges on prompts PPO did not optimise on;
+- the token counts of recently served replies set the rollouts' length cap (see :func:`length_cap`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import random
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +25,7 @@ from alignd.store import Label, PreferencePair, Store
 from alignd.trainer.config import DataConfig
 from alignd.trainer.reward_model import PairGroup
 
-__all__ = ["TrainingData", "is_heldout", "load_training_data"]
+__all__ = ["TrainingData", "is_heldout", "length_cap", "load_training_data"]
 
 
 def _unit_hash(key: str) -> float:
@@ -53,6 +54,10 @@ class TrainingData:
     new_pair_ids: list[int] = field(default_factory=list)
     """Rows of ``preference_pairs`` this run consumes (marked used when the run succeeds)."""
     new_label_ids: list[int] = field(default_factory=list)
+    truncated_replies: set[str] = field(default_factory=set)
+    """Reply texts that were cut at their length limit when served."""
+    served_lengths: list[int] = field(default_factory=list)
+    """Token counts of recently served replies."""
 
     def counts(self) -> dict[str, int]:
         return {"train_pairs": sum(map(len, self.train_pairs)), "heldout_pairs": sum(map(len, self.heldout_pairs)),
@@ -77,21 +82,24 @@ def _label(row: dict[str, Any]) -> Label:
                  weight=float(row["weight"]), choice=row.get("choice"))
 
 
-async def _signal(store: Store, table: str, cap: int, config: DataConfig, rng: random.Random
+async def _signal(store: Store, table: str, cap: int, config: DataConfig
                   ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[int]]:
-    """``(train rows, held-out rows, new row ids)`` of one signal table."""
+    """``(train rows, held-out rows, new row ids)`` of one signal table, weights scaled by recency."""
     new = await store.signal_rows(table, used=False, limit=cap)
-    old = await store.signal_rows(table, used=True, limit=max(cap, 1))
-    def held_out(row: dict[str, Any]) -> bool:
-        return is_heldout(row["feedback_id"], config.heldout_fraction)
+    old = await store.signal_rows(table, used=True, limit=max(cap - len(new), 0))
+    rows = sorted(new + old, key=lambda r: r["id"], reverse=True)  # newest first
+    for rank, row in enumerate(rows):
+        row["weight"] = float(row["weight"]) * 0.5 ** (rank / config.recency_half_life)
+    held = [r for r in rows if is_heldout(r["completion_id"], config.heldout_fraction)]
+    train = [r for r in rows if not is_heldout(r["completion_id"], config.heldout_fraction)]
+    return train[::-1], held[::-1], [r["id"] for r in new]  # oldest first, as collected
 
-    held = [r for r in new + old if held_out(r)]
-    train_new = [r for r in new if not held_out(r)]
-    train_old = [r for r in old if not held_out(r)]
-    # A share of older signal, or all of it when nothing is new (an operator asked for a run anyway).
-    share = round(config.replay_fraction * len(train_new)) if train_new else len(train_old)
-    replay = rng.sample(train_old, min(len(train_old), share))
-    return train_new + replay, held, [r["id"] for r in new]
+
+async def _truncated_replies(store: Store, pairs: list[dict[str, Any]], labels: list[dict[str, Any]]) -> set[str]:
+    cut = await store.truncated_choices([r["completion_id"] for r in pairs + labels])
+    texts = {r["chosen"] for r in pairs if (r["completion_id"], r["chosen_choice"]) in cut}
+    texts |= {r["rejected"] for r in pairs if (r["completion_id"], r["rejected_choice"]) in cut}
+    return texts | {r["reply"] for r in labels if (r["completion_id"], r["choice"]) in cut}
 
 
 async def _prompts(store: Store, config: DataConfig) -> tuple[list[list[dict[str, str]]], list[list[dict[str, str]]]]:
@@ -110,10 +118,23 @@ async def _prompts(store: Store, config: DataConfig) -> tuple[list[list[dict[str
 
 async def load_training_data(store: Store, config: DataConfig, seed: int = 0) -> TrainingData:
     """Select a run's pairs, labels and prompts from the store (see the module docstring for the rules)."""
-    rng = random.Random(seed)
-    pairs, heldout_pairs, pair_ids = await _signal(store, "preference_pairs", config.max_pairs, config, rng)
-    labels, _, label_ids = await _signal(store, "labels", config.max_labels, config, rng)
+    pairs, heldout_pairs, pair_ids = await _signal(store, "preference_pairs", config.max_pairs, config)
+    labels, heldout_labels, label_ids = await _signal(store, "labels", config.max_labels, config)
     ppo_prompts, gate_prompts = await _prompts(store, config)
     return TrainingData(train_pairs=_groups(pairs), heldout_pairs=_groups(heldout_pairs),
                         train_labels=[_label(r) for r in labels], ppo_prompts=ppo_prompts, gate_prompts=gate_prompts,
-                        new_pair_ids=pair_ids, new_label_ids=label_ids)
+                        new_pair_ids=pair_ids, new_label_ids=label_ids,
+                        truncated_replies=await _truncated_replies(store, pairs + heldout_pairs,
+                                                                   labels + heldout_labels),
+                        served_lengths=await store.served_reply_lengths(config.served_lengths))
+
+
+def length_cap(served_lengths: list[int], upper: int, lower: int = 16) -> int:
+    """The rollouts' and the gate's reply length limit: the 95th percentile of what users were served, within
+    ``[lower, upper]`` (``upper`` when nothing was served yet). Generating far past what users see costs time and
+    teaches nothing; cutting well short of it would judge replies by a start users never stop at."""
+    if not served_lengths:
+        return upper
+    ordered = sorted(served_lengths)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return max(lower, min(upper, p95))

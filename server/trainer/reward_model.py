@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,19 +84,24 @@ _Unit = PairGroup | Label  # what is never split across batches
 
 
 class _Encoder:
-    """Token ids of ``prompt + reply + EOS``, cached: a reply appears in many pairs and every epoch."""
+    """Token ids of a prompt and a reply as the policy would have produced it, cached (a reply appears in many pairs
+    and every epoch): a finished reply ends with the end-of-turn token, a truncated one (cut at its length limit
+    when served, or here at ``max_reply_tokens``) does not, exactly like the rollouts the model will score."""
 
-    def __init__(self, stack: ModelStack, config: RewardConfig) -> None:
+    def __init__(self, stack: ModelStack, config: RewardConfig, truncated: Collection[str] = ()) -> None:
         self.tokenizer = stack.tokenizer
         self.config = config
+        self.truncated = truncated
         self._cache: dict[tuple[str, str], tuple[int, ...]] = {}
 
     def __call__(self, prompt: list[dict[str, Any]], reply: str) -> tuple[int, ...]:
         key = (json.dumps(prompt, sort_keys=True), reply)
         if key not in self._cache:
             prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.max_prompt_tokens)
-            reply_ids = self.tokenizer.encode(reply, add_special_tokens=False)[: self.config.max_reply_tokens]
-            self._cache[key] = (*prompt_ids, *reply_ids, self.tokenizer.eos_token_id)
+            reply_ids = self.tokenizer.encode(reply, add_special_tokens=False)
+            finished = reply not in self.truncated and len(reply_ids) <= self.config.max_reply_tokens
+            end = (self.tokenizer.eos_token_id,) if finished else ()
+            self._cache[key] = (*prompt_ids, *reply_ids[: self.config.max_reply_tokens], *end)
         return self._cache[key]
 
 
@@ -223,6 +228,7 @@ def train_reward_model(
     labels: Sequence[Label] = (),
     heldout: Sequence[PairGroup] | None = None,
     seed: int = 0,
+    truncated: Collection[str] = (),
 ) -> RewardFigures:
     """Fit a fresh ``reward`` adapter and head; hold out some of the ``groups`` unless ``heldout`` is given."""
     started = time.monotonic()
@@ -234,7 +240,7 @@ def train_reward_model(
     stack.add_adapter(REWARD, adapter, head=True)
     params = stack.role_parameters(REWARD)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    encoder = _Encoder(stack, config)
+    encoder = _Encoder(stack, config, truncated)
     pad_id = stack.tokenizer.pad_token_id
     units = _units(train, labels)
     steps, epoch_losses = 0, [0.0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alignd.store import Store
-from alignd.trainer.data import TrainingData, load_training_data
+from alignd.trainer.data import TrainingData, length_cap, load_training_data
 from alignd.trainer.gate import decide, evaluate, save_decision
 from alignd.trainer.job import RunJob, RunResult
 from alignd.trainer.models import POLICY, ModelStack, load_stack
@@ -87,7 +87,10 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     if not (data.ppo_prompts or data.gate_prompts):
         raise NoTrainingData("no user prompts in the store to run PPO on")
     seconds["data"] = time.monotonic() - tick
-    counts = {**data.counts(), "gate_prompts_held_out": bool(data.gate_prompts)}
+    # Rollouts and the gate generate as long as users are served (their 95th percentile), within the setting.
+    cap = length_cap(data.served_lengths, config.ppo.max_new_tokens)
+    config.ppo.max_new_tokens = config.gate.max_new_tokens = cap
+    counts = {**data.counts(), "gate_prompts_held_out": bool(data.gate_prompts), "length_cap": cap}
     if not data.gate_prompts:  # too few distinct prompts for the hash to hold any out: say so in the figures
         log.warning("no held-out prompts yet: the gate judges on training prompts")
     reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
@@ -99,7 +102,7 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
         stack.load_adapter(CURRENT, job.parent_adapter)  # first: PEFT cannot drop a model's only adapter
         stack.load_adapter(POLICY, job.parent_adapter)
     rm = train_reward_model(stack, data.train_pairs, config.reward, config.lora, labels=data.train_labels,
-                            heldout=data.heldout_pairs, seed=config.seed)
+                            heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies)
     seconds["reward_model"] = time.monotonic() - tick
 
     # 3. Normalise rewards over the reference policy's (the base's) replies.
