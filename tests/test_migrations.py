@@ -22,7 +22,7 @@ from alignd.store.store import async_url
 from alignd.store.tables import metadata
 from tests.store_reads import count_completions
 from tests.test_feedback_store import make_feedback
-from tests.test_store import make_record, store_url  # noqa: F401 - the fixture, on both databases
+from tests.test_store import make_record, schema_revision, store_url  # noqa: F401 - the fixture, on both databases
 
 FROZEN = Path(__file__).parent / "data"
 
@@ -58,10 +58,10 @@ def _legacy_schema(dialect: str, tables: set[str] | None = None) -> list[str]:
 
 async def test_a_fresh_database_reaches_head_once(store_url: str) -> None:
     async with await Store.open(store_url) as first:
-        assert await first.schema_revision() == HEAD
+        assert await schema_revision(first) == HEAD
         await first.record_completion(make_record(1))
     async with await Store.open(store_url) as second:  # migrating again changes nothing
-        assert await second.schema_revision() == HEAD
+        assert await schema_revision(second) == HEAD
         assert await count_completions(second) == 1
     assert "schema_migrations" not in await _on(store_url, _tables)
 
@@ -83,18 +83,19 @@ async def test_concurrent_opens_migrate_once(store_url: str) -> None:
     """Several servers starting at once on an empty database (advisory lock / BEGIN IMMEDIATE)."""
     stores = await asyncio.gather(*(Store.open(store_url) for _ in range(4)))
     try:
-        assert [await s.schema_revision() for s in stores] == [HEAD] * 4
+        assert [await schema_revision(s) for s in stores] == [HEAD] * 4
         rows = await _on(store_url, lambda c: c.execute(text("SELECT version_num FROM alembic_version")).all())
         assert [tuple(r) for r in rows] == [(HEAD,)]  # type: ignore[union-attr]
     finally:
         await asyncio.gather(*(s.close() for s in stores))
 
 
-@pytest.mark.parametrize("version", [1, 3])
+@pytest.mark.parametrize("version", [0, 1, 3])
 async def test_a_database_of_the_old_runner_upgrades_in_place(store_url: str, version: int) -> None:
-    """An earlier alignd's database (schema version 1 or 3 in ``schema_migrations``) keeps its rows."""
+    """An earlier alignd's database (schema version 1 or 3 in ``schema_migrations``) keeps its rows; an empty
+    ``schema_migrations`` (version 0 to the old runner) starts from the first revision."""
     dialect = "sqlite" if store_url.startswith("sqlite") else "postgresql"
-    tables = {"completions", "choices", "schema_migrations"} if version == 1 else None
+    tables = {0: {"schema_migrations"}, 1: {"completions", "choices", "schema_migrations"}, 3: None}[version]
 
     def build(conn: Connection) -> None:
         for statement in _legacy_schema(dialect, tables):
@@ -105,7 +106,7 @@ async def test_a_database_of_the_old_runner_upgrades_in_place(store_url: str, ve
 
     await _on(store_url, build)
     async with await Store.open(store_url) as store:
-        assert await store.schema_revision() == HEAD
+        assert await schema_revision(store) == HEAD
         await store.record_completion(make_record(1))
         await store.record_feedback(make_feedback(1))
         assert await store.count_feedback() == (1, 1, 2)
@@ -130,7 +131,7 @@ async def test_rows_written_before_the_upgrade_survive_it(store_url: str, monkey
         await old.record_feedback(make_feedback(7, completion_id="chatcmpl-000007"))
     monkeypatch.undo()
     async with await Store.open(store_url) as store:
-        assert await store.schema_revision() == HEAD
+        assert await schema_revision(store) == HEAD
         assert await count_completions(store) == 1
         assert await store.count_feedback() == (1, 1, 2)
 
@@ -153,7 +154,7 @@ async def test_a_failing_revision_leaves_no_trace(store_url: str, tmp_path: Path
         await Store.open(store_url)
     monkeypatch.undo()
     async with await Store.open(store_url) as store:
-        assert await store.schema_revision() == HEAD
+        assert await schema_revision(store) == HEAD
     assert "half_done" not in await _on(store_url, _tables)
 
 

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from alignd.store.feedback import FeedbackQueries, insert_feedback
-from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, current_revision, migrate
+from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, migrate
 from alignd.store.records import CompletionRecord, FeedbackRecord
 from alignd.store.tables import choices, completions
 from alignd.store.training import TrainingQueries
@@ -328,12 +328,6 @@ class Store(FeedbackQueries, TrainingQueries):
         """The SQLAlchemy engine (for queries of other store modules and tests; completions are
         written through :meth:`record_completion` only)."""
         return self._engine
-
-    async def schema_revision(self) -> str | None:
-        """The database's Alembic revision (:data:`alignd.store.migrations.HEAD` once open)."""
-        self._check_open()
-        async with self._engine.connect() as conn:
-            return await conn.run_sync(current_revision)
 
     def _check_open(self) -> None:
         if self._close_task is not None and self._close_task.done():

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from alignd.store.tables import metadata
 
-__all__ = ["HEAD", "SQLITE_BEGIN_IMMEDIATE", "MigrationError", "current_revision", "migrate", "script_directory"]
+__all__ = ["HEAD", "SQLITE_BEGIN_IMMEDIATE", "MigrationError", "migrate", "script_directory"]
 
 #: Execution option read by the store's SQLite ``begin`` listener: start the transaction with
 #: ``BEGIN IMMEDIATE`` so that a read-then-write transaction cannot fail on a lock upgrade.
@@ -63,16 +63,13 @@ def _lock(conn: Connection) -> None:
     # SQLite: the transaction was opened with BEGIN IMMEDIATE (see SQLITE_BEGIN_IMMEDIATE).
 
 
-def current_revision(conn: Connection) -> str | None:
-    """The database's revision (None for an empty database)."""
-    return MigrationContext.configure(conn).get_current_revision()
-
-
 def _legacy_revision(conn: Connection) -> str | None:
     """The revision matching the old runner's version, if the old runner migrated this database."""
     if not inspect(conn).has_table("schema_migrations") or inspect(conn).has_table("alembic_version"):
         return None
     version = conn.execute(text("SELECT max(version) FROM schema_migrations")).scalar()
+    if version is None:  # no step applied (the old runner's version 0): the revisions start from the base
+        return None
     if version not in _LEGACY_VERSIONS:
         raise MigrationError(f"database schema version {version} (schema_migrations) is unknown to this alignd; "
                              "upgrade alignd")
