@@ -14,10 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,40 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from alignd.clients.sdk import Client  # noqa: E402
-from alignd.clients.simulate import SimulationReport, VersionStats, fetch_runs, run_simulation  # noqa: E402
-from alignd.demo.corpus import STYLES, classify, held_out_prompts  # noqa: E402
-
-ADMIN = "bench-admin"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: Path, data_dir: Path, port: int, extra: list[str], log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "alignd.cli", "serve", "--model", str(model), "--data-dir", str(data_dir),
-           "--port", str(port), "--admin-key", ADMIN, "--training-trigger", "auto", *extra]
-    print("$", " ".join(cmd), flush=True)
-    proc = subprocess.Popen(cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the server exited ({proc.returncode}); see {log}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise SystemExit("the server did not become ready in 300 s")
+from alignd.clients.sdk import Client
+from alignd.clients.simulate import SimulationReport, VersionStats, fetch_runs, run_simulation
+from alignd.demo.corpus import STYLES, classify, held_out_prompts
+from bench.harness import ADMIN_KEY, demo_model, run_benchmark, running_alignd
 
 
 class Watcher(threading.Thread):
@@ -159,72 +127,65 @@ def main() -> int:
     parser.add_argument("server_args", nargs="*", help="Extra `alignd serve` flags, after --.")
     args = parser.parse_args()
 
-    from alignd.demo.build import ensure_demo_model
-
-    model = args.model or ensure_demo_model(ROOT / ".alignd-test-cache")
+    model = args.model or demo_model()
     data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-alignment-"))
-    port = free_port()
     server_args = args.server_args or ["--min-new-pairs", "48", "--min-new-labels", "100000", "--min-interval-s",
                                        "0", "--ppo-iterations", "8", "--rollout-batch-size", "32",
                                        "--trainer-threads", "1", "--max-loras", "4"]
-    proc = start_server(model, data_dir, port, server_args, data_dir / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    started = time.monotonic()
-    events = [0]
-    try:
-        with Client(url, timeout=120) as client, Client(url, api_key=ADMIN, timeout=120) as admin:
-            watcher = Watcher(admin, started, events)
-            watcher.start()
+    with (running_alignd(model, data_dir, ["--training-trigger", "auto", *server_args]) as server,
+          Client(server.spec.base_url, timeout=120) as client,
+          Client(server.spec.base_url, api_key=ADMIN_KEY, timeout=120) as admin):
+        started = time.monotonic()
+        events = [0]
+        watcher = Watcher(admin, started, events)
+        watcher.start()
 
-            report = SimulationReport(prefer=args.prefer)
-            chunk, index = max(1, round(args.rate * 60)), 0
-            while report.requests < args.events and time.monotonic() - started < args.time_limit:
-                # Users at a steady rate: a minute's worth of requests, then wait for the minute to pass.
-                tick = time.monotonic()
-                part = run_simulation(client, prefer=args.prefer, requests=min(chunk, args.events - report.requests),
-                                      time_limit_s=max(1.0, args.time_limit - (tick - started)),
-                                      seed=args.seed * 100_000 + index, concurrency=args.concurrency,
-                                      report_every=10**9)
-                merge(report, part)
-                events[0] = sum(report.feedback.values())
-                report.elapsed_s = time.monotonic() - started
-                print(report.progress_line(), flush=True)
-                report.window = {}
-                index += 1
-                time.sleep(max(0.0, 60 - (time.monotonic() - tick)))
-            fetch_runs(admin, report)
-            elapsed = time.monotonic() - started
-            watcher.stop.set()
-            print("\n" + report.table())
-            policies = admin.policies.list()
-            final = policies.promoted
-            print(f"\nheld-out evaluation ({args.eval_repeats} × {len(held_out_prompts())} prompts, temperature 1):")
-            base_share, n = held_out_share(client, "alignd@0", args.prefer, args.eval_repeats)
-            final_share, _ = held_out_share(client, "alignd", args.prefer, args.eval_repeats)
-            print(f"  base (version 0): {base_share:.1%} of {n};  promoted (version {final}): {final_share:.1%}")
-            runs = admin.training.list(limit=100).data
-            summary = {
-                "prefer": args.prefer, "events": sum(report.feedback.values()), "requests": report.requests,
-                "elapsed_s": round(elapsed, 1), "final_version": final,
-                "share_by_version": {v.fingerprint: {"replies": v.replies, "share": round(v.share, 3)}
-                                     for v in report.versions.values()},
-                "promotions": watcher.promotions, "heldout_share": {"base": base_share, "final": final_share},
-                "runs": [{"id": r.id, "status": r.status, "candidate": r.candidate, "promoted": r.promoted,
-                          "gate": (r.metrics.get("gate") or {}).get("reason"), "seconds": r.metrics.get("seconds"),
-                          "rm_accuracy": (r.metrics.get("reward_model") or {}).get("heldout_accuracy")}
-                         for r in runs],
-                "kl_budget": "see --kl-budget (default 8.0)",
-            }
-            print(json.dumps(summary, indent=2))
-            if args.json:
-                args.json.write_text(json.dumps(summary, indent=2) + "\n")
-            if args.png:
-                plot(args.png, report, watcher.promotions, args.prefer)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+        report = SimulationReport(prefer=args.prefer)
+        chunk, index = max(1, round(args.rate * 60)), 0
+        while report.requests < args.events and time.monotonic() - started < args.time_limit:
+            # Users at a steady rate: a minute's worth of requests, then wait for the minute to pass.
+            tick = time.monotonic()
+            part = run_simulation(client, prefer=args.prefer, requests=min(chunk, args.events - report.requests),
+                                  time_limit_s=max(1.0, args.time_limit - (tick - started)),
+                                  seed=args.seed * 100_000 + index, concurrency=args.concurrency,
+                                  report_every=10**9)
+            merge(report, part)
+            events[0] = sum(report.feedback.values())
+            report.elapsed_s = time.monotonic() - started
+            print(report.progress_line(), flush=True)
+            report.window = {}
+            index += 1
+            time.sleep(max(0.0, 60 - (time.monotonic() - tick)))
+        fetch_runs(admin, report)
+        elapsed = time.monotonic() - started
+        watcher.stop.set()
+        print("\n" + report.table())
+        policies = admin.policies.list()
+        final = policies.promoted
+        print(f"\nheld-out evaluation ({args.eval_repeats} × {len(held_out_prompts())} prompts, temperature 1):")
+        base_share, n = held_out_share(client, "alignd@0", args.prefer, args.eval_repeats)
+        final_share, _ = held_out_share(client, "alignd", args.prefer, args.eval_repeats)
+        print(f"  base (version 0): {base_share:.1%} of {n};  promoted (version {final}): {final_share:.1%}")
+        runs = admin.training.list(limit=100).data
+        summary = {
+            "prefer": args.prefer, "events": sum(report.feedback.values()), "requests": report.requests,
+            "elapsed_s": round(elapsed, 1), "final_version": final,
+            "share_by_version": {v.fingerprint: {"replies": v.replies, "share": round(v.share, 3)}
+                                 for v in report.versions.values()},
+            "promotions": watcher.promotions, "heldout_share": {"base": base_share, "final": final_share},
+            "runs": [{"id": r.id, "status": r.status, "candidate": r.candidate, "promoted": r.promoted,
+                      "gate": (r.metrics.get("gate") or {}).get("reason"), "seconds": r.metrics.get("seconds"),
+                      "rm_accuracy": (r.metrics.get("reward_model") or {}).get("heldout_accuracy")}
+                     for r in runs],
+            "kl_budget": "see --kl-budget (default 8.0)",
+        }
+        print(json.dumps(summary, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        if args.png:
+            plot(args.png, report, watcher.promotions, args.prefer)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark(main))

@@ -22,21 +22,28 @@ import asyncio
 import json
 import os
 import random
-import socket
-import statistics
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import httpx
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
 
 from alignd.store import ChoiceRecord, CompletionRecord, Store
+from bench.harness import (
+    ROOT,
+    CpuCounters,
+    ServerProcess,
+    ServerSpec,
+    add_database_flags,
+    free_port,
+    run_benchmark,
+    throwaway_databases,
+)
+from bench.load import RawHTTPClient, RequestResult, TextTable, closed_loop, percentile
 
 COMPLETIONS = 2000
 WARMUP_S = 2.0
@@ -45,6 +52,8 @@ MIXES = {
     # Roughly what a chat UI sends: mostly thumbs, some ratings and side-by-side choices, a few edits.
     "mixed": [("thumbs", 0.7), ("rating", 0.15), ("pairwise", 0.1), ("edit", 0.05)],
 }
+TABLE = TextTable([("backend", -12), ("events/s", 10), ("p50 ms", 9), ("p99 ms", 9), ("max ms", 9), ("errors", 8),
+                   ("201s (all)", 12), ("stored", 8), ("server CPU/event", 18), ("others, cores", 15)])
 
 
 @dataclass
@@ -65,9 +74,6 @@ class Result:
     @property
     def rate(self) -> float:
         return self.ok / self.seconds
-
-    def percentile(self, q: float) -> float:
-        return statistics.quantiles(self.latencies, n=1000)[int(q * 1000) - 1] * 1000
 
 
 def body(rng: random.Random, completion_ids: list[str], mix: list[tuple[str, float]]) -> bytes:
@@ -103,139 +109,55 @@ async def stored_events(url: str) -> int:
         return (await store.count_feedback())[0]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_seconds() -> float:
-    """CPU time all processes used so far, over every core (Linux /proc/stat; idle and iowait excluded)."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:8]]
-    return (sum(values) - values[3] - values[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def cpu_snapshot(server_pid: int) -> tuple[float, float, float]:
-    return cpu_seconds(server_pid), cpu_seconds(os.getpid()), busy_seconds()
-
-
-@asynccontextmanager
-async def serve(url: str, data_dir: str) -> AsyncIterator[tuple[str, int]]:
+def feedback_server(url: str, data_dir: str) -> ServerSpec:
+    """This script's ``--serve`` process: the real app on the database at ``url``."""
     port = free_port()
-    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.feedback", "--serve", url, "--port",
-                                                str(port), "--data-dir", data_dir)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        async with httpx.AsyncClient() as client:
-            for _ in range(300):
-                try:
-                    if (await client.get(f"{base}/health")).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                assert proc.returncode is None, "the server exited during start"
-                await asyncio.sleep(0.1)
-        yield base, proc.pid
-    finally:
-        proc.terminate()
-        await asyncio.wait_for(proc.wait(), 30)
+    argv = [sys.executable, "-m", "bench.feedback", "--serve", url, "--port", str(port), "--data-dir", data_dir]
+    return ServerSpec("feedback server", argv, {}, "/health", port, ROOT)
 
 
-async def load(port: int, completion_ids: list[str], *, concurrency: int, seconds: float,
-               mix: list[tuple[str, float]], server_pid: int
-               ) -> tuple[int, int, list[float], float, int, tuple[float, float, float]]:
-    """Closed loop: each connection sends its next request when the previous answer is in."""
-    measuring = False
+async def load(server: ServerProcess, completion_ids: list[str], *, concurrency: int, seconds: float,
+               mix: list[tuple[str, float]]) -> tuple[list[RequestResult], list[RequestResult], float, CpuCounters]:
+    """A closed loop: a warm-up, then ``seconds`` measured; every answer, those that came in the window, its length
+    and the CPU time used in it."""
+    rng = random.Random(0)
+    client = RawHTTPClient("127.0.0.1", server.spec.port)
     stop = False
-    ok = errors = acked = 0
-    latencies: list[float] = []
 
-    async def connection(seed: int) -> None:
-        nonlocal ok, errors, acked
-        rng = random.Random(seed)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        try:
-            while not stop:
-                payload = body(rng, completion_ids, mix)
-                request = (b"POST /v1/feedback HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-                           b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
-                started = time.perf_counter()
-                writer.write(request)
-                head = await reader.readuntil(b"\r\n\r\n")
-                status = int(head[9:12])
-                length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                              if line.lower().startswith(b"content-length:"))
-                await reader.readexactly(length)
-                acked += status == 201
-                if measuring:
-                    latencies.append(time.perf_counter() - started)
-                    if status == 201:
-                        ok += 1
-                    else:
-                        errors += 1
-        finally:
-            writer.close()
+    async def post(index: int) -> RequestResult:
+        payload = body(rng, completion_ids, mix)
+        started = time.perf_counter()
+        status = await client.post("/v1/feedback", payload)
+        return RequestResult(status == 201, started, time.perf_counter() - started)
 
-    tasks = [asyncio.create_task(connection(i)) for i in range(concurrency)]
-    await asyncio.sleep(WARMUP_S)
-    measuring, began, before = True, time.perf_counter(), cpu_snapshot(server_pid)
-    await asyncio.sleep(seconds)
-    measuring, elapsed = False, time.perf_counter() - began
-    after = cpu_snapshot(server_pid)
-    cpu = (after[0] - before[0], after[1] - before[1], after[2] - before[2])
-    stop = True
-    await asyncio.gather(*tasks)
-    return ok, errors, latencies, elapsed, acked, cpu
-
-
-@asynccontextmanager
-async def database(backend: str, postgres_url: str | None, tmp: str) -> AsyncIterator[str]:
-    if backend == "sqlite":
-        yield f"sqlite:///{Path(tmp) / 'bench.db'}"
-        return
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    server = None
-    if postgres_url is None:
-        from tests.pgserver import start_postgres
-
-        server = start_postgres()  # default settings: fsync on, like production
-        postgres_url = server.url
-    name = f"alignd_bench_{uuid.uuid4().hex[:8]}"
-    admin = make_url(postgres_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    conn = await asyncpg.connect(admin)
-    await conn.execute(f'CREATE DATABASE "{name}"')
-    await conn.close()
+    running = asyncio.create_task(closed_loop(concurrency, post, keep_going=lambda _: not stop))
     try:
-        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+        await asyncio.sleep(WARMUP_S)
+        began, before = time.perf_counter(), server.cpu_counters()
+        await asyncio.sleep(seconds)
+        ended = time.perf_counter()
+        cpu = server.cpu_counters() - before
+        stop = True
+        answers = await running
     finally:
-        conn = await asyncpg.connect(admin)
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        await conn.close()
-        if server is not None:
-            server.stop()
+        client.close()
+    return answers, [r for r in answers if began <= r.finished_at < ended], ended - began, cpu
 
 
 async def run(backend: str, args: argparse.Namespace) -> Result:
     with tempfile.TemporaryDirectory(prefix="alignd-bench-") as tmp:
-        async with database(backend, args.postgres_url, tmp) as url:
+        async with throwaway_databases(backend, args.postgres_url) as new_database:
+            url = await new_database()
             completion_ids = await seed(url)
-            async with serve(url, tmp) as (base, pid):
-                port = int(base.rsplit(":", 1)[1])
-                ok, errors, latencies, elapsed, acked, cpu = await load(
-                    port, completion_ids, concurrency=args.concurrency, seconds=args.seconds, mix=MIXES[args.mix],
-                    server_pid=pid)
+            with ServerProcess(feedback_server(url, tmp), Path(tmp) / "server.log", stop_timeout_s=30.0,
+                               announce_stop=False) as server:
+                await asyncio.to_thread(server.wait_ready, 30.0, poll_s=0.1)
+                answers, measured, elapsed, cpu = await load(
+                    server, completion_ids, concurrency=args.concurrency, seconds=args.seconds, mix=MIXES[args.mix])
             stored = await stored_events(url)
-    server_cpu, load_cpu, busy = cpu
-    return Result(backend, elapsed, ok, errors, latencies, acked, stored, server_cpu,
-                  max(0.0, busy - server_cpu - load_cpu) / elapsed)
+    ok = sum(r.ok for r in measured)
+    return Result(backend, elapsed, ok, len(measured) - ok, [r.latency_s for r in measured],
+                  sum(r.ok for r in answers), stored, cpu.server_s, cpu.background_s / elapsed)
 
 
 def serve_main(url: str, port: int, data_dir: str) -> None:
@@ -254,25 +176,25 @@ def serve_main(url: str, port: int, data_dir: str) -> None:
                 access_log=False)
 
 
-async def main() -> None:
+async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backends", default="sqlite,postgresql")
+    add_database_flags(parser)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--mix", choices=sorted(MIXES), default="mixed")
-    parser.add_argument("--postgres-url", default=os.environ.get("ALIGND_BENCH_POSTGRES_URL"))
     args = parser.parse_args()
 
     print(f"POST /v1/feedback, {args.concurrency} connections, {args.seconds:.0f} s after {WARMUP_S:.0f} s warm-up, "
           f"mix {args.mix}, {COMPLETIONS} completions, {os.cpu_count()} CPUs")
-    print(f"{'backend':<12}{'events/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>8}"
-          f"{'201s (all)':>12}{'stored':>8}{'server CPU/event':>18}{'others, cores':>15}")
+    print(TABLE.header())
     for backend in args.backends.split(","):
         r = await run(backend, args)
-        print(f"{backend:<12}{r.rate:>10,.0f}{r.percentile(0.5):>9.1f}{r.percentile(0.99):>9.1f}"
-              f"{max(r.latencies) * 1000:>9.1f}{r.errors:>8}{r.acked:>12}{r.stored:>8}"
-              f"{r.server_cpu_s / max(1, r.ok + r.errors) * 1e6:>15.0f} µs{r.other_cores:>15.2f}")
+        print(TABLE.row(backend, f"{r.rate:,.0f}", f"{percentile(r.latencies, 50) * 1000:.1f}",
+                        f"{percentile(r.latencies, 99) * 1000:.1f}", f"{max(r.latencies) * 1000:.1f}", str(r.errors),
+                        str(r.acked), str(r.stored), f"{r.server_cpu_s / max(1, r.ok + r.errors) * 1e6:.0f} µs",
+                        f"{r.other_cores:.2f}"))
         assert r.stored == r.acked, "every acknowledged event, and only those, must be stored"
+    return 0
 
 
 if __name__ == "__main__":
@@ -284,4 +206,5 @@ if __name__ == "__main__":
         a = cli.parse_args()
         serve_main(a.serve, a.port, a.data_dir)
     else:
-        asyncio.run(main())
+        # No subreaper: its server has no engine processes, and the PostgreSQL pg_ctl leaves must not be adopted.
+        sys.exit(run_benchmark(lambda: asyncio.run(main()), adopt_orphans=False))

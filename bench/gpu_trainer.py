@@ -18,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
+
+from bench.harness import demo_model
 
 
 def build_model(out: Path, hidden: int, layers: int, tokenizer_dir: Path) -> int:
@@ -53,7 +54,6 @@ def main() -> int:
 
     import torch
 
-    from alignd.demo.build import ensure_demo_model
     from alignd.demo.corpus import generate_corpus, training_prompts
     from alignd.store.records import PreferencePair
     from alignd.trainer.config import TrainerConfig
@@ -64,7 +64,7 @@ def main() -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device; use --device cpu for a smoke run")
-    tokenizer_dir = args.tokenizer or ensure_demo_model(ROOT / ".alignd-test-cache", preset="tiny")
+    tokenizer_dir = args.tokenizer or demo_model("tiny")
     folder = Path(tempfile.mkdtemp(prefix="alignd-gpu-"))
     size = build_model(folder, args.hidden, args.layers, tokenizer_dir)
     print(f"model: {size / 1e6:.1f}M parameters, hidden {args.hidden}, {args.layers} layers, device {args.device}")
@@ -97,7 +97,7 @@ def main() -> int:
     prompts = [encode_prompt(stack.tokenizer, [{"role": "user", "content": p.text}], 128)
                for p in training_prompts(256, seed=2)]
     history = run_ppo(stack, HFRollouts(batch_size=args.batch), prompts,
-                      figures.normalization, config)
+                      figures.normalization, config).history
     for h in history:
         print(f"ppo iteration {h.iteration}: rollout {h.seconds['rollout']:.2f} s, experience "
               f"{h.seconds['experience']:.2f} s, update {h.seconds['update']:.2f} s, "

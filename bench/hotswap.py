@@ -11,10 +11,8 @@ is a cold one (adapter read, checked and loaded into vLLM, then routed); --max-l
 from __future__ import annotations
 
 import argparse
-import os
+import asyncio
 import random
-import signal
-import statistics
 import sys
 import tempfile
 import threading
@@ -23,34 +21,38 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
 
-from bench.alignment import ADMIN, free_port, start_server  # noqa: E402
+from bench.harness import ADMIN_KEY, demo_model, run_benchmark, running_alignd
+from bench.load import RequestResult, closed_loop, percentile, post_chat
 
 PROMPTS = ["Tell me about comets.", "How do I bake bread?", "Any tips for tomatoes?", "What is a guitar chord?"]
 
 
-class Load(threading.Thread):
-    """One client sending short chat requests back to back, recording (sent, received, status, fingerprint)."""
+class ChatLoad:
+    """Clients sending short chat requests back to back from a background thread, until stopped."""
 
-    def __init__(self, url: str, stop: threading.Event, seed: int) -> None:
-        super().__init__(daemon=True)
-        self.url, self.stop, self.rng = url, stop, random.Random(seed)
-        self.records: list[tuple[float, float, int, str | None]] = []
+    def __init__(self, url: str, concurrency: int) -> None:
+        self.url, self.concurrency = url, concurrency
+        self.results: list[RequestResult] = []
+        """Every answer so far, in the order they came (the swaps watch it)."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
-    def run(self) -> None:
-        with httpx.Client(timeout=60) as client:
-            while not self.stop.is_set():
-                sent = time.monotonic()
-                try:
-                    r = client.post(f"{self.url}/v1/chat/completions", json={
-                        "model": "alignd", "max_tokens": 16, "temperature": 1.0,
-                        "messages": [{"role": "user", "content": self.rng.choice(PROMPTS)}]})
-                    fingerprint = r.json().get("system_fingerprint") if r.status_code == 200 else None
-                    self.records.append((sent, time.monotonic(), r.status_code, fingerprint))
-                except httpx.HTTPError:
-                    self.records.append((sent, time.monotonic(), 0, None))
+    async def _run(self) -> None:
+        rng = random.Random(0)
+        async with httpx.AsyncClient(timeout=60) as client:
+            await closed_loop(self.concurrency, lambda _: post_chat(client, f"{self.url}/v1/chat/completions", {
+                "model": "alignd", "max_tokens": 16, "temperature": 1.0,
+                "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]}),
+                keep_going=lambda _: not self._stop.is_set(), results=self.results)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(60)
 
 
 def make_versions(url: str, admin: httpx.Client, count: int) -> None:
@@ -71,17 +73,17 @@ def make_versions(url: str, admin: httpx.Client, count: int) -> None:
         print(f"  version {run['candidate']} registered by {run['id']}", flush=True)
 
 
-def swap(admin: httpx.Client, loads: list[Load], call: str, body: dict | None) -> tuple[int, float, float | None]:
+def swap(admin: httpx.Client, load: ChatLoad, call: str, body: dict | None) -> tuple[int, float, float | None]:
     """Make one promote/rollback call; return (new version, call ms, ms to the first response by it)."""
-    started = time.monotonic()
+    started = time.perf_counter()
     r = admin.post(call, json=body) if body is not None else admin.post(call)
     r.raise_for_status()
-    called = time.monotonic()
+    called = time.perf_counter()
     version = r.json()["version"]
     target = f"policy-{version}"
     deadline = called + 10
-    while time.monotonic() < deadline:
-        firsts = [rec[1] for load in loads for rec in list(load.records) if rec[1] >= started and rec[3] == target]
+    while time.perf_counter() < deadline:
+        firsts = [a.finished_at for a in list(load.results) if a.finished_at >= started and a.fingerprint == target]
         if firsts:
             return version, (called - started) * 1000, (min(firsts) - started) * 1000
         time.sleep(0.005)
@@ -92,9 +94,9 @@ def summarize(name: str, rows: list[tuple[int, float, float | None]]) -> None:
     firsts = [r[2] for r in rows if r[2] is not None]
     calls = [r[1] for r in rows]
     missing = sum(r[2] is None for r in rows)
-    print(f"{name}: {len(rows)} swaps; call p50 {statistics.median(calls):.0f} ms, max {max(calls):.0f} ms; "
-          f"first response by the new version p50 {statistics.median(firsts):.0f} ms, "
-          f"p90 {sorted(firsts)[int(0.9 * (len(firsts) - 1))]:.0f} ms, max {max(firsts):.0f} ms"
+    print(f"{name}: {len(rows)} swaps; call p50 {percentile(calls, 50):.0f} ms, max {max(calls):.0f} ms; "
+          f"first response by the new version p50 {percentile(firsts, 50):.0f} ms, "
+          f"p90 {percentile(firsts, 90):.0f} ms, max {max(firsts):.0f} ms"
           + (f"; {missing} with no response by the new version within 10 s" if missing else ""))
 
 
@@ -105,48 +107,37 @@ def main() -> int:
     parser.add_argument("--max-loras", type=int, default=2)
     parser.add_argument("--model", type=Path, default=None)
     args = parser.parse_args()
-    from alignd.demo.build import ensure_demo_model
 
-    model = args.model or ensure_demo_model(ROOT / ".alignd-test-cache")
+    model = args.model or demo_model()
     data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-hotswap-"))
-    port = free_port()
-    proc = start_server(model, data_dir, port, ["--training-trigger", "manual", "--max-loras", str(args.max_loras),
-                                                "--gate-margin", "-100", "--kl-budget", "1000",
-                                                "--trainer-threads", "1"], data_dir / "server.log")
-    url = f"http://127.0.0.1:{port}"
-    try:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN}"}, timeout=120) as admin:
-            make_versions(url, admin, 2)
-            stop = threading.Event()
-            loads = [Load(url, stop, seed) for seed in range(args.concurrency)]
-            for load in loads:
-                load.start()
-            time.sleep(3)
-            promotes, rollbacks = [], []
-            for i in range(args.swaps):
-                promotes.append(swap(admin, loads, f"/v1/policies/{1 + i % 2}/promote", None))
-                time.sleep(1.5)
-            for _ in range(args.swaps):
-                rollbacks.append(swap(admin, loads, "/v1/policies/rollback", {}))
-                time.sleep(1.5)
-            stop.set()
-            for load in loads:
-                load.join(60)
-        records = [rec for load in loads for rec in load.records]
-        failed = sum(rec[2] != 200 for rec in records)
-        print(f"\nmax_loras {args.max_loras}, {args.concurrency} clients, {len(records)} chat requests during the "
-              f"swaps, {failed} failed")
-        summarize("promote", promotes)
-        summarize("rollback", rollbacks)
-        print("\nper swap (version, call ms, first response ms):")
-        for kind, rows in (("promote", promotes), ("rollback", rollbacks)):
-            print(f"  {kind}: " + ", ".join(f"v{v} {c:.0f}/{f:.0f}" if f is not None else f"v{v} {c:.0f}/-"
-                                            for v, c, f in rows))
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(60)
+    flags = ["--training-trigger", "manual", "--max-loras", str(args.max_loras), "--gate-margin", "-100",
+             "--kl-budget", "1000", "--trainer-threads", "1"]
+    with (running_alignd(model, data_dir, flags) as server,
+          httpx.Client(base_url=server.spec.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+                       timeout=120) as admin):
+        make_versions(server.spec.base_url, admin, 2)
+        load = ChatLoad(server.spec.base_url, args.concurrency)
+        load.start()
+        time.sleep(3)
+        promotes, rollbacks = [], []
+        for i in range(args.swaps):
+            promotes.append(swap(admin, load, f"/v1/policies/{1 + i % 2}/promote", None))
+            time.sleep(1.5)
+        for _ in range(args.swaps):
+            rollbacks.append(swap(admin, load, "/v1/policies/rollback", {}))
+            time.sleep(1.5)
+        load.stop()
+    failed = sum(not a.ok for a in load.results)
+    print(f"\nmax_loras {args.max_loras}, {args.concurrency} clients, {len(load.results)} chat requests during the "
+          f"swaps, {failed} failed")
+    summarize("promote", promotes)
+    summarize("rollback", rollbacks)
+    print("\nper swap (version, call ms, first response ms):")
+    for kind, rows in (("promote", promotes), ("rollback", rollbacks)):
+        print(f"  {kind}: " + ", ".join(f"v{v} {c:.0f}/{f:.0f}" if f is not None else f"v{v} {c:.0f}/-"
+                                        for v, c, f in rows))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_benchmark(main))

