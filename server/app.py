@@ -23,7 +23,7 @@ from alignd.api.training import TrainingController
 from alignd.api.web import web_router
 from alignd.config import Settings
 from alignd.errors import AlignError
-from alignd.feedback.manager import AlignPluginManager, collect_routes
+from alignd.feedback.manager import AlignPluginManager, collect_routes, make_plugin_manager
 from alignd.protocol import ErrorDetail, ErrorResponse
 from alignd.services import Services, open_services
 from alignd.store import Store
@@ -40,10 +40,14 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
         nonlocal plugin_routes_added
-        async with open_services(settings, engine=engine, store=store, plugins=plugins) as services:
+        # Plugins first: a broken or conflicting plugin stops the start before anything is opened.
+        pm = plugins if plugins is not None else make_plugin_manager(settings)
+        plugin_routes = collect_routes(pm)
+        async with open_services(settings, engine=engine, store=store, plugins=pm) as services:
             app.state.services = services
+            app.state.feedback = services.feedback  # how plugin routes stored feedback before they could ask for it
             if not plugin_routes_added:  # Litestar refuses a route twice, should this app be started again
-                for router in collect_routes(services.plugins):
+                for router in plugin_routes:
                     app.register(router)
                 plugin_routes_added = True
             yield

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 from litestar import Request, post
+from litestar.di import NamedDependency
 
 from alignd import (
     CompletionRecord,
@@ -95,6 +96,7 @@ class Reactions:
     @hookimpl
     def register_routes(self, register: RegisterRoute) -> None:
         register(reaction, auth="none")  # the platform cannot send our API key; it sends a shared token
+        register(reaction_via_state, auth="none")
 
     @hookimpl
     def startup(self, context: PluginContext) -> None:
@@ -102,14 +104,25 @@ class Reactions:
 
 
 @post("/reaction", status_code=201)
-async def reaction(request: Request[Any, Any, Any], feedback: FeedbackSubmitter) -> dict[str, Any]:
+async def reaction(request: Request[Any, Any, Any], feedback: NamedDependency[FeedbackSubmitter]) -> dict[str, Any]:
     if request.headers.get("x-reaction-token") != Reactions.TOKEN:
         raise Unauthorized("Bad reaction token.")
-    body = await request.json()
-    created, _ = await feedback.submit({"completion_id": body["completion_id"], "kind": "thumbs",
-                                       "value": "up" if body["emoji"] == "+1" else "down",
-                                       "tags": ["reaction"], "user": body.get("user")})
+    created, _ = await feedback.submit(_thumbs(await request.json()))
     return {"feedback_id": created.id}
+
+
+@post("/reaction-via-state", status_code=201)
+async def reaction_via_state(request: Request[Any, Any, Any]) -> dict[str, Any]:
+    """The same through ``request.app.state.feedback``, the way plugin routes were first told to store feedback."""
+    if request.headers.get("x-reaction-token") != Reactions.TOKEN:
+        raise Unauthorized("Bad reaction token.")
+    created, _ = await request.app.state.feedback.submit(_thumbs(await request.json()))
+    return {"feedback_id": created.id}
+
+
+def _thumbs(body: dict[str, Any]) -> dict[str, Any]:
+    return {"completion_id": body["completion_id"], "kind": "thumbs",
+            "value": "up" if body["emoji"] == "+1" else "down", "tags": ["reaction"], "user": body.get("user")}
 
 
 duplicate_thumbs = DuplicateThumbs

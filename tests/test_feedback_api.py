@@ -530,6 +530,13 @@ def test_plugin_route_turns_reactions_into_feedback(make_server: Callable[..., A
     [stored] = srv.loop.run(srv.state.store.list_feedback(completion_id=cid, kind="thumbs"))
     assert stored.id == r.json()["feedback_id"] and stored.tags == ["reaction"]
     assert srv.state.feedback.context.state["reactions"]["started"] > 0
+    # The handler that reaches the service through request.app.state (the first documented way) still stores it.
+    other, _ = complete_with_key(srv, "user-key")
+    r = httpx.post(f"{url}-via-state", json={"completion_id": other, "emoji": "-1"},
+                   headers={"x-reaction-token": feedback_plugins.Reactions.TOKEN})
+    assert r.status_code == 201, r.text
+    [stored] = srv.loop.run(srv.state.store.list_feedback(completion_id=other, kind="thumbs"))
+    assert stored.id == r.json()["feedback_id"] and stored.payload["value"] == "down"
 
 
 def test_blocked_plugin_is_not_loaded(make_server: Callable[..., AppServer]) -> None:

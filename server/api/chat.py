@@ -7,11 +7,15 @@ import asyncio
 from typing import Any
 
 from litestar import Controller, Request, Response, get, post
+from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
+from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
 
 from alignd.api.body import read_body
 from alignd.auth import user_guard
 from alignd.chat import ChatService
+from alignd.config import Settings
 from alignd.decoding import decode
 from alignd.errors import Unavailable
 from alignd.policies.router import PolicyRouter
@@ -19,7 +23,7 @@ from alignd.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, Mo
 from alignd.services import Services
 
 
-def ready_chat(services: Services) -> ChatService:
+def ready_chat(services: NamedDependency[Services]) -> ChatService:
     """The chat service, or a 503 with ``Retry-After`` while there is none."""
     if services.chat is None:
         raise Unavailable(f"The engine failed to start: {services.engine_error}" if services.engine_error else
@@ -27,14 +31,19 @@ def ready_chat(services: Services) -> ChatService:
     return services.chat
 
 
+async def engine_ready_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard: the 503 of :func:`ready_chat` before anything else is done for the request."""
+    ready_chat(connection.app.state.services)
+
+
 class ChatController(Controller):
     path = "/v1"
-    guards = (user_guard,)
+    guards = (user_guard, engine_ready_guard)
 
     @post("/chat/completions", status_code=200)
-    async def chat_completions(self, request: Request[Any, Any, Any], chat: ChatService,
-                               services: Services) -> Response[ChatCompletion] | Stream:
-        body = await read_body(request, services.settings.server.max_body_bytes)
+    async def chat_completions(self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService],
+                               settings: NamedDependency[Settings]) -> Response[ChatCompletion] | Stream:
+        body = await read_body(request, settings.server.max_body_bytes)
         prepared = chat.prepare(decode(body, ChatCompletionRequest))
         if prepared.request.stream:
             # Litestar cancels the iterator when the client disconnects, which aborts the engine request.
@@ -43,7 +52,7 @@ class ChatController(Controller):
         return Response(await _unless_disconnected(request, chat.complete(prepared)))
 
     @get("/models")
-    async def list_models(self, chat: ChatService, router: PolicyRouter) -> ModelList:
+    async def list_models(self, router: NamedDependency[PolicyRouter]) -> ModelList:
         return ModelList(data=[ModelCard(id=name) for name in router.model_names()])
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from litestar import Controller, Request, Response, get, post
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from alignd.api.body import read_body
@@ -27,27 +28,31 @@ Q = TypeVar("Q")
 
 
 class FeedbackController(Controller):
+    # Guards per handler here: clients post where operators list (one path cannot be split across controllers).
     path = "/v1/feedback"
 
     @post("/", status_code=201, guards=[user_guard])
-    async def create_feedback(self, request: Request[Any, Any, Any], feedback: FeedbackService,
-                              settings: Settings) -> Response[FeedbackCreated]:
+    async def create_feedback(self, request: Request[Any, Any, Any], feedback: NamedDependency[FeedbackService],
+                              settings: NamedDependency[Settings]) -> Response[FeedbackCreated]:
         body = decode(await read_body(request, settings.server.max_body_bytes), dict[str, Any])
         created, replayed = await feedback.submit(body, idempotency_key=request.headers.get("idempotency-key"))
         return Response(created, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @get("/", guards=[admin_guard])
-    async def list_feedback(self, request: Request[Any, Any, Any], feedback: FeedbackService) -> FeedbackList:
+    async def list_feedback(self, request: Request[Any, Any, Any],
+                            feedback: NamedDependency[FeedbackService]) -> FeedbackList:
         return await feedback.list_feedback(_query(request, FeedbackQuery))
 
     @get("/export", guards=[admin_guard])
-    async def export_feedback(self, request: Request[Any, Any, Any], feedback: FeedbackService) -> Stream:
+    async def export_feedback(self, request: Request[Any, Any, Any],
+                              feedback: NamedDependency[FeedbackService]) -> Stream:
         query = _query(request, ExportQuery)
         return Stream(feedback.export(query), media_type="application/x-ndjson",
                       headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
 
     @get("/stats", guards=[admin_guard])
-    async def feedback_stats(self, request: Request[Any, Any, Any], feedback: FeedbackService) -> FeedbackStats:
+    async def feedback_stats(self, request: Request[Any, Any, Any],
+                             feedback: NamedDependency[FeedbackService]) -> FeedbackStats:
         return await feedback.stats(_query(request, FeedbackStatsQuery))
 
 

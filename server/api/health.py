@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from litestar import Controller, Response, get
+from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from alignd.protocol import Health
@@ -15,7 +16,7 @@ class HealthController(Controller):
         return Health(status="ok")
 
     @get("/ready")
-    async def ready(self, services: Services) -> Response[Health]:
+    async def ready(self, services: NamedDependency[Services]) -> Response[Health]:
         engine = services.engine
         if engine is None or services.stopping:
             return Response(Health(status="starting" if engine is None else "stopping"), status_code=503)
@@ -26,6 +27,6 @@ class HealthController(Controller):
         return Response(Health(status="ready", policy_version=services.router.promoted))
 
     @get("/metrics", media_type=CONTENT_TYPE_LATEST)
-    async def metrics(self, services: Services) -> bytes:
+    async def metrics(self, services: NamedDependency[Services]) -> bytes:
         services.metrics.promoted_version.set(services.router.promoted)
         return services.metrics.render()

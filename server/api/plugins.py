@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from litestar import Controller, get
+from litestar.di import NamedDependency
 
 from alignd.auth import admin_guard
 from alignd.feedback.manager import AlignPluginManager, describe_plugins
@@ -15,6 +16,6 @@ class PluginController(Controller):
     guards = (admin_guard,)
 
     @get("/")
-    async def list_plugins(self, plugins: AlignPluginManager) -> PluginList:
+    async def list_plugins(self, plugins: NamedDependency[AlignPluginManager]) -> PluginList:
         return PluginList(data=[PluginCard(name=p.name, origin=p.origin, status=p.status, hooks=list(p.hooks),
                                            kinds=list(p.kinds)) for p in describe_plugins(plugins)])

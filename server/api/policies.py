@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, get, post
+from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from alignd.api.body import read_body
@@ -20,20 +21,20 @@ class PolicyController(Controller):
     guards = (admin_guard,)
 
     @get("/")
-    async def list_policies(self, registry: PolicyRegistry) -> PolicyList:
+    async def list_policies(self, registry: NamedDependency[PolicyRegistry]) -> PolicyList:
         return await registry.list()
 
     @get("/{version:int}")
-    async def get_policy(self, registry: PolicyRegistry, version: FromPath[int]) -> Policy:
+    async def get_policy(self, registry: NamedDependency[PolicyRegistry], version: FromPath[int]) -> Policy:
         return await registry.get(version)
 
     @post("/{version:int}/promote", status_code=200)
-    async def promote_policy(self, registry: PolicyRegistry, version: FromPath[int]) -> Policy:
+    async def promote_policy(self, registry: NamedDependency[PolicyRegistry], version: FromPath[int]) -> Policy:
         return await registry.promote(version, reason="promoted by an operator")
 
     @post("/rollback", status_code=200)
-    async def rollback_policy(self, request: Request[Any, Any, Any], registry: PolicyRegistry,
-                              settings: Settings) -> Policy:
+    async def rollback_policy(self, request: Request[Any, Any, Any], registry: NamedDependency[PolicyRegistry],
+                              settings: NamedDependency[Settings]) -> Policy:
         body = await read_body(request, settings.server.max_body_bytes)
         target = decode(body, RollbackRequest) if body.strip() else RollbackRequest()
         return await registry.rollback(target.version)

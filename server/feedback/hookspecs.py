@@ -87,8 +87,10 @@ def register_routes(register: RegisterRoute) -> None:
     Fires once per app, at start. Call ``register(handler, *, auth="user")`` with a Litestar route handler (a function
     decorated with ``@get``, ``@post``, …; its path is relative to the plugin's prefix). ``auth`` is ``"user"`` (the
     API keys, like ``/v1/feedback``), ``"admin"`` (admin keys) or ``"none"`` (the handler checks callers itself, e.g.
-    a webhook signature). A handler with a parameter named ``feedback`` receives an ``alignd.FeedbackSubmitter``:
-    ``await feedback.submit(body)`` stores feedback exactly as ``POST /v1/feedback`` does.
+    a webhook signature). A handler with a parameter ``feedback: NamedDependency[alignd.FeedbackSubmitter]`` (Litestar's
+    ``litestar.di.NamedDependency``) receives the feedback service: ``await feedback.submit(body)`` stores feedback
+    exactly as ``POST /v1/feedback`` does.
+    (``request.app.state.feedback``, the way documented before, is the same service and still works.)
 
     Returns nothing. Not firstresult: every implementation runs.
     """

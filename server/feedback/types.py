@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, runtime_checkable
 
 import msgspec
 
@@ -110,6 +110,7 @@ class RegisterKind(Protocol):
                  uses_history: bool = False) -> None: ...
 
 
+@runtime_checkable  # Litestar checks an injected value against its parameter's type
 class FeedbackSubmitter(Protocol):
     """What a plugin's route handler receives as its ``feedback`` parameter: stores a feedback body exactly like
     ``POST /v1/feedback`` (same validation, hooks and errors) and returns ``(created, replayed)``."""
