@@ -188,6 +188,10 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         float, Meta(gt=0, description="Promote only if the candidate's mean KL to the base (nats per reply) stays "
                     "within this.")
     ] = 8.0
+    reward_model_confidence: Annotated[
+        float, Meta(ge=0, lt=1, description="A run goes on to PPO only if the reward model's held-out accuracy is "
+                    "above chance (0.5) with this confidence (its Wilson interval's lower end); 0 skips the check.")
+    ] = 0.95
     target_kl: Annotated[
         float, Meta(gt=0, description="KL per reply (nats) the adaptive KL controller steers PPO towards.")
     ] = 2.0

@@ -124,15 +124,20 @@ def test_label_loss_by_hand() -> None:
 
 
 def test_adaptive_kl_controller_moves_towards_target_within_limits() -> None:
-    controller = AdaptiveKLController(init_kl_coef=0.1, target=2.0, horizon=100)
-    controller.update(current_kl=3.0, n_samples=10)  # error 0.5, clipped to 0.2: × (1 + 0.2 · 10/100)
-    assert controller.value == pytest.approx(0.102)
-    controller.update(current_kl=1.0, n_samples=50)  # error -0.5, clipped to -0.2: × (1 - 0.2 · 0.5)
-    assert controller.value == pytest.approx(0.102 * 0.9)
-    controller.update(current_kl=2.2, n_samples=100)  # error 0.1: × 1.1
-    assert controller.value == pytest.approx(0.102 * 0.9 * 1.1)
+    controller = AdaptiveKLController(init_kl_coef=0.1, target=2.0, gain=0.5)
+    controller.update(current_kl=4.0)  # twice the target: × 2^0.5
+    assert controller.value == pytest.approx(0.1 * math.sqrt(2))
+    controller.update(current_kl=0.5)  # a quarter: × 4^-0.5
+    assert controller.value == pytest.approx(0.1 * math.sqrt(2) / 2)
+    controller.update(current_kl=2.0)  # on target: unchanged
+    assert controller.value == pytest.approx(0.1 * math.sqrt(2) / 2)
+    controller.update(current_kl=0.0)  # no KL at all: the error is clipped (× e^-1), not infinite
+    assert controller.value == pytest.approx(0.1 * math.sqrt(2) / 2 / math.e)
+    for _ in range(100):
+        controller.update(current_kl=1000.0)
+    assert controller.value == AdaptiveKLController.MAX
     fixed = FixedKLController(0.3)
-    fixed.update(current_kl=50.0, n_samples=100)
+    fixed.update(current_kl=50.0)
     assert fixed.value == 0.3
 
 

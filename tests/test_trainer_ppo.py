@@ -25,7 +25,7 @@ from alignd.store.records import PreferencePair
 from alignd.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig
 from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
 from alignd.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
-from alignd.trainer.ppo import critic_values, init_critic, run_ppo
+from alignd.trainer.ppo import _accumulate, critic_values, init_critic, make_experience, run_ppo
 from alignd.trainer.reward_model import PairGroup, RewardNormalization, fit_normalization, train_reward_model
 from alignd.trainer.rollout import (
     ROLLOUT_VERSION,
@@ -145,7 +145,7 @@ def test_short_ppo_run_raises_reward_within_kl_budget(
     train = prompt_ids(stack, [p.text for p in training_prompts(200, seed=1)])
     heldout = prompt_ids(stack, [p.text for p in held_out_prompts(config.gate.n_prompts, seed=2)])
     backend = HFRollouts()
-    history = run_ppo(stack, backend, train, normalization, config)
+    history = run_ppo(stack, backend, train, normalization, config).history
     torch.manual_seed(3)
     candidate, current, length_controlled = evaluate(stack, backend, heldout, POLICY, None, normalization,
                                                      config.gate)
@@ -194,9 +194,10 @@ def test_time_limit_ends_the_run_after_the_current_iteration(tiny_model_dir: Pat
                                          time_limit_s=0.0, rollout_backend="hf"))
     stack = ModelStack.load(tiny_model_dir, config.lora, torch.device("cpu"), torch.float32)
     stack.add_adapter(REWARD, config.lora, head=True)
-    history = run_ppo(stack, HFRollouts(), prompt_ids(stack, ["Hi", "Any tips on comets?"]), RewardNormalization(),
-                      config)
-    assert [s.iteration for s in history] == [0]
+    result = run_ppo(stack, HFRollouts(), prompt_ids(stack, ["Hi", "Any tips on comets?"]), RewardNormalization(),
+                     config)
+    assert [s.iteration for s in result.history] == [0]
+    assert result.stopped is not None and "time limit" in result.stopped
 
 
 def test_bfloat16_base_trains_float32_adapters(tiny_model_dir: Path) -> None:
@@ -206,7 +207,7 @@ def test_bfloat16_base_trains_float32_adapters(tiny_model_dir: Path) -> None:
     stack = load_stack(tiny_model_dir, config)
     stack.add_adapter(REWARD, config.lora, head=True)
     history = run_ppo(stack, make_rollout_backend(config.ppo.rollout_backend), prompt_ids(stack, ["Hi", "Any tips?"]),
-                      RewardNormalization(), config)
+                      RewardNormalization(), config).history
     assert stack.causal_lm.get_input_embeddings().weight.dtype == torch.bfloat16
     for role in (POLICY, CRITIC, REWARD):
         assert {p.dtype for p in stack.role_parameters(role)} == {torch.float32}, role
@@ -285,7 +286,8 @@ def test_vllm_rollouts_load_a_fresh_adapter_under_the_hidden_version(
     base = backend.generate(stack, prompts, None, sampling)
 
     eos = stack.tokenizer.eos_token_id
-    assert [(r.response_ids, r.ended) for r in first] == [([11, 12, eos], True), ([13] * 5, False), ([14, eos], True)]
+    # Exactly the tokens sampled: a reply that stopped on another stop token gets no EOS appended.
+    assert [(r.response_ids, r.ended) for r in first] == [([11, 12, eos], True), ([13] * 5, False), ([14], True)]
     assert first == second == base
     assert engine.events == [("load", ROLLOUT_VERSION), ("unload", ROLLOUT_VERSION)] * 2  # the base needs no load
     assert engine.loop_thread == ["fake-engine-loop"] * 2
@@ -312,3 +314,48 @@ def test_importing_the_trainer_imports_neither_torch_nor_vllm() -> None:
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
             assert not [n for n in names if n.split(".")[0] == "vllm"], path
+
+
+def test_kl_past_the_budget_stops_ppo_with_the_last_policy_within_it(tiny_model_dir: Path) -> None:
+    """With a budget of almost no KL, the second iteration's rollouts are past it: PPO stops there and the policy is
+    the one that generated the first iteration's (in-budget) rollouts, not the one the first update made."""
+    config = TrainerConfig(ppo=PPOConfig(iterations=4, rollout_batch_size=8, minibatch_size=4, max_new_tokens=8,
+                                         rollout_backend="hf", learning_rate=5e-2, init_kl_coef=0.0))
+    config.gate.kl_budget = 1e-6
+    stack = ModelStack.load(tiny_model_dir, config.lora, torch.device("cpu"), torch.float32)
+    stack.add_adapter(REWARD, config.lora, head=True)
+    stack.add_adapter(POLICY, config.lora)
+    start = stack.adapter_state(POLICY)
+    result = run_ppo(stack, HFRollouts(), prompt_ids(stack, ["Hi", "Any tips on comets?"]), RewardNormalization(),
+                     config, kl_coef=0.02)
+    assert len(result.history) == 1 and result.history[0].kl_coef == 0.02  # β carried in, not init_kl_coef
+    assert result.stopped is not None and "passed the budget" in result.stopped
+    assert all(torch.equal(start[k], v) for k, v in stack.adapter_state(POLICY).items())
+
+
+def test_micro_batches_accumulate_the_minibatch_gradient(tiny_model_dir: Path) -> None:
+    config = TrainerConfig(ppo=PPOConfig(rollout_batch_size=6, max_new_tokens=8))
+    stack = ModelStack.load(tiny_model_dir, config.lora, torch.device("cpu"), torch.float32)
+    stack.add_adapter(REWARD, config.lora, head=True)
+    stack.add_adapter(POLICY, config.lora)
+    torch.manual_seed(0)
+    rollouts = HFRollouts().generate(stack, prompt_ids(stack, ["Hi", "Tips?", "Comets?"]) * 2, POLICY,
+                                     Sampling(1.0, 8))
+    init_critic(stack, RewardNormalization())
+    with torch.no_grad():  # move the policy so that the ratios, and so the gradients, are not trivial
+        for name, param in stack.model.named_parameters():
+            if ".policy." in name and "lora_B" in name:
+                param.normal_(std=0.01)
+    experience = make_experience(stack, rollouts, RewardNormalization(), 0.05, config.ppo)
+    rows = torch.arange(len(experience))
+    grads = []
+    for micro in (None, 1, 4):
+        config.ppo.micro_batch_size = micro
+        stack.model.zero_grad(set_to_none=True)
+        stack.heads[CRITIC].zero_grad(set_to_none=True)
+        _accumulate(stack, experience, rows, config.ppo)
+        grads.append(torch.cat([p.grad.flatten() for p in stack.role_parameters(POLICY) + stack.role_parameters(CRITIC)
+                                if p.grad is not None]))
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+    assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-7)

@@ -23,10 +23,12 @@ from alignd.trainer.reward_model import (
     _units,
     evaluate_pairs,
     fit_normalization,
+    heldout_figures,
     load_reward_model,
     save_reward_model,
     score_rollouts,
     train_reward_model,
+    wilson_interval,
 )
 from alignd.trainer.rollout import HFRollouts, Sampling, collate_rollouts, encode_prompt
 
@@ -157,3 +159,40 @@ def test_a_ranking_shares_one_batch_and_each_reply_is_scored_once() -> None:
     rows = {chr(int(code)): i for i, (_, code) in enumerate(batch.sequences.tolist())}
     assert batch.chosen[1:].tolist() == [rows[a] for a, _ in combinations("wxyz", 2)]
     assert batch.rejected[1:].tolist() == [rows[b] for _, b in combinations("wxyz", 2)]
+
+
+def test_wilson_interval_is_honest_for_small_samples() -> None:
+    low, high = wilson_interval(9, 10, 0.95)
+    assert low == pytest.approx(0.5958, abs=1e-3) and high == pytest.approx(0.9821, abs=1e-3)  # textbook values
+    assert wilson_interval(6, 10, 0.95)[0] < 0.5  # 60% of 10 is not evidence against chance
+    assert wilson_interval(60, 100, 0.95)[0] > 0.5  # 60% of 100 is
+    assert wilson_interval(0, 0, 0.95) == (0.0, 1.0)
+    assert wilson_interval(5, 5, 0.95)[1] == pytest.approx(1.0)
+
+
+def test_heldout_figures_count_pairs_and_labels(stack: ModelStack, trained: RewardFigures) -> None:
+    grouped = replies_by_prompt(60, seed=21)
+    labels = [Label(prompt=[{"role": "user", "content": p}], reply=r[RANKING[0]], good=True)
+              for p, r in grouped.items() if RANKING[0] in r]
+    figures = heldout_figures(stack, ranking_pairs(grouped), labels, RewardConfig(), 0.95)
+    assert figures["n"] == sum(len(g) for g in ranking_pairs(grouped)) + len(labels)
+    assert figures["accuracy"] >= 0.9 and figures["interval"][0] > 0.5
+
+
+def test_a_run_continues_from_the_previous_reward_model(stack: ModelStack, trained: RewardFigures,
+                                                         tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Warm start: a later fit on a handful of new pairs keeps what the saved model knew (a fresh one on those few
+    pairs does not know the rule), and says where it started from."""
+    folder = save_reward_model(stack, tmp_path / "reward", trained)
+    few = ranking_pairs(replies_by_prompt(6, seed=31))[:2]
+    unseen = ranking_pairs(replies_by_prompt(80, seed=32))
+    later = ModelStack.load(tiny_model_dir, AdapterConfig(), torch.device("cpu"), torch.float32)
+    figures = train_reward_model(later, few, RewardConfig(epochs=1), AdapterConfig(), heldout=unseen,
+                                 warm_start=folder)
+    assert figures.warm_start == str(folder) and figures.heldout_accuracy >= 0.85
+    fresh = ModelStack.load(tiny_model_dir, AdapterConfig(), torch.device("cpu"), torch.float32)
+    cold = train_reward_model(fresh, few, RewardConfig(epochs=1), AdapterConfig(), heldout=unseen)
+    assert cold.warm_start is None and cold.heldout_accuracy < figures.heldout_accuracy
+    other_rank = train_reward_model(fresh, few, RewardConfig(epochs=1), AdapterConfig(r=4), heldout=unseen,
+                                    warm_start=folder)
+    assert other_rank.warm_start is None  # another shape: a fresh model, not a crash

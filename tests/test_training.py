@@ -32,7 +32,8 @@ from tests.store_reads import get_completion
 
 ADMIN, USER = "admin-secret", "user-secret"
 TRAINER = {"training_trigger": "manual", "ppo_iterations": 2, "rollout_batch_size": 8, "max_new_tokens": 24,
-           "gate_margin": -100.0, "kl_budget": 1000.0, "trainer_threads": 1}
+           "gate_margin": -100.0, "kl_budget": 1000.0, "trainer_threads": 1,
+           "reward_model_confidence": 0.0}  # machinery, not learning: a handful of pairs proves no reward model
 
 
 def admin(srv: AppServer, method: str, path: str, **kw: Any) -> httpx.Response:
@@ -163,6 +164,29 @@ def test_a_run_trains_gates_and_promotes_without_failed_requests(trained: dict[s
     text = httpx.get(f"{srv.url}/metrics").text
     assert 'alignd_training_runs_total{status="succeeded"} 1.0' in text
     assert "alignd_promoted_policy_version 1.0" in text
+
+
+def test_a_reward_model_no_better_than_chance_stops_the_run_before_ppo(
+        app_factory: Callable[..., AppServer], tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Coin-flip preferences teach nothing: with the check on, the run stops after the reward model with the reason,
+    registers nothing, and the next run continues from the reward model it saved."""
+    srv = app_factory(tmp_path_factory.mktemp("chance"), reward_model_confidence=0.95)
+    for n, prompt in enumerate(training_prompts(24, seed=9)):
+        body = chat(srv, prompt.text, n=2, temperature=1.0).json()
+        fb = httpx.post(f"{srv.url}/v1/feedback", json={"completion_id": body["id"], "kind": "pairwise",
+                                                        "winner": n % 2}, headers={"Authorization": f"Bearer {USER}"})
+        assert fb.status_code == 201, fb.text
+    first = wait_run(srv, admin(srv, "POST", "/v1/training/runs").json()["id"])
+    assert first["status"] == "failed" and first["candidate"] is None, first
+    assert "reward model" in first["error"] and ("chance" in first["error"] or "no held-out" in first["error"])
+    assert "ppo" not in first["metrics"]
+    figures = first["metrics"]["reward_model"]
+    if figures["heldout_interval"] is not None:  # some completions were held out: the interval includes 0.5
+        assert figures["heldout_interval"][0] <= 0.5 <= figures["heldout_interval"][1]
+    assert figures["warm_start"] is None
+    second = wait_run(srv, admin(srv, "POST", "/v1/training/runs").json()["id"])
+    assert second["metrics"]["reward_model"]["warm_start"].endswith(f"{first['id']}/reward")
+    assert admin(srv, "GET", "/v1/policies").json()["promoted"] == 0  # nothing was registered or promoted
 
 
 def test_rollback_and_promote_take_effect_for_new_requests(trained: dict[str, Any]) -> None:

@@ -34,7 +34,8 @@ PHONE = {"width": 390, "height": 844}
 # A tiny training budget (two PPO iterations of eight rollouts), as in tests/test_training.py: the dashboard test
 # checks that a real run's figures are drawn, not that the policy learns.
 TRAINER = {"training_trigger": "manual", "ppo_iterations": 2, "rollout_batch_size": 8, "max_new_tokens": 24,
-           "gate_margin": -100.0, "kl_budget": 1000.0, "trainer_threads": 1}
+           "gate_margin": -100.0, "kl_budget": 1000.0, "trainer_threads": 1,
+           "reward_model_confidence": 0.0}  # machinery, not learning: a handful of pairs proves no reward model
 REPLY_TIMEOUT_MS = 120_000  # a reply on two CPU cores, with other tests' engines busy
 
 
@@ -401,7 +402,7 @@ def test_phone_layout_and_keyboard_help(browser: Browser, web: AppServer, tmp_pa
 
 def give_pairwise_feedback(srv: AppServer, at_least: int, heldout: int) -> None:
     """Pairwise feedback until there are ``at_least`` events, ``heldout`` of them in the trainer's held-out split
-    (chosen by a hash of the random feedback id), so that the run reports a held-out accuracy."""
+    (chosen by a hash of the random completion id), so that the run reports a held-out accuracy."""
     fraction, given, held = DataConfig().heldout_fraction, 0, 0
     while given < at_least or held < heldout:
         assert given < 200, "no feedback id fell into the held-out split"
@@ -413,7 +414,7 @@ def give_pairwise_feedback(srv: AppServer, at_least: int, heldout: int) -> None:
                                                         "winner": given % 2}, timeout=30)
         assert fb.status_code == 201, fb.text
         given += 1
-        held += is_heldout(fb.json()["id"], fraction)
+        held += is_heldout(r.json()["id"], fraction)
 
 
 def test_dashboard(tab: Tab, web: AppServer, tmp_path: Path) -> None:

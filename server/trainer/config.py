@@ -79,6 +79,8 @@ class RewardConfig:
     """Replies are cut to their first this many tokens (and then count as truncated: no end-of-turn token)."""
     normalization_samples: int = 64
     """Reference-policy replies scored to fit the reward's mean and standard deviation."""
+    confidence: float = _SETTINGS.reward_model_confidence
+    """Confidence of the interval on held-out accuracy that must lie above chance before PPO runs (0: no check)."""
 
 
 @dataclass
@@ -116,13 +118,19 @@ class PPOConfig:
     lam: float = 0.95
     """GAE λ."""
     init_kl_coef: float = 0.05
-    """Initial β of the per-token KL penalty ``-β (log π - log π_ref)``."""
+    """Initial β of the per-token KL penalty ``-β (log π - log π_ref)`` (a run continues from where the previous
+    run's controller left β; this is the first run's)."""
     target_kl: float | None = _SETTINGS.target_kl
     """Sequence KL (nats) the adaptive controller steers towards; None keeps β fixed."""
-    kl_horizon: int = 256
-    """Adaptive controller horizon, in samples: β moves by at most 20% × rollout_batch_size / horizon per iteration."""
+    kl_gain: float = 0.5
+    """How hard the adaptive controller reacts: KL at twice the target multiplies β by 2^gain per iteration."""
     max_grad_norm: float = 1.0
-    """Gradient-norm clip over policy and critic parameters together."""
+    """Gradient-norm clip of the policy (the critic's gradients, on another scale, are clipped on their own)."""
+    critic_max_grad_norm: float = 1.0
+    """Gradient-norm clip of the critic."""
+    micro_batch_size: int | None = None
+    """Sequences per forward and backward pass; a minibatch's gradients are accumulated over its micro-batches
+    before one optimizer step (bounds memory, not results). None: the whole minibatch at once."""
     time_limit_s: float | None = _SETTINGS.ppo_time_limit_s
     """Stop after the iteration that crosses this wall time; None runs every iteration."""
     rollout_backend: RolloutBackendName = "vllm"
@@ -203,5 +211,6 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
     ppo.max_new_tokens = settings.max_new_tokens
     ppo.target_kl = settings.target_kl
     config.gate.margin, config.gate.kl_budget = settings.gate_margin, settings.kl_budget
+    config.reward.confidence = settings.reward_model_confidence
     config.gate.max_new_tokens = settings.max_new_tokens
     return config

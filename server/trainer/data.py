@@ -47,6 +47,10 @@ class TrainingData:
     heldout_pairs: list[PairGroup]
     """Pairs of held-out events: the reward model's accuracy is measured on them."""
     train_labels: list[Label]
+    heldout_labels: list[Label]
+    """Labels of held-out completions: the reward model's accuracy is measured on them too."""
+    heldout_by_kind: dict[str, tuple[list[PairGroup], list[Label]]]
+    """The held-out pairs and labels of each feedback kind."""
     ppo_prompts: list[list[dict[str, str]]]
     """Distinct recent user prompts for rollouts."""
     gate_prompts: list[list[dict[str, str]]]
@@ -61,7 +65,8 @@ class TrainingData:
 
     def counts(self) -> dict[str, int]:
         return {"train_pairs": sum(map(len, self.train_pairs)), "heldout_pairs": sum(map(len, self.heldout_pairs)),
-                "train_labels": len(self.train_labels), "new_pairs": len(self.new_pair_ids),
+                "train_labels": len(self.train_labels), "heldout_labels": len(self.heldout_labels),
+                "new_pairs": len(self.new_pair_ids),
                 "new_labels": len(self.new_label_ids), "ppo_prompts": len(self.ppo_prompts),
                 "gate_prompts": len(self.gate_prompts)}
 
@@ -121,8 +126,12 @@ async def load_training_data(store: Store, config: DataConfig, seed: int = 0) ->
     pairs, heldout_pairs, pair_ids = await _signal(store, "preference_pairs", config.max_pairs, config)
     labels, heldout_labels, label_ids = await _signal(store, "labels", config.max_labels, config)
     ppo_prompts, gate_prompts = await _prompts(store, config)
+    kinds = sorted({r["kind"] for r in heldout_pairs + heldout_labels})
+    by_kind = {kind: (_groups([r for r in heldout_pairs if r["kind"] == kind]),
+                      [_label(r) for r in heldout_labels if r["kind"] == kind]) for kind in kinds}
     return TrainingData(train_pairs=_groups(pairs), heldout_pairs=_groups(heldout_pairs),
-                        train_labels=[_label(r) for r in labels], ppo_prompts=ppo_prompts, gate_prompts=gate_prompts,
+                        train_labels=[_label(r) for r in labels], heldout_labels=[_label(r) for r in heldout_labels],
+                        heldout_by_kind=by_kind, ppo_prompts=ppo_prompts, gate_prompts=gate_prompts,
                         new_pair_ids=pair_ids, new_label_ids=label_ids,
                         truncated_replies=await _truncated_replies(store, pairs + heldout_pairs,
                                                                    labels + heldout_labels),

@@ -119,6 +119,8 @@ def length_controlled_gain(candidate_scores: Tensor, candidate_lengths: Tensor, 
     scores = torch.cat([candidate_scores, current_scores]).double()  # (2B,)
     lengths = torch.cat([candidate_lengths, current_lengths]).double()  # (2B,)
     is_candidate = torch.cat([torch.ones_like(candidate_scores), torch.zeros_like(current_scores)]).double()
+    if lengths.std() < 1e-9:  # no length to regress out: the plain difference of means
+        return (candidate_scores.double().mean() - current_scores.double().mean()).item()
     design = torch.stack([torch.ones_like(scores), lengths - lengths.mean(), is_candidate], dim=1)  # (2B, 3)
     coefficients = torch.linalg.lstsq(design, scores.unsqueeze(1)).solution.squeeze(1)  # (3,)
     return coefficients[2].item()

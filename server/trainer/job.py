@@ -25,6 +25,10 @@ class RunJob:
     parent_adapter: str | None
     """Its adapter folder (None for the base)."""
     config: TrainerConfig = field(default_factory=TrainerConfig)
+    previous_reward_model: str | None = None
+    """The reward model of the latest run that trained one (its folder): this run's starts from it."""
+    kl_coef: float | None = None
+    """β where the previous run's KL controller left it (None: the configured initial β)."""
     threads: int = 1
     """torch CPU threads."""
 

@@ -166,6 +166,17 @@ class ModelStack:
         if name in self.heads:
             del self.heads[name]
 
+    def adapter_state(self, name: str) -> dict[str, Tensor]:
+        """A copy of adapter ``name``'s LoRA weights (to go back to them later: :meth:`load_adapter_state`)."""
+        return {n: p.detach().clone() for n, p in self.model.named_parameters() if f".{name}." in n and "lora_" in n}
+
+    def load_adapter_state(self, name: str, state: dict[str, Tensor]) -> None:
+        """Put back LoRA weights taken by :meth:`adapter_state`."""
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in state.items():
+                params[key].copy_(value)
+
     def role_parameters(self, name: str) -> list[nn.Parameter]:
         """The trainable tensors of one role: its LoRA weights and its head."""
         lora = [p for n, p in self.model.named_parameters() if f".{name}." in n and "lora_" in n]

@@ -35,6 +35,7 @@ from alignd.trainer.rollout import Experience, Rollout, RolloutBackend, Sampling
 
 __all__ = [
     "IterationStats",
+    "PPOResult",
     "UpdateStats",
     "critic_values",
     "init_critic",
@@ -57,7 +58,9 @@ class UpdateStats:
     value_loss: float
     approx_kl: float
     clip_fraction: float
-    grad_norm: float
+    policy_grad_norm: float
+    """Before clipping (each model is clipped on its own)."""
+    critic_grad_norm: float
 
 
 @dataclass
@@ -78,6 +81,8 @@ class IterationStats:
     clip_fraction: float
     policy_loss: float
     value_loss: float
+    policy_grad_norm: float
+    critic_grad_norm: float
     explained_variance: float
     """Of the returns by the rollout-time values."""
     eos_rate: float
@@ -107,7 +112,7 @@ def init_critic(stack: ModelStack, normalization: RewardNormalization) -> None:
 
 
 def make_optimizer(stack: ModelStack, config: PPOConfig) -> torch.optim.AdamW:
-    """One AdamW over policy and critic, each with its learning rate (they share the gradient-norm clip)."""
+    """One AdamW over policy and critic, each with its learning rate (param group 0: policy, 1: critic)."""
     groups = [
         {"params": stack.role_parameters(POLICY), "lr": config.learning_rate},
         {"params": stack.role_parameters(CRITIC), "lr": config.critic_learning_rate},
@@ -115,11 +120,13 @@ def make_optimizer(stack: ModelStack, config: PPOConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
 
 
-def make_kl_controller(config: PPOConfig) -> KLController:
-    """The adaptive controller towards ``target_kl``, or a fixed β when there is no target."""
+def make_kl_controller(config: PPOConfig, kl_coef: float | None = None) -> KLController:
+    """The adaptive controller towards ``target_kl``, or a fixed β when there is no target; starting at
+    ``kl_coef`` (where the previous run left β) or the configured initial β."""
+    start = config.init_kl_coef if kl_coef is None else kl_coef
     if config.target_kl is None:
-        return FixedKLController(config.init_kl_coef)
-    return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_horizon)
+        return FixedKLController(start)
+    return AdaptiveKLController(start, config.target_kl, config.kl_gain)
 
 
 # --- experience -----------------------------------------------------------------------------------------------
@@ -213,40 +220,52 @@ def ppo_update(
     config: PPOConfig,
     generator: torch.Generator,
 ) -> UpdateStats:
-    """``config.epochs`` passes of shuffled minibatches: clipped policy loss, clipped value loss, one clip."""
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    totals = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clip_fraction", "grad_norm"), 0.0)
+    """``config.epochs`` passes of shuffled minibatches: clipped policy loss, clipped value loss; each minibatch's
+    gradients accumulated over micro-batches of ``micro_batch_size``, each model's clipped on its own."""
+    policy_params, critic_params = optimizer.param_groups[0]["params"], optimizer.param_groups[1]["params"]
+    totals = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clip_fraction", "policy_grad_norm",
+                            "critic_grad_norm"), 0.0)
     steps = 0
     for _ in range(config.epochs):
         order = torch.randperm(len(experience), generator=generator)
         for start in range(0, len(experience), config.minibatch_size):
-            batch = experience.select(order[start : start + config.minibatch_size].to(stack.device))
+            rows = order[start : start + config.minibatch_size].to(stack.device)
             optimizer.zero_grad(set_to_none=True)
-            # Policy and critic are different adapters: a forward and backward pass each (PEFT trains the active one).
-            with stack.use(POLICY):
-                logprobs = policy_logprobs(
-                    stack, batch.sequences, batch.attention_mask, batch.response_len, config.temperature
-                )
-                pg_loss, pg_stats = policy_loss(
-                    logprobs, batch.logprobs, batch.advantages, batch.action_mask, config.clip_eps
-                )
-                pg_loss.backward()
-            with stack.use(CRITIC):
-                values = critic_values(stack, batch.sequences, batch.attention_mask, batch.response_len)
-                vf_loss = value_loss(values, batch.values, batch.returns, batch.action_mask, config.value_clip)
-                (config.vf_coef * vf_loss).backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            step = _accumulate(stack, experience, rows, config)
+            step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, config.max_grad_norm).item()
+            step["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic_params, config.critic_max_grad_norm).item()
             optimizer.step()
             steps += 1
-            for key, value in (
-                ("policy_loss", pg_loss.item()),
-                ("value_loss", vf_loss.item()),
-                ("approx_kl", pg_stats.approx_kl),
-                ("clip_fraction", pg_stats.clip_fraction),
-                ("grad_norm", grad_norm.item()),
-            ):
+            for key, value in step.items():
                 totals[key] += value
     return UpdateStats(**{key: value / max(1, steps) for key, value in totals.items()})
+
+
+def _accumulate(stack: ModelStack, experience: Experience, rows: Tensor, config: PPOConfig) -> dict[str, float]:
+    """Backward passes of one minibatch (``rows``), a micro-batch at a time; its mean losses and statistics."""
+    micro = config.micro_batch_size or len(rows)
+    out = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clip_fraction"), 0.0)
+    tokens = experience.action_mask[rows].sum().clamp(min=1)
+    for start in range(0, len(rows), micro):
+        batch = experience.select(rows[start : start + micro])
+        # The losses are means over reply tokens: weighted by their share of tokens, the micro-batches' gradients add
+        # up to exactly the minibatch's.
+        share = (batch.action_mask.sum() / tokens).item()
+        # Policy and critic are different adapters: a forward and backward pass each (PEFT trains the active one).
+        with stack.use(POLICY):
+            logprobs = policy_logprobs(stack, batch.sequences, batch.attention_mask, batch.response_len,
+                                       config.temperature)
+            pg_loss, pg_stats = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.action_mask,
+                                            config.clip_eps)
+            (share * pg_loss).backward()
+        with stack.use(CRITIC):
+            values = critic_values(stack, batch.sequences, batch.attention_mask, batch.response_len)
+            vf_loss = value_loss(values, batch.values, batch.returns, batch.action_mask, config.value_clip)
+            (share * config.vf_coef * vf_loss).backward()
+        for key, value in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
+                           ("approx_kl", pg_stats.approx_kl), ("clip_fraction", pg_stats.clip_fraction)):
+            out[key] += share * value
+    return out
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
@@ -272,12 +291,25 @@ def _iteration_stats(
         clip_fraction=update.clip_fraction,
         policy_loss=update.policy_loss,
         value_loss=update.value_loss,
+        policy_grad_norm=update.policy_grad_norm,
+        critic_grad_norm=update.critic_grad_norm,
         explained_variance=explained_variance(experience.values, experience.returns, mask),
         eos_rate=experience.ended.float().mean().item(),
         response_length=lengths.mean().item(),
         tokens_per_s=lengths.sum().item() / max(seconds["rollout"], 1e-9),
         seconds={k: round(v, 3) for k, v in seconds.items()},
     )
+
+
+@dataclass
+class PPOResult:
+    """What a PPO phase leaves: its iterations, where β ended, and why it stopped early, if it did."""
+
+    history: list[IterationStats]
+    kl_coef: float
+    """β for the next iteration, or the next run (the controller's state carries over)."""
+    stopped: str | None = None
+    """Why PPO stopped before its last iteration (KL past the budget, the time limit), None if it did not."""
 
 
 def run_ppo(
@@ -287,44 +319,61 @@ def run_ppo(
     normalization: RewardNormalization,
     config: TrainerConfig,
     on_iteration: Callable[[IterationStats], None] | None = None,
-) -> list[IterationStats]:
-    """Train the ``policy`` adapter of ``stack`` against its ``reward`` adapter; returns each iteration's stats.
+    kl_coef: float | None = None,
+) -> PPOResult:
+    """Train the ``policy`` adapter of ``stack`` against its ``reward`` adapter.
 
     ``prompts`` are rendered prompt token ids (see :func:`alignd.trainer.rollout.encode_prompt`). Each run starts
-    a fresh critic from the reward model.
+    a fresh critic from the reward model, and β from ``kl_coef`` (where the previous run left it) when given. When
+    an iteration's rollouts show KL past the gate's budget, PPO stops and the policy goes back to the last one whose
+    rollouts were within it, so a run hands the gate an in-budget candidate instead of discarding all its work.
     """
     ppo = config.ppo
     init_critic(stack, normalization)
     optimizer = make_optimizer(stack, ppo)
-    kl_controller = make_kl_controller(ppo)
+    kl_controller = make_kl_controller(ppo, kl_coef)
     torch.manual_seed(config.seed)  # trainer-side sampling (HF rollouts) draws from the global generator
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     sampling = Sampling(temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens)
     started, history = time.monotonic(), []
+    in_budget: dict[str, Tensor] | None = None  # the newest policy whose rollouts were within the KL budget
     for iteration in range(ppo.iterations):
         seconds: dict[str, float] = {}
+        policy = stack.adapter_state(POLICY)  # what generates this iteration's rollouts
         # 1. Rollouts: the current policy answers a fresh sample of prompts.
         tick = time.monotonic()
         rollouts = backend.generate(stack, _sample_prompts(prompts, ppo.rollout_batch_size, rng), POLICY, sampling)
         seconds["rollout"] = time.monotonic() - tick
         # 2. Experience: log-probs, reference log-probs, values, scores, rewards, advantages.
         tick = time.monotonic()
-        kl_coef = kl_controller.value
-        experience = make_experience(stack, rollouts, normalization, kl_coef, ppo)
+        used_kl_coef = kl_controller.value
+        experience = make_experience(stack, rollouts, normalization, used_kl_coef, ppo)
         seconds["experience"] = time.monotonic() - tick
+        kl = experience.kl.sum(-1).mean().item()
+        if kl > config.gate.kl_budget:
+            if in_budget is not None:
+                stack.load_adapter_state(POLICY, in_budget)
+            reason = (f"KL {kl:.2f} passed the budget {config.gate.kl_budget:.2f} at iteration {iteration}; "
+                      f"kept the policy of iteration {iteration - 1 if in_budget is not None else iteration}")
+            log.warning("ppo stopped: %s", reason)
+            return PPOResult(history, kl_controller.value, reason)
+        in_budget = policy
         # 3. Update: epochs × minibatches of clipped policy and value steps.
         tick = time.monotonic()
         update = ppo_update(stack, optimizer, experience, ppo, generator)
         seconds["update"] = time.monotonic() - tick
         # 4. Adapt β towards the target KL, and report.
-        stats = _iteration_stats(iteration, experience, update, kl_coef, seconds)
-        kl_controller.update(stats.kl, len(experience))
+        stats = _iteration_stats(iteration, experience, update, used_kl_coef, seconds)
+        kl_controller.update(stats.kl)
         history.append(stats)
         log.info("ppo iteration %d: reward %.3f kl %.3f β %.4f entropy %.3f approx_kl %.4f clip %.3f "
-                 "explained variance %.3f %.0f tokens/s", iteration, stats.reward, stats.kl, kl_coef, stats.entropy,
-                 stats.approx_kl, stats.clip_fraction, stats.explained_variance, stats.tokens_per_s)
+                 "explained variance %.3f grad norms %.2f/%.2f %.0f tokens/s", iteration, stats.reward, stats.kl,
+                 used_kl_coef, stats.entropy, stats.approx_kl, stats.clip_fraction, stats.explained_variance,
+                 stats.policy_grad_norm, stats.critic_grad_norm, stats.tokens_per_s)
         if on_iteration is not None:
             on_iteration(stats)
         if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:
+            if iteration + 1 < ppo.iterations:
+                return PPOResult(history, kl_controller.value, f"time limit {ppo.time_limit_s:.0f} s reached")
             break
-    return history
+    return PPOResult(history, kl_controller.value)

@@ -9,11 +9,14 @@ policy's own replies, so that β, penalties and the gate margin mean the same ac
 from __future__ import annotations
 
 import json
+import logging
+import math
 import random
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from statistics import NormalDist
 from typing import Any
 
 import torch
@@ -30,14 +33,19 @@ __all__ = [
     "PairGroup",
     "RewardFigures",
     "RewardNormalization",
+    "evaluate_labels",
     "evaluate_pairs",
     "fit_normalization",
+    "heldout_figures",
     "last_token_rewards",
     "load_reward_model",
     "save_reward_model",
     "score_rollouts",
     "train_reward_model",
+    "wilson_interval",
 ]
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "reward.json"
 """Figures of a saved reward model, next to its adapter."""
@@ -66,7 +74,8 @@ class RewardFigures:
     train_loss: float
     """Mean training loss over the last epoch."""
     heldout_accuracy: float | None
-    """Share of held-out pairs whose chosen reply scores higher (None without held-out pairs)."""
+    """Share of held-out judgements the model agrees with: pairs whose chosen reply scores higher, labels whose
+    score has the label's sign (None with nothing held out)."""
     heldout_loss: float | None
     """Bradley–Terry loss on the held-out pairs."""
     train_pairs: int
@@ -74,6 +83,13 @@ class RewardFigures:
     labels: int
     steps: int
     seconds: float
+    heldout_labels: int = 0
+    heldout_correct: int = 0
+    """Held-out pairs and labels judged right (of ``heldout_pairs + heldout_labels``)."""
+    heldout_interval: tuple[float, float] | None = None
+    """Wilson confidence interval of ``heldout_accuracy`` (at the run's ``confidence``)."""
+    warm_start: str | None = None
+    """The earlier reward model this one continued from (None: a fresh adapter)."""
     normalization: RewardNormalization = field(default_factory=RewardNormalization)
     """Raw-score mean and std over reference replies (identity until :func:`fit_normalization`)."""
 
@@ -229,15 +245,22 @@ def train_reward_model(
     heldout: Sequence[PairGroup] | None = None,
     seed: int = 0,
     truncated: Collection[str] = (),
+    heldout_labels: Sequence[Label] = (),
+    warm_start: str | Path | None = None,
+    confidence: float = 0.95,
 ) -> RewardFigures:
-    """Fit a fresh ``reward`` adapter and head; hold out some of the ``groups`` unless ``heldout`` is given."""
+    """Fit the ``reward`` adapter and head: continued from the reward model saved in ``warm_start`` when there is one
+    of the same shape (what earlier runs learned carries over), else fresh. Some of the ``groups`` are held out
+    unless ``heldout`` is given; accuracy is measured on the held-out pairs and ``heldout_labels``."""
     started = time.monotonic()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     train = list(groups)
     if heldout is None:
         train, heldout = _split_heldout(train, config.heldout_fraction, rng)
-    stack.add_adapter(REWARD, adapter, head=True)
+    warm = _warm_start(stack, warm_start, adapter)
+    if not warm:
+        stack.add_adapter(REWARD, adapter, head=True)
     params = stack.role_parameters(REWARD)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     encoder = _Encoder(stack, config, truncated)
@@ -257,17 +280,38 @@ def train_reward_model(
             optimizer.step()
             steps += 1
             epoch_losses.append(loss.item())
-    accuracy, heldout_loss = evaluate_pairs(stack, heldout, config, encoder) if heldout else (None, None)
+    pair_accuracy, heldout_loss = evaluate_pairs(stack, heldout, config, encoder) if heldout else (None, None)
+    n_pairs = sum(len(g) for g in heldout)
+    correct = round((pair_accuracy or 0.0) * n_pairs)
+    correct += evaluate_labels(stack, heldout_labels, config, encoder) if heldout_labels else 0
+    total = n_pairs + len(heldout_labels)
     return RewardFigures(
         train_loss=sum(epoch_losses) / max(1, len(epoch_losses)),
-        heldout_accuracy=accuracy,
+        heldout_accuracy=correct / total if total else None,
         heldout_loss=heldout_loss,
+        heldout_labels=len(heldout_labels),
+        heldout_correct=correct,
+        heldout_interval=wilson_interval(correct, total, confidence) if total else None,
+        warm_start=str(warm_start) if warm else None,
         train_pairs=sum(len(g) for g in train),
         heldout_pairs=sum(len(g) for g in heldout),
         labels=len(labels),
         steps=steps,
         seconds=round(time.monotonic() - started, 2),
     )
+
+
+def _warm_start(stack: ModelStack, folder: str | Path | None, adapter: AdapterConfig) -> bool:
+    """Load the reward model saved in ``folder`` as the starting point; False (start fresh) when there is none or
+    it has another shape (the operator changed the LoRA rank)."""
+    if folder is None or not (Path(folder) / MANIFEST).is_file():
+        return False
+    saved = json.loads((Path(folder) / "adapter_config.json").read_text())
+    if saved.get("r") != adapter.r:
+        log.info("reward model in %s has rank %s, not %s: starting a fresh one", folder, saved.get("r"), adapter.r)
+        return False
+    stack.load_adapter(REWARD, folder)
+    return True
 
 
 @torch.no_grad()
@@ -285,6 +329,44 @@ def evaluate_pairs(
             losses += loss.item() * len(right)
             total += len(right)
     return correct / max(1, total), losses / max(1, total)
+
+
+@torch.no_grad()
+def evaluate_labels(stack: ModelStack, labels: Sequence[Label], config: RewardConfig,
+                    encoder: _Encoder | None = None) -> int:
+    """How many labels the reward model gets right: a positive raw score for a good reply, negative for a bad one
+    (the sign the binary cross-entropy term trains)."""
+    encoder = encoder or _Encoder(stack, config)
+    correct = 0
+    with stack.use(REWARD):
+        for batch_units in _pack(list(labels), config.batch_size):
+            batch = _collate(batch_units, encoder, stack.tokenizer.pad_token_id, stack.device)
+            r = last_token_rewards(stack, batch.sequences, batch.attention_mask)[batch.labelled]  # (M,)
+            correct += int(((r > 0).float() == batch.label).sum())
+    return correct
+
+
+def wilson_interval(correct: int, total: int, confidence: float) -> tuple[float, float]:
+    """Wilson score interval of a proportion (sound for small samples and for 0 or all correct); (0, 1) for none."""
+    if total == 0:
+        return 0.0, 1.0
+    z = NormalDist().inv_cdf(0.5 + confidence / 2)
+    p = correct / total
+    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
+    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def heldout_figures(stack: ModelStack, groups: Sequence[PairGroup], labels: Sequence[Label], config: RewardConfig,
+                    confidence: float, truncated: Collection[str] = ()) -> dict[str, Any]:
+    """Accuracy on held-out pairs and labels with its confidence interval (for one feedback kind's, say)."""
+    encoder = _Encoder(stack, config, truncated)
+    pairs = sum(len(g) for g in groups)
+    pair_correct = round(evaluate_pairs(stack, groups, config, encoder)[0] * pairs) if pairs else 0
+    correct = pair_correct + (evaluate_labels(stack, labels, config, encoder) if labels else 0)
+    total = pairs + len(labels)
+    return {"accuracy": correct / total if total else None, "n": total,
+            "interval": wilson_interval(correct, total, confidence) if total else None}
 
 
 def fit_normalization(stack: ModelStack, reference_rollouts: Sequence[Rollout]) -> RewardNormalization:
@@ -310,4 +392,6 @@ def load_reward_model(stack: ModelStack, folder: str | Path) -> RewardFigures:
     stack.load_adapter(REWARD, folder)
     saved = json.loads((Path(folder) / MANIFEST).read_text())
     normalization = RewardNormalization(**saved.pop("normalization"))
+    if saved.get("heldout_interval") is not None:
+        saved["heldout_interval"] = tuple(saved["heldout_interval"])
     return RewardFigures(**saved, normalization=normalization)

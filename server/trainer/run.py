@@ -22,7 +22,13 @@ from alignd.trainer.gate import decide, evaluate, save_decision
 from alignd.trainer.job import RunJob, RunResult
 from alignd.trainer.models import POLICY, ModelStack, load_stack
 from alignd.trainer.ppo import IterationStats, run_ppo
-from alignd.trainer.reward_model import fit_normalization, save_reward_model, train_reward_model
+from alignd.trainer.reward_model import (
+    RewardFigures,
+    fit_normalization,
+    heldout_figures,
+    save_reward_model,
+    train_reward_model,
+)
 from alignd.trainer.rollout import RemoteRollouts, RolloutBackend, RolloutLink, Sampling, encode_prompt
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,11 @@ PHASE_START = {"data": 0.0, "reward_model": 0.05, "normalize": 0.30, "ppo": 0.35
 
 class NoTrainingData(Exception):
     """The store holds nothing this run could learn from."""
+
+
+class RewardModelNotBetterThanChance(Exception):
+    """The reward model's held-out accuracy is not above 0.5 with the configured confidence: PPO would optimise
+    noise, so the run stops before it (the reward model is kept: the next run continues from it)."""
 
 
 class Reporter(Protocol):
@@ -102,12 +113,17 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
         stack.load_adapter(CURRENT, job.parent_adapter)  # first: PEFT cannot drop a model's only adapter
         stack.load_adapter(POLICY, job.parent_adapter)
     rm = train_reward_model(stack, data.train_pairs, config.reward, config.lora, labels=data.train_labels,
-                            heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies)
+                            heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies,
+                            heldout_labels=data.heldout_labels, warm_start=job.previous_reward_model,
+                            confidence=config.reward.confidence)
+    by_kind = {kind: heldout_figures(stack, groups, labels, config.reward, config.reward.confidence,
+                                     data.truncated_replies) for kind, (groups, labels) in data.heldout_by_kind.items()}
     seconds["reward_model"] = time.monotonic() - tick
+    _check_reward_model(rm, config.reward.confidence, stack, run_dir, reporter, by_kind)
 
     # 3. Normalise rewards over the reference policy's (the base's) replies.
     tick = time.monotonic()
-    reporter.report("normalize", PHASE_START["normalize"], {"reward_model": _rm_figures(rm)})
+    reporter.report("normalize", PHASE_START["normalize"], {"reward_model": _rm_figures(rm, by_kind)})
     backend: RolloutBackend = RemoteRollouts(link, run_dir)
     ppo_ids = _prompt_ids(stack, data.ppo_prompts or data.gate_prompts, config.ppo.max_prompt_tokens)
     gate_ids = _prompt_ids(stack, data.gate_prompts or data.ppo_prompts, config.ppo.max_prompt_tokens)
@@ -116,15 +132,16 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     rm.normalization = fit_normalization(stack, reference)
     save_reward_model(stack, run_dir / "reward", rm)
     seconds["normalize"] = time.monotonic() - tick
-    reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm)})
+    reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm, by_kind)})
 
     # 4. PPO against the reward model, rollouts from the serving engine.
     tick = time.monotonic()
     history: list[dict[str, Any]] = []
-    run_ppo(stack, backend, ppo_ids, rm.normalization, config,
-            on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history))
+    ppo = run_ppo(stack, backend, ppo_ids, rm.normalization, config,
+                  on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history), kl_coef=job.kl_coef)
     seconds["ppo"] = time.monotonic() - tick
-    reporter.report("gate", PHASE_START["gate"])
+    # β carries over: the next run's controller starts where this one ended.
+    reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": ppo.kl_coef, "stopped": ppo.stopped}})
 
     # 5. Gate: candidate and current policy answer the same held-out prompts.
     tick = time.monotonic()
@@ -145,7 +162,31 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
                      new_pair_ids=data.new_pair_ids, new_label_ids=data.new_label_ids)
 
 
-def _rm_figures(rm: Any) -> dict[str, Any]:
+def _rm_figures(rm: Any, by_kind: dict[str, Any] | None = None) -> dict[str, Any]:
     out = asdict(rm)
     out["normalization"] = asdict(rm.normalization)
+    if by_kind is not None:
+        out["heldout_by_kind"] = by_kind
     return out
+
+
+def _check_reward_model(rm: RewardFigures, confidence: float, stack: ModelStack, run_dir: Path, reporter: Reporter,
+                        by_kind: dict[str, Any]) -> None:
+    """Stop the run before PPO when the reward model is not shown to beat chance on held-out feedback."""
+    reporter.report("reward_model", PHASE_START["normalize"], {"reward_model": _rm_figures(rm, by_kind)})
+    if confidence <= 0:
+        return
+    low = rm.heldout_interval[0] if rm.heldout_interval is not None else 0.0
+    if low > 0.5:
+        return
+    save_reward_model(stack, run_dir / "reward", rm)  # the next run continues from what it learned
+    held = rm.heldout_pairs + rm.heldout_labels
+    if held == 0:
+        raise RewardModelNotBetterThanChance(
+            "the reward model could not be checked: no held-out feedback yet (one completion in ten is held out); "
+            "collect more feedback, or set --reward-model-confidence 0 to train without the check")
+    raise RewardModelNotBetterThanChance(
+        f"the reward model is not better than chance on held-out feedback: accuracy {rm.heldout_accuracy:.2f} "
+        f"on {held} held-out judgements, {confidence:.0%} interval {low:.2f}-{rm.heldout_interval[1]:.2f} "  # type: ignore[index]
+        "includes 0.5; PPO would optimise noise, so the run stops here (the next run continues from this reward "
+        "model with more feedback)")

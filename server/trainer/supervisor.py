@@ -161,9 +161,10 @@ class TrainerSupervisor:
                          config={**dataclasses.asdict(config), "owner": self.owner}, metrics={}, error=None,
                          created=now, finished=None)
             await self.store.insert_run(row)
+            reward_model, kl_coef = await self._carried_over()
             job = RunJob(run_id=row.id, base_model=self.base_model(), database_url=self.database_url,
                          run_dir=str(self.runs_dir / row.id), parent=parent, parent_adapter=parent_adapter,
-                         config=config, threads=self.threads)
+                         config=config, previous_reward_model=reward_model, kl_coef=kl_coef, threads=self.threads)
             try:
                 active = await asyncio.to_thread(self._spawn, row, job, request.promote)
             except BaseException as e:
@@ -190,6 +191,19 @@ class TrainerSupervisor:
         child_conn.close()  # the child holds its end; ours must close for EOF to reach us when it exits
         return _ActiveRun(row=row, process=process, conn=parent_conn, promote=promote,
                           parent_adapter=job.parent_adapter)
+
+    async def _carried_over(self) -> tuple[str | None, float | None]:
+        """What a new run continues from: the newest reward model an earlier run saved, and β where the newest run
+        that did PPO left its KL controller."""
+        reward_model, kl_coef = None, None
+        for run in await self.store.list_runs(limit=50):
+            folder = self.runs_dir / run.id / "reward"
+            if reward_model is None and (folder / "reward.json").is_file():
+                reward_model = str(folder)
+            coef = (run.metrics.get("kl_controller") or {}).get("kl_coef")
+            if kl_coef is None and run.status == "succeeded" and isinstance(coef, int | float):
+                kl_coef = float(coef)
+        return reward_model, kl_coef
 
     async def cancel(self, run_id: str) -> TrainingRun:
         active = self.current
