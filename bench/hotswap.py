@@ -111,7 +111,8 @@ def main() -> int:
     model = args.model or demo_model()
     data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-hotswap-"))
     flags = ["--training-trigger", "manual", "--max-loras", str(args.max_loras), "--gate-margin", "-100",
-             "--kl-budget", "1000", "--trainer-threads", "1"]
+             "--kl-budget", "1000", "--trainer-threads", "1",
+             "--reward-model-confidence", "0"]  # swaps, not learning: any candidate will do
     with (running_alignd(model, data_dir, flags) as server,
           httpx.Client(base_url=server.spec.base_url, headers={"Authorization": f"Bearer {ADMIN_KEY}"},
                        timeout=120) as admin):
