@@ -202,6 +202,11 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     trainer_device: Annotated[
         str, Meta(pattern="^(auto|cuda|cpu)$", description="Where the trainer runs: auto picks CUDA when present.")
     ] = "auto"
+    trainer_dtype: Annotated[
+        str, Meta(pattern="^(auto|bfloat16|float32)$", description="Trainer precision. auto: bfloat16 weights on a "
+                  "CUDA device that supports them; float32 weights with bfloat16 compute (autocast) on a CPU with "
+                  "bfloat16 instructions (AVX512-BF16, AMX); float32 elsewhere.")
+    ] = "auto"
     trainer_threads: Annotated[
         int, Meta(ge=0, description="CPU threads of the trainer process; 0: half the CPUs (the engine needs the "
                   "rest).")

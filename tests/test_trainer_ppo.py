@@ -359,3 +359,23 @@ def test_micro_batches_accumulate_the_minibatch_gradient(tiny_model_dir: Path) -
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
     assert torch.allclose(grads[0], grads[2], rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_compute_on_float32_weights_matches_float32(tiny_model_dir: Path) -> None:
+    """CPU autocast (what ``--trainer-dtype auto`` picks on a CPU with bfloat16 instructions): float32 weights and
+    adapters, bfloat16 matmuls; log-probs agree with float32 to bfloat16's precision, and a backward pass reaches the
+    float32 adapter."""
+    stack = ModelStack.load(tiny_model_dir, AdapterConfig(r=4), torch.device("cpu"), torch.float32)
+    prompts = prompt_ids(stack, ["Hi", "Any tips on comets?"])
+    torch.manual_seed(0)
+    rollouts = HFRollouts().generate(stack, prompts, POLICY, Sampling(1.0, 8))
+    sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
+    with stack.use(POLICY):
+        exact = policy_logprobs(stack, sequences, attention_mask, action_mask.shape[1], 1.0)
+        stack.autocast = True
+        fast = policy_logprobs(stack, sequences, attention_mask, action_mask.shape[1], 1.0)
+        (fast * action_mask).sum().backward()
+    assert fast.dtype == torch.float32
+    assert torch.allclose(exact * action_mask, fast * action_mask, atol=0.1)
+    grads = [p.grad for p in stack.role_parameters(POLICY) if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)

@@ -190,7 +190,7 @@ class TrainerConfig:
     """Training data selection."""
     device: DeviceName = _SETTINGS.trainer_device  # type: ignore[assignment]
     """Where to train."""
-    dtype: DTypeName = "auto"
+    dtype: DTypeName = _SETTINGS.trainer_dtype  # type: ignore[assignment]
     """Base-model dtype (adapters and heads always train in float32)."""
     seed: int = _SETTINGS.trainer_seed
     """Seed for adapter initialisation, data order, prompt sampling and trainer-side generation."""
@@ -202,6 +202,7 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
     config = TrainerConfig(
         lora=AdapterConfig(r=settings.lora_rank, alpha=settings.lora_alpha),
         device=settings.trainer_device,  # type: ignore[arg-type]
+        dtype=settings.trainer_dtype,  # type: ignore[arg-type]
         seed=settings.trainer_seed,
     )
     ppo = config.ppo

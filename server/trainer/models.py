@@ -37,9 +37,11 @@ __all__ = [
     "REWARD",
     "ModelStack",
     "ScalarHead",
+    "cpu_has_fast_bfloat16",
     "entropy_from_logits",
     "load_stack",
     "logprobs_from_logits",
+    "resolve_autocast",
     "resolve_device",
     "resolve_dtype",
 ]
@@ -58,11 +60,30 @@ def resolve_device(name: DeviceName) -> torch.device:
 
 
 def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
-    """The base-model dtype (``auto``: bfloat16 on a CUDA device that supports it, float32 otherwise)."""
+    """The base-model weights' dtype (``auto``: bfloat16 on a CUDA device that supports it, float32 otherwise)."""
     if name == "auto":
         bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
         return torch.bfloat16 if bf16 else torch.float32
     return getattr(torch, name)
+
+
+def resolve_autocast(name: DTypeName, device: torch.device) -> bool:
+    """Whether forward passes compute in bfloat16 over float32 weights (``auto`` on a CPU with bfloat16
+    instructions). On such a CPU (AVX512-BF16, AMX) it is about 3x faster forward and 2.7x forward+backward on
+    SmolLM2-135M than float32, and keeps the weights and the optimizer in float32; bfloat16 *weights* on the CPU
+    backpropagate more slowly than float32, so ``auto`` does not pick them there."""
+    return name == "auto" and device.type == "cpu" and cpu_has_fast_bfloat16()
+
+
+def cpu_has_fast_bfloat16() -> bool:
+    """oneDNN can run bfloat16 here and the CPU has native bfloat16 instructions (not emulated)."""
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust oneDNN
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def logprobs_from_logits(
@@ -107,6 +128,8 @@ class ModelStack:
         self.base_dir = base_dir
         self.heads = nn.ModuleDict()
         self.device = next(model.parameters()).device
+        self.autocast = False
+        """Forward passes in bfloat16 autocast (see :func:`resolve_autocast`)."""
 
     @classmethod
     def load(cls, base_dir: str | Path, adapter: AdapterConfig, device: torch.device, dtype: torch.dtype) -> ModelStack:
@@ -183,6 +206,10 @@ class ModelStack:
         head = list(self.heads[name].parameters()) if name in self.heads else []
         return lora + head
 
+    def compute(self) -> contextlib.AbstractContextManager[None]:
+        """The precision of forward passes: bfloat16 autocast when :attr:`autocast`, else as the weights are."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast)
+
     @contextlib.contextmanager
     def use(self, name: str | None) -> Iterator[None]:
         """Route forward passes through adapter ``name``, or through the bare base (the reference) with None.
@@ -206,24 +233,26 @@ class ModelStack:
         temperature: float,
     ) -> Tensor:
         """Next-token logits / T at the positions that predict the last ``response_len`` tokens, (B, R, V) float32."""
-        out = self.causal_lm(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            logits_to_keep=response_len + 1,  # the position before the response predicts its first token
-            use_cache=False,
-        )
+        with self.compute():
+            out = self.causal_lm(
+                input_ids=sequences,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                logits_to_keep=response_len + 1,  # the position before the response predicts its first token
+                use_cache=False,
+            )
         return out.logits[:, :-1].float() / temperature  # (B, R, V)
 
     def head_outputs(self, name: str, sequences: Tensor, attention_mask: Tensor) -> Tensor:
         """The scalar head ``name`` at every position, (B, L) float32; run it inside ``use(name)``."""
         backbone = getattr(self.causal_lm, self.causal_lm.base_model_prefix)  # the decoder without the LM head
-        hidden = backbone(
-            input_ids=sequences,
-            attention_mask=attention_mask,
-            position_ids=position_ids(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # (B, L, H)
+        with self.compute():
+            hidden = backbone(
+                input_ids=sequences,
+                attention_mask=attention_mask,
+                position_ids=position_ids(attention_mask),
+                use_cache=False,
+            ).last_hidden_state  # (B, L, H)
         return self.heads[name](hidden)  # (B, L)
 
     # --- disk --------------------------------------------------------------------------------------------------
@@ -277,7 +306,9 @@ def load_stack(base_dir: str | Path, config: TrainerConfig) -> ModelStack:
     """The stack for a run: the configured device and dtype (CUDA and bfloat16 when present), seeded adapters."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # the fresh policy adapter's initialisation
-    return ModelStack.load(base_dir, config.lora, device, resolve_dtype(config.dtype, device))
+    stack = ModelStack.load(base_dir, config.lora, device, resolve_dtype(config.dtype, device))
+    stack.autocast = resolve_autocast(config.dtype, device)
+    return stack
 
 
 def _peft_config(adapter: AdapterConfig) -> PeftLoraConfig:

@@ -108,7 +108,7 @@ class HFRollouts:
             eos_token_id=tokenizer.eos_token_id,
         )
         rollouts: list[Rollout] = []
-        with stack.use(adapter):
+        with stack.use(adapter), stack.compute():
             for start in range(0, len(prompts), self.batch_size):
                 chunk = prompts[start : start + self.batch_size]
                 input_ids, attention_mask = _left_pad(chunk, tokenizer.pad_token_id, stack.device)
