@@ -56,7 +56,7 @@ class Services:
     chat: ChatService | None = None
     engine_error: str | None = None
     stopping: bool = False
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list, init=False, repr=False)  # engine start, policy sync
 
     async def attach_engine(self, engine: Any) -> None:
         """Serve chat from ``engine``: the promoted version is loaded before chat opens."""
