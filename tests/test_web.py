@@ -458,7 +458,7 @@ def test_dashboard(tab: Tab, web: AppServer, tmp_path: Path) -> None:
     assert page.locator("#plot-reward circle.point").count() == iterations
     assert page.locator("#plot-kl circle.point").count() == iterations
     assert page.locator("#plot-reward polyline").count() == 1
-    assert page.locator("#plot-rm circle.point").count() == 1
+    assert page.locator("#plot-rm circle.point").count() == 3  # the accuracy and its interval's two ends
     page.locator(f"#policies tr[data-version='{run['candidate']}'] .status >> text=promoted").wait_for()
     screenshot(page, "screenshot-admin.png", tmp_path, full_page=True)
 

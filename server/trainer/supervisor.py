@@ -444,9 +444,14 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
         for name in ("reward", "kl", "entropy", "approx_kl", "clip_fraction", "explained_variance", "tokens_per_s"):
             if isinstance(last.get(name), int | float):
                 out[f"ppo_{name}"] = float(last[name])
-    accuracy = (metrics.get("reward_model") or {}).get("heldout_accuracy")
-    if isinstance(accuracy, int | float):
+    reward_model = metrics.get("reward_model") or {}
+    if isinstance(accuracy := reward_model.get("heldout_accuracy"), int | float):
         out["reward_model_heldout_accuracy"] = float(accuracy)
+    if interval := reward_model.get("heldout_interval"):
+        out["reward_model_heldout_low"], out["reward_model_heldout_high"] = float(interval[0]), float(interval[1])
+    for kind, figures in (reward_model.get("heldout_by_kind") or {}).items():
+        if isinstance(figures.get("accuracy"), int | float):
+            out[f"reward_model_heldout_accuracy_{kind}"] = float(figures["accuracy"])
     return out
 
 
