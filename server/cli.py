@@ -36,17 +36,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from alignd.app import create_app
+    from alignd.feedback.manager import PluginError, collect_feedback_kinds, make_plugin_manager
     from alignd.models import resolve_model
 
     settings = _settings(args)
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Check the model, and build the demo model or convert a .gguf file (the first time), before listening: a model
-    # that cannot be served stops the start with its reason, and progress bars have the terminal to themselves.
+    # Before anything is opened or loaded: plugins first (a broken or conflicting one stops the start at once), then
+    # the model (checked, and the demo model built or a .gguf file converted the first time, before listening, so
+    # that progress bars have the terminal to themselves).
+    try:
+        plugins = make_plugin_manager(settings)
+        collect_feedback_kinds(plugins)
+    except PluginError as e:
+        print(f"alignd: {e}", file=sys.stderr)
+        return 2
     model = resolve_model(settings.model, settings.data_path)
     if model != settings.model:
         settings = load_settings({**cli_values(args), "model": model}, config_file=getattr(args, "config", None))
-    app = create_app(settings)
+    app = create_app(settings, plugins=plugins)
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
                             log_level=settings.server.log_level, lifespan="on", access_log=False)

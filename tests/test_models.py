@@ -7,6 +7,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -98,29 +100,73 @@ def test_gguf_is_converted_once_into_a_loadable_folder(smollm2_gguf: Path, tmp_p
     assert [p.name for p in tmp_path.iterdir() if ".partial-" in p.name] == []
 
 
-def test_smollm2_served_from_its_gguf_file_chats_with_its_template(smollm2_gguf: Path, tmp_path: Path) -> None:
-    """The real-model tier: ``alignd serve --model <file>.gguf`` converts, starts vLLM on SmolLM2-135M-Instruct and
-    answers chat through the model's own chat template."""
-    import httpx
+ADMIN = "smol-admin"
 
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_gguf: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``alignd serve --model <file>.gguf``: converts, then serves SmolLM2-135M-Instruct with vLLM; a small training
+    budget for the end-to-end run (the trigger is manual)."""
     from tests.test_serve_process import _free_port, _wait_ready
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "ALIGND_KV_CACHE_SPACE_GIB": "1", "ALIGND_MAX_MODEL_LEN": "1024"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "alignd.cli", "serve", "--model", str(smollm2_gguf), "--data-dir", str(tmp_path),
-         "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        [sys.executable, "-m", "alignd.cli", "serve", "--model", str(smollm2_gguf), "--data-dir",
+         str(tmp_path_factory.mktemp("smollm2")), "--port", str(port), "--admin-key", ADMIN,
+         "--training-trigger", "manual", "--ppo-iterations", "1", "--rollout-batch-size", "4",
+         "--max-new-tokens", "32", "--reward-model-confidence", "0", "--trainer-threads", "2"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_ready(url, proc, timeout=400)
-        body = {"model": "alignd", "temperature": 0, "max_tokens": 24,
-                "messages": [{"role": "system", "content": "You are a helpful assistant."},
-                             {"role": "user", "content": "What is the capital of France?"}]}
-        reply = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120).json()
-        text = reply["choices"][0]["message"]["content"]
-        assert "Paris" in text, text  # a real instruct model answers; a mis-rendered template would not
-        assert reply["system_fingerprint"] == "policy-0"
-        assert reply["usage"]["prompt_tokens"] > 20  # the template's system and role markers were rendered
+        yield url
     finally:
         proc.terminate()
         proc.wait(120)
+
+
+def test_smollm2_served_from_its_gguf_file_chats_with_its_template(smollm2_server: str) -> None:
+    """The real-model tier: the instruct model answers through its own chat template."""
+    import httpx
+
+    body = {"model": "alignd", "temperature": 0, "max_tokens": 24,
+            "messages": [{"role": "system", "content": "You are a helpful assistant."},
+                         {"role": "user", "content": "What is the capital of France?"}]}
+    reply = httpx.post(f"{smollm2_server}/v1/chat/completions", json=body, timeout=120).json()
+    text = reply["choices"][0]["message"]["content"]
+    assert "Paris" in text, text  # a real instruct model answers; a mis-rendered template would not
+    assert reply["system_fingerprint"] == "policy-0"
+    assert reply["usage"]["prompt_tokens"] > 20  # the template's system and role markers were rendered
+
+
+def test_smollm2_trains_end_to_end(smollm2_server: str) -> None:
+    """Feedback on SmolLM2's replies, one short run in its own process (reward model, normalisation, PPO with
+    rollouts from the serving engine, gate), and a registered version that the engine loads and serves."""
+    import httpx
+
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    for n, topic in enumerate(["the moon", "tea", "bicycles", "rain", "chess", "bread", "owls", "maps"] * 2):
+        r = httpx.post(f"{smollm2_server}/v1/chat/completions", timeout=120, json={
+            "model": "alignd", "n": 2, "temperature": 1.0, "max_tokens": 32,
+            "messages": [{"role": "user", "content": f"Tell me one fact about {topic}."}]})
+        assert r.status_code == 200, r.text
+        fb = httpx.post(f"{smollm2_server}/v1/feedback", timeout=30,
+                        json={"completion_id": r.json()["id"], "kind": "pairwise", "winner": n % 2})
+        assert fb.status_code == 201, fb.text
+    run = httpx.post(f"{smollm2_server}/v1/training/runs", headers=admin, json={"promote": False}, timeout=30).json()
+    deadline = time.monotonic() + 900
+    while run["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(2)
+        run = httpx.get(f"{smollm2_server}/v1/training/runs/{run['id']}", headers=admin, timeout=30).json()
+    assert run["status"] == "succeeded", run["error"]
+    metrics = run["metrics"]
+    assert metrics["data"]["train_pairs"] > 0 and metrics["data"]["length_cap"] <= 32
+    assert len(metrics["ppo"]) == 1 and metrics["ppo"][0]["response_length"] > 0
+    assert "length_controlled_gain" in metrics["gate"] and metrics["kl_controller"]["kl_coef"] > 0
+    version = run["candidate"]
+    promoted = httpx.post(f"{smollm2_server}/v1/policies/{version}/promote", headers=admin, timeout=120)
+    assert promoted.status_code == 200, promoted.text
+    reply = httpx.post(f"{smollm2_server}/v1/chat/completions", timeout=120, json={
+        "model": "alignd", "max_tokens": 16, "messages": [{"role": "user", "content": "Hello!"}]}).json()
+    assert reply["system_fingerprint"] == f"policy-{version}" and reply["choices"][0]["message"]["content"]
