@@ -125,14 +125,16 @@ def test_label_loss_by_hand() -> None:
 
 def test_adaptive_kl_controller_moves_towards_target_within_limits() -> None:
     controller = AdaptiveKLController(init_kl_coef=0.1, target=2.0, gain=0.5)
-    controller.update(current_kl=4.0)  # twice the target: × 2^0.5
-    assert controller.value == pytest.approx(0.1 * math.sqrt(2))
-    controller.update(current_kl=0.5)  # a quarter: × 4^-0.5
-    assert controller.value == pytest.approx(0.1 * math.sqrt(2) / 2)
-    controller.update(current_kl=2.0)  # on target: unchanged
-    assert controller.value == pytest.approx(0.1 * math.sqrt(2) / 2)
-    controller.update(current_kl=0.0)  # no KL at all: the error is clipped (× e^-1), not infinite
-    assert controller.value == pytest.approx(0.1 * math.sqrt(2) / 2 / math.e)
+    controller.update(current_kl=0.5)  # the policy has hardly moved yet: β does not fall
+    assert controller.value == pytest.approx(0.1)
+    controller.update(current_kl=4.0)  # twice the target and rising ×8: × e^(0.5 (ln 2 + ln 8)) = ×4
+    assert controller.value == pytest.approx(0.4)
+    before = controller.value
+    controller.update(current_kl=1.0)  # half the target and falling ×4: × e^(0.5 (ln 0.5 - ln 4)), now it may fall
+    assert controller.value == pytest.approx(before * math.exp(0.5 * (math.log(0.5) - math.log(4))))
+    before = controller.value
+    controller.update(current_kl=1000.0)  # far above: the step is capped at e²
+    assert controller.value == pytest.approx(before * math.exp(AdaptiveKLController.MAX_STEP))
     for _ in range(100):
         controller.update(current_kl=1000.0)
     assert controller.value == AdaptiveKLController.MAX

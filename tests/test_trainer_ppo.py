@@ -379,3 +379,28 @@ def test_bfloat16_compute_on_float32_weights_matches_float32(tiny_model_dir: Pat
     assert torch.allclose(exact * action_mask, fast * action_mask, atol=0.1)
     grads = [p.grad for p in stack.role_parameters(POLICY) if p.grad is not None]
     assert grads and all(g.dtype == torch.float32 for g in grads)
+
+
+def test_the_kl_controller_holds_kl_near_its_target_on_the_demo_model(demo_model_dir: Path) -> None:
+    """On the demo model with a reward model for its style axis: once KL has come near the target (the policy had
+    to move first), the iterations stay within ±50% of it in the median, never far above it, and β follows KL."""
+    target = 0.5
+    config = TrainerConfig(ppo=PPOConfig(iterations=14, rollout_batch_size=32, max_new_tokens=48, epochs=2,
+                                         minibatch_size=8, rollout_backend="hf", target_kl=target),
+                           gate=GateConfig(kl_budget=100.0), device="cpu", dtype="float32")
+    torch.set_num_threads(1)  # a fixed thread count: the same numbers every run
+    stack = load_stack(demo_model_dir, config)
+    train_reward_model(stack, style_ranking_pairs(400, seed=5), RewardConfig(epochs=2), config.lora)
+    torch.manual_seed(1)
+    reference = HFRollouts().generate(stack, prompt_ids(stack, [p.text for p in training_prompts(64, seed=1)]),
+                                      None, Sampling(1.0, 48))
+    result = run_ppo(stack, HFRollouts(), prompt_ids(stack, [p.text for p in training_prompts(200, seed=1)]),
+                     fit_normalization(stack, reference), config)
+    kls = [h.kl for h in result.history]
+    print([round(k, 2) for k in kls], [round(h.kl_coef, 3) for h in result.history])
+    engaged = next(i for i, kl in enumerate(kls) if kl >= target / 2)
+    after = sorted(kls[engaged:])
+    assert len(after) >= 4, kls
+    assert 0.5 * target <= after[len(after) // 2] <= 1.5 * target, kls  # the median
+    assert max(after) <= 2.5 * target, kls
+    assert result.history[-1].kl_coef > config.ppo.init_kl_coef  # β rose to hold KL down

@@ -117,12 +117,12 @@ class PPOConfig:
     """Discount."""
     lam: float = 0.95
     """GAE λ."""
-    init_kl_coef: float = 0.05
+    init_kl_coef: float = 0.2
     """Initial β of the per-token KL penalty ``-β (log π - log π_ref)`` (a run continues from where the previous
     run's controller left β; this is the first run's)."""
     target_kl: float | None = _SETTINGS.target_kl
     """Sequence KL (nats) the adaptive controller steers towards; None keeps β fixed."""
-    kl_gain: float = 0.5
+    kl_gain: float = 0.6
     """How hard the adaptive controller reacts: KL at twice the target multiplies β by 2^gain per iteration."""
     max_grad_norm: float = 1.0
     """Gradient-norm clip of the policy (the critic's gradients, on another scale, are clipped on their own)."""
