@@ -108,7 +108,8 @@ def main() -> int:
               f"samples/s, mean reply {sum(h.response_length for h in history) / len(history):.1f} tokens",
               flush=True)
 
-    what = "demo model" if not args.random_model else f"random model {args.random_model}"
+    what = (f"random model {args.random_model}" if args.random_model else
+            Path(model).name if args.model else "demo model")
     print(f"\nPPO, {what}, {args.iterations} iterations × {args.batch} rollouts, max {args.max_new_tokens} new "
           f"tokens, {args.threads} trainer thread(s)")
     print(f"{'rollouts':<12} {'rollout samples/s':>18} {'iteration samples/s':>20} "
