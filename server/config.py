@@ -200,8 +200,12 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 8
     lora_alpha: Annotated[int, Meta(ge=1, description="LoRA alpha (updates scale by alpha / rank).")] = 16
     trainer_device: Annotated[
-        str, Meta(pattern="^(auto|cuda|cpu)$", description="Where the trainer runs: auto picks CUDA when present.")
+        str, Meta(pattern="^(auto|cpu|cuda(:[0-9]+)?)$", description="Where the trainer runs: auto picks CUDA when "
+                  "present; cuda:N one card of several.")
     ] = "auto"
+    trainer_gradient_checkpointing: Annotated[
+        bool, Meta(description="Recompute activations in the trainer's backward passes: less memory, more time.")
+    ] = False
     trainer_dtype: Annotated[
         str, Meta(pattern="^(auto|bfloat16|float32)$", description="Trainer precision. auto: bfloat16 weights on a "
                   "CUDA device that supports them; float32 weights with bfloat16 compute (autocast) on a CPU with "

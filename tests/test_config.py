@@ -149,6 +149,8 @@ def test_the_training_docs_list_every_trainer_flag_with_its_default() -> None:
         text = documented[flag]
         if default is None:
             assert text == "unset", flag
+        elif isinstance(default, bool):
+            assert text == ("on" if default else "off"), flag
         elif isinstance(default, int | float) and flag != "--trainer-threads":  # 0 means "half the CPUs"
             assert float(text) == default, flag
         elif isinstance(default, str):

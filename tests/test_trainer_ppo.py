@@ -22,7 +22,7 @@ from alignd.demo.corpus import generate_corpus, held_out_prompts, training_promp
 from alignd.engine.types import ChoiceDelta, GenerationStep
 from alignd.protocol import SamplingOptions
 from alignd.store.records import PreferencePair
-from alignd.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig
+from alignd.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig, scale_to_model
 from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
 from alignd.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
 from alignd.trainer.ppo import _accumulate, critic_values, init_critic, make_experience, run_ppo
@@ -404,3 +404,31 @@ def test_the_kl_controller_holds_kl_near_its_target_on_the_demo_model(demo_model
     assert 0.5 * target <= after[len(after) // 2] <= 1.5 * target, kls  # the median
     assert max(after) <= 2.5 * target, kls
     assert result.history[-1].kl_coef > config.ppo.init_kl_coef  # β rose to hold KL down
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path) -> None:
+    grads = []
+    for checkpointing in (False, True):
+        config = TrainerConfig(dtype="float32", device="cpu", gradient_checkpointing=checkpointing)
+        stack = load_stack(tiny_model_dir, config)
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for name, param in stack.model.named_parameters():
+                if ".policy." in name and "lora_B" in name:
+                    param.normal_(std=0.01)
+        sequences = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+        with stack.use(POLICY):
+            policy_logprobs(stack, sequences, torch.ones_like(sequences), 3, 1.0).sum().backward()
+        assert stack.causal_lm.is_gradient_checkpointing == checkpointing
+        grads.append(torch.cat([p.grad.flatten() for p in stack.role_parameters(POLICY) if p.grad is not None]))
+    assert grads[0].abs().sum() > 0 and torch.allclose(grads[0], grads[1], rtol=1e-5, atol=1e-8)
+
+
+def test_learning_rates_follow_the_model_size() -> None:
+    config = TrainerConfig()
+    assert scale_to_model(config, 1_000_000) == 1.0 and config.ppo.learning_rate == PPOConfig().learning_rate
+    config = TrainerConfig()
+    factor = scale_to_model(config, 135_000_000)
+    assert factor == pytest.approx((4 / 135) ** 0.25) and 0.4 < factor < 0.45
+    assert config.ppo.learning_rate == pytest.approx(PPOConfig().learning_rate * factor)
+    assert config.reward.learning_rate == pytest.approx(RewardConfig().learning_rate * factor)

@@ -25,14 +25,15 @@ __all__ = [
     "RewardConfig",
     "RolloutBackendName",
     "TrainerConfig",
+    "scale_to_model",
     "trainer_config",
 ]
 
 RolloutBackendName = Literal["vllm", "hf"]
 """Who generates rollouts: the serving vLLM engine, or Hugging Face ``generate`` in the trainer (benchmark only)."""
 
-DeviceName = Literal["auto", "cuda", "cpu"]
-"""Where the trainer runs; ``auto`` picks CUDA when present."""
+DeviceName = str
+"""Where the trainer runs: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N`` (one card of several)."""
 
 DTypeName = Literal["auto", "bfloat16", "float32"]
 """Base-model dtype; ``auto`` is bfloat16 on a CUDA device that supports it, float32 otherwise."""
@@ -60,7 +61,8 @@ class RewardConfig:
     """Reward-model fitting: Bradley–Terry on pairs, binary cross-entropy on unpaired labels."""
 
     learning_rate: float = 2e-3
-    """AdamW learning rate for the reward adapter and its scalar head."""
+    """AdamW learning rate for the reward adapter and its scalar head, for a model of the demo's size; a run scales
+    it to its model (:func:`scale_to_model`)."""
     epochs: int = 2
     """Passes over the training pairs and labels."""
     batch_size: int = 16
@@ -104,9 +106,9 @@ class PPOConfig:
     forward_batch_size: int = 16
     """Sequences per no-grad forward pass when building experience (bounds memory, not results)."""
     learning_rate: float = 3e-4
-    """AdamW learning rate for the policy adapter."""
+    """AdamW learning rate for the policy adapter, for a model of the demo's size (scaled like the reward model's)."""
     critic_learning_rate: float = 1e-3
-    """AdamW learning rate for the critic adapter and value head."""
+    """AdamW learning rate for the critic adapter and value head (scaled like the others)."""
     clip_eps: float = 0.2
     """Policy ratio clip ε."""
     value_clip: float = 0.2
@@ -192,8 +194,27 @@ class TrainerConfig:
     """Where to train."""
     dtype: DTypeName = _SETTINGS.trainer_dtype  # type: ignore[assignment]
     """Base-model dtype (adapters and heads always train in float32)."""
+    gradient_checkpointing: bool = _SETTINGS.trainer_gradient_checkpointing
+    """Recompute activations in the backward pass instead of keeping them: less memory (larger models or batches on
+    one GPU) for about a third more time."""
     seed: int = _SETTINGS.trainer_seed
     """Seed for adapter initialisation, data order, prompt sampling and trainer-side generation."""
+
+
+REFERENCE_PARAMETERS = 4_000_000
+"""The size the default learning rates were tuned at (the demo model, 3.8M parameters)."""
+
+
+def scale_to_model(config: TrainerConfig, parameters: int) -> float:
+    """Scale the learning rates to a model of ``parameters`` base parameters; returns the factor. LoRA updates of a
+    larger model move more of it per step: the rates fall with the fourth root of the size (×0.42 at 135M, ×0.25 at
+    1B, never above the defaults), which keeps SmolLM2-135M's policy and reward model from the instabilities the
+    demo-sized rates caused there."""
+    factor = min(1.0, (REFERENCE_PARAMETERS / max(parameters, 1)) ** 0.25)
+    config.reward.learning_rate *= factor
+    config.ppo.learning_rate *= factor
+    config.ppo.critic_learning_rate *= factor
+    return factor
 
 
 def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None = None) -> TrainerConfig:
@@ -203,6 +224,7 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
         lora=AdapterConfig(r=settings.lora_rank, alpha=settings.lora_alpha),
         device=settings.trainer_device,  # type: ignore[arg-type]
         dtype=settings.trainer_dtype,  # type: ignore[arg-type]
+        gradient_checkpointing=settings.trainer_gradient_checkpointing,
         seed=settings.trainer_seed,
     )
     ppo = config.ppo

@@ -153,6 +153,11 @@ class ModelStack:
         return self.model.get_base_model()
 
     @property
+    def base_parameters(self) -> int:
+        """Parameters of the frozen base model (adapters and heads not counted)."""
+        return sum(p.numel() for n, p in self.causal_lm.named_parameters() if "lora_" not in n)
+
+    @property
     def hidden_size(self) -> int:
         return self.causal_lm.config.hidden_size
 
@@ -308,6 +313,8 @@ def load_stack(base_dir: str | Path, config: TrainerConfig) -> ModelStack:
     torch.manual_seed(config.seed)  # the fresh policy adapter's initialisation
     stack = ModelStack.load(base_dir, config.lora, device, resolve_dtype(config.dtype, device))
     stack.autocast = resolve_autocast(config.dtype, device)
+    if config.gradient_checkpointing:
+        stack.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return stack
 
 
