@@ -432,3 +432,42 @@ def test_learning_rates_follow_the_model_size() -> None:
     assert factor == pytest.approx((4 / 135) ** 0.25) and 0.4 < factor < 0.45
     assert config.ppo.learning_rate == pytest.approx(PPOConfig().learning_rate * factor)
     assert config.reward.learning_rate == pytest.approx(RewardConfig().learning_rate * factor)
+
+
+def test_a_preference_unrelated_to_length_moves_the_trait_not_the_length(demo_model_dir: Path) -> None:
+    """Users prefer "friendly" replies over "formal" and "enthusiastic" ones, which are as long (about 50 words each
+    in the corpus): the policy's friendly share on held-out prompts rises while its mean reply length stays within
+    ±15% of the parent's. Replies are generated up to a cap well past their natural end, so length could move."""
+    from alignd.demo.corpus import classify
+
+    config = TrainerConfig(ppo=PPOConfig(iterations=6, rollout_batch_size=32, max_new_tokens=128, epochs=2,
+                                         minibatch_size=8, rollout_backend="hf"),
+                           gate=GateConfig(kl_budget=100.0), device="cpu", dtype="float32")
+    stack = load_stack(demo_model_dir, config)
+    grouped: dict[str, dict[str, str]] = {}
+    for dialogue in generate_corpus(1200, seed=5):
+        grouped.setdefault(dialogue.prompt, {})[dialogue.style] = dialogue.reply
+    pairs = [[PreferencePair(prompt=user(p), chosen=r["friendly"], rejected=r[other])]
+             for p, r in grouped.items() if "friendly" in r for other in ("formal", "enthusiastic") if other in r]
+    figures = train_reward_model(stack, pairs, RewardConfig(epochs=2), config.lora)
+    assert figures.heldout_accuracy is not None and figures.heldout_accuracy >= 0.8, figures
+    torch.manual_seed(1)
+    reference = HFRollouts().generate(stack, prompt_ids(stack, [p.text for p in training_prompts(64, seed=1)]),
+                                      None, Sampling(1.0, 128))
+    normalization = fit_normalization(stack, reference)
+    heldout = prompt_ids(stack, [p.text for p in held_out_prompts(96, seed=3)])
+
+    def measure(adapter: str | None) -> tuple[float, float]:
+        torch.manual_seed(7)
+        replies = HFRollouts().generate(stack, heldout, adapter, Sampling(1.0, 128))
+        texts = [stack.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in replies]
+        share = sum(classify(t).style == "friendly" for t in texts) / len(texts)
+        return share, sum(len(r.response_ids) for r in replies) / len(replies)
+
+    base_share, base_length = measure(None)
+    run_ppo(stack, HFRollouts(), prompt_ids(stack, [p.text for p in training_prompts(200, seed=1)]), normalization,
+            config)
+    share, length = measure(POLICY)
+    print(f"friendly share {base_share:.2f} -> {share:.2f}, mean length {base_length:.1f} -> {length:.1f} tokens")
+    assert share >= base_share + 0.15
+    assert 0.85 * base_length <= length <= 1.15 * base_length
