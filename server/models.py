@@ -40,7 +40,8 @@ def resolve_model(model: str | None, data_path: Path, *, progress: bool = True) 
     check_model(model)
     if model.endswith(".gguf"):
         return str(convert_gguf(Path(model), data_path / "models", progress=progress))
-    return model
+    local = Path(model).expanduser()
+    return str(local) if local.is_dir() else model  # a folder as a path the loaders take; else a hub id
 
 
 def check_model(model: str) -> None:

@@ -89,7 +89,7 @@ async def test_selection_accumulates_weighs_by_recency_and_holds_out_by_completi
     capped = await load_training_data(store, DataConfig(heldout_fraction=0.2, max_pairs=5, max_labels=5))
     assert len(capped.new_pair_ids) == 1
     kept = {int(p.chosen.split()[-1]) for g in capped.train_pairs + capped.heldout_pairs for p in g}
-    assert kept == {100, 40, 39, 38, 37} - ({36} if False else set()) or (max(kept) == 100 and min(kept) >= 36)
+    assert kept == {100, 40, 39, 38, 37}  # one pair each, the newest
 
 
 def test_length_cap_follows_what_users_are_served() -> None:
@@ -138,3 +138,35 @@ def test_reserved_versions_are_never_routed() -> None:
         assert e.code == "model_not_found"
     else:
         raise AssertionError("a trainer version was served")
+
+
+async def test_after_a_failed_reward_model_check_the_trigger_waits_for_new_feedback(store: Store,
+                                                                                   tmp_path: Any) -> None:
+    """A run that stopped at the reward-model check used nothing: training again on the same feedback would re-test
+    the same held-out set until chance passes it, so the automatic trigger waits for new signal beyond it."""
+    from alignd.metrics import Metrics
+    from alignd.policies.registry import PolicyRegistry
+    from alignd.trainer.config import TrainerConfig
+    from alignd.trainer.supervisor import TrainerSupervisor, TriggerPolicy
+
+    metrics = Metrics()
+    registry = PolicyRegistry(store, PolicyRouter("alignd", lambda: [0]), metrics, tmp_path / "policies",
+                              max_rank=8, keep_loaded=1)
+    supervisor = TrainerSupervisor(
+        store, registry, metrics, base_model=lambda: "unused", database_url="unused", runs_dir=tmp_path / "runs",
+        config=lambda request: TrainerConfig(), threads=1, run_timeout_s=None,
+        trigger=TriggerPolicy(auto=True, min_new_pairs=4, min_new_labels=1000, min_interval_s=0.0))
+    for n in range(6):
+        await _feedback(store, n)
+    assert await supervisor._due()
+    await store.insert_run(RunRow(
+        id="run-rm", status="failed", phase="reward_model", progress=0.3, trigger="auto", parent=0, candidate=None,
+        promoted=False, config={}, metrics={"data": {"new_pairs": 6, "new_labels": 6}},
+        error="RewardModelNotBetterThanChance: the reward model is not better than chance …",
+        created=datetime.now(UTC) - timedelta(hours=1), finished=datetime.now(UTC)))
+    assert not await supervisor._due()  # the same six pairs again: no
+    for n in range(6, 9):
+        await _feedback(store, n)
+    assert not await supervisor._due()  # three new ones: fewer than the trigger's four
+    await _feedback(store, 9)
+    assert await supervisor._due()  # four new pairs beyond what the stopped run saw

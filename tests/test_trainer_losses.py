@@ -205,3 +205,14 @@ def test_logprobs_and_entropy_from_logits() -> None:
     close(logprobs_from_logits(logits, torch.tensor([[1, 0]])), [[math.log(0.75), math.log(0.5)]])
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
     close(entropy_from_logits(logits), [[h, math.log(2.0)]])
+
+
+def test_a_beta_carried_from_an_earlier_run_can_fall() -> None:
+    """A run that ended with a high β hands it on; the next run's KL starts near zero, and that β must be able to
+    come down (a fresh controller would hold it until KL came near the target, which it then never would)."""
+    carried = AdaptiveKLController(init_kl_coef=5.0, target=2.0, gain=0.5, engaged=True)
+    carried.update(current_kl=0.1)
+    assert carried.value < 5.0
+    fresh = AdaptiveKLController(init_kl_coef=5.0, target=2.0, gain=0.5)
+    fresh.update(current_kl=0.1)
+    assert fresh.value == 5.0

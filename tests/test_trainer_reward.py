@@ -175,7 +175,7 @@ def test_heldout_figures_count_pairs_and_labels(stack: ModelStack, trained: Rewa
     labels = [Label(prompt=[{"role": "user", "content": p}], reply=r[RANKING[0]], good=True)
               for p, r in grouped.items() if RANKING[0] in r]
     figures = heldout_figures(stack, ranking_pairs(grouped), labels, RewardConfig(), 0.95)
-    assert figures["n"] == sum(len(g) for g in ranking_pairs(grouped)) + len(labels)
+    assert figures["n"] == len(ranking_pairs(grouped)) + len(labels)  # a ranking is one judgement, not C(K,2)
     assert figures["accuracy"] >= 0.9 and figures["interval"][0] > 0.5
 
 
@@ -196,3 +196,17 @@ def test_a_run_continues_from_the_previous_reward_model(stack: ModelStack, train
     other_rank = train_reward_model(fresh, few, RewardConfig(epochs=1), AdapterConfig(r=4), heldout=unseen,
                                     warm_start=folder)
     assert other_rank.warm_start is None  # another shape: a fresh model, not a crash
+
+
+def test_a_warm_start_needs_the_same_base_model(stack: ModelStack, trained: RewardFigures, tmp_path: Path) -> None:
+    """A reward model saved on another base (the operator changed --model) is not continued: a fresh one is fitted
+    instead of the run failing on mismatched shapes."""
+    import json
+
+    folder = save_reward_model(stack, tmp_path / "reward", trained)
+    assert json.loads((folder / MANIFEST).read_text())["base_model"] == stack.base_dir
+    manifest = json.loads((folder / MANIFEST).read_text())
+    (folder / MANIFEST).write_text(json.dumps({**manifest, "base_model": "/some/other/model"}))
+    few = ranking_pairs(replies_by_prompt(6, seed=31))[:2]
+    figures = train_reward_model(stack, few, RewardConfig(epochs=1), AdapterConfig(), heldout=[], warm_start=folder)
+    assert figures.warm_start is None

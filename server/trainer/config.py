@@ -96,7 +96,8 @@ class PPOConfig:
     max_prompt_tokens: int = 256
     """Prompts are cut to their last this many tokens (prompt + reply must fit the engine's ``max_model_len``)."""
     max_new_tokens: int = _SETTINGS.max_new_tokens
-    """Reply length limit; replies that reach it without EOS are penalised."""
+    """Upper bound of the rollouts' reply length (a run uses the 95th percentile of served lengths within it); a
+    reply cut there is scored as truncated, with no penalty."""
     temperature: float = 1.0
     """Sampling temperature; log-probs are recomputed with the same temperature (logits / T)."""
     epochs: int = 2

@@ -176,12 +176,14 @@ class AdaptiveKLController:
     MAX_STEP = 2.0
     """Largest change of ln β in one iteration."""
 
-    def __init__(self, init_kl_coef: float, target: float, gain: float) -> None:
+    def __init__(self, init_kl_coef: float, target: float, gain: float, engaged: bool = False) -> None:
         self.value = init_kl_coef
         self.target = target
         self.gain = gain
         self.previous: float | None = None
-        self.engaged = False
+        self.engaged = engaged
+        """Whether β may fall: from the first KL near the target on, or from the start for a β carried over from an
+        earlier run (one left high there must be able to come down when this run's KL stays low)."""
 
     def update(self, current_kl: float) -> None:
         """Adjust β after an iteration whose mean sequence KL was ``current_kl``: on where KL is heading (its last

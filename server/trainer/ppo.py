@@ -123,10 +123,11 @@ def make_optimizer(stack: ModelStack, config: PPOConfig) -> torch.optim.AdamW:
 def make_kl_controller(config: PPOConfig, kl_coef: float | None = None) -> KLController:
     """The adaptive controller towards ``target_kl``, or a fixed β when there is no target; starting at
     ``kl_coef`` (where the previous run left β) or the configured initial β."""
-    start = config.init_kl_coef if kl_coef is None else kl_coef
     if config.target_kl is None:
-        return FixedKLController(start)
-    return AdaptiveKLController(start, config.target_kl, config.kl_gain)
+        return FixedKLController(config.init_kl_coef)  # a fixed β is the configured one, not an earlier run's
+    if kl_coef is None:
+        return AdaptiveKLController(config.init_kl_coef, config.target_kl, config.kl_gain)
+    return AdaptiveKLController(kl_coef, config.target_kl, config.kl_gain, engaged=True)
 
 
 # --- experience -----------------------------------------------------------------------------------------------
@@ -351,7 +352,8 @@ def run_ppo(
         seconds["experience"] = time.monotonic() - tick
         kl = experience.kl.sum(-1).mean().item()
         if kl > config.gate.kl_budget:
-            if in_budget is not None:
+            kl_controller.update(kl)  # the next run starts from a β that has seen this KL
+            if in_budget is not None:  # the last update (in history) is undone
                 stack.load_adapter_state(POLICY, in_budget)
             reason = (f"KL {kl:.2f} passed the budget {config.gate.kl_budget:.2f} at iteration {iteration}; "
                       f"kept the policy of iteration {iteration - 1 if in_budget is not None else iteration}")

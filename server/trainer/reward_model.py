@@ -84,12 +84,16 @@ class RewardFigures:
     steps: int
     seconds: float
     heldout_labels: int = 0
+    heldout_judgements: int = 0
+    """Held-out feedback events with pairs (a ranking is one judgement) plus held-out labels: the interval's n."""
     heldout_correct: int = 0
-    """Held-out pairs and labels judged right (of ``heldout_pairs + heldout_labels``)."""
+    """Of those, judged right (an event counts as the share of its pairs ranked right; rounded here)."""
     heldout_interval: tuple[float, float] | None = None
     """Wilson confidence interval of ``heldout_accuracy`` (at the run's ``confidence``)."""
     warm_start: str | None = None
     """The earlier reward model this one continued from (None: a fresh adapter)."""
+    base_model: str | None = None
+    """The base model it was fitted on (a later run continues from it only on the same base)."""
     normalization: RewardNormalization = field(default_factory=RewardNormalization)
     """Raw-score mean and std over reference replies (identity until :func:`fit_normalization`)."""
 
@@ -280,19 +284,18 @@ def train_reward_model(
             optimizer.step()
             steps += 1
             epoch_losses.append(loss.item())
-    pair_accuracy, heldout_loss = evaluate_pairs(stack, heldout, config, encoder) if heldout else (None, None)
-    n_pairs = sum(len(g) for g in heldout)
-    correct = round((pair_accuracy or 0.0) * n_pairs)
-    correct += evaluate_labels(stack, heldout_labels, config, encoder) if heldout_labels else 0
-    total = n_pairs + len(heldout_labels)
+    heldout_loss = evaluate_pairs(stack, heldout, config, encoder)[1] if heldout else None
+    correct, total = _judgements(stack, heldout, heldout_labels, config, encoder)
     return RewardFigures(
         train_loss=sum(epoch_losses) / max(1, len(epoch_losses)),
         heldout_accuracy=correct / total if total else None,
         heldout_loss=heldout_loss,
         heldout_labels=len(heldout_labels),
-        heldout_correct=correct,
+        heldout_judgements=total,
+        heldout_correct=round(correct),
         heldout_interval=wilson_interval(correct, total, confidence) if total else None,
         warm_start=str(warm_start) if warm else None,
+        base_model=stack.base_dir,
         train_pairs=sum(len(g) for g in train),
         heldout_pairs=sum(len(g) for g in heldout),
         labels=len(labels),
@@ -302,15 +305,24 @@ def train_reward_model(
 
 
 def _warm_start(stack: ModelStack, folder: str | Path | None, adapter: AdapterConfig) -> bool:
-    """Load the reward model saved in ``folder`` as the starting point; False (start fresh) when there is none or
-    it has another shape (the operator changed the LoRA rank)."""
+    """Load the reward model saved in ``folder`` as the starting point; False (start fresh) when there is none, it
+    was fitted on another base model or has another shape (the operator changed ``--model`` or the LoRA settings),
+    or it cannot be loaded."""
     if folder is None or not (Path(folder) / MANIFEST).is_file():
         return False
-    saved = json.loads((Path(folder) / "adapter_config.json").read_text())
-    if saved.get("r") != adapter.r:
-        log.info("reward model in %s has rank %s, not %s: starting a fresh one", folder, saved.get("r"), adapter.r)
+    try:
+        manifest = json.loads((Path(folder) / MANIFEST).read_text())
+        saved = json.loads((Path(folder) / "adapter_config.json").read_text())
+        same = (manifest.get("base_model") == stack.base_dir and saved.get("r") == adapter.r
+                and saved.get("lora_alpha") == adapter.alpha
+                and sorted(saved.get("target_modules") or []) == sorted(adapter.target_modules))
+        if not same:
+            log.info("reward model in %s was fitted on another base model or adapter shape: starting fresh", folder)
+            return False
+        stack.load_adapter(REWARD, folder)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        log.warning("reward model in %s cannot be continued (%s): starting fresh", folder, e)
         return False
-    stack.load_adapter(REWARD, folder)
     return True
 
 
@@ -346,7 +358,7 @@ def evaluate_labels(stack: ModelStack, labels: Sequence[Label], config: RewardCo
     return correct
 
 
-def wilson_interval(correct: int, total: int, confidence: float) -> tuple[float, float]:
+def wilson_interval(correct: float, total: int, confidence: float) -> tuple[float, float]:
     """Wilson score interval of a proportion (sound for small samples and for 0 or all correct); (0, 1) for none."""
     if total == 0:
         return 0.0, 1.0
@@ -357,16 +369,21 @@ def wilson_interval(correct: int, total: int, confidence: float) -> tuple[float,
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def _judgements(stack: ModelStack, groups: Sequence[PairGroup], labels: Sequence[Label], config: RewardConfig,
+                encoder: _Encoder) -> tuple[float, int]:
+    """``(right, judgements)``: one judgement per held-out feedback event (a ranking's pairs are one user's one
+    judgement, not C(K,2) independent ones; it counts as the share of its pairs ranked right) and per label."""
+    right = sum(evaluate_pairs(stack, [group], config, encoder)[0] for group in groups if group)
+    right += evaluate_labels(stack, labels, config, encoder) if labels else 0
+    return right, sum(1 for g in groups if g) + len(labels)
+
+
 def heldout_figures(stack: ModelStack, groups: Sequence[PairGroup], labels: Sequence[Label], config: RewardConfig,
                     confidence: float, truncated: Collection[str] = ()) -> dict[str, Any]:
-    """Accuracy on held-out pairs and labels with its confidence interval (for one feedback kind's, say)."""
-    encoder = _Encoder(stack, config, truncated)
-    pairs = sum(len(g) for g in groups)
-    pair_correct = round(evaluate_pairs(stack, groups, config, encoder)[0] * pairs) if pairs else 0
-    correct = pair_correct + (evaluate_labels(stack, labels, config, encoder) if labels else 0)
-    total = pairs + len(labels)
-    return {"accuracy": correct / total if total else None, "n": total,
-            "interval": wilson_interval(correct, total, confidence) if total else None}
+    """Accuracy on held-out feedback with its confidence interval (for one feedback kind's, say)."""
+    right, total = _judgements(stack, groups, labels, config, _Encoder(stack, config, truncated))
+    return {"accuracy": right / total if total else None, "n": total,
+            "interval": wilson_interval(right, total, confidence) if total else None}
 
 
 def fit_normalization(stack: ModelStack, reference_rollouts: Sequence[Rollout]) -> RewardNormalization:

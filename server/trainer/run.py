@@ -183,7 +183,7 @@ def _check_reward_model(rm: RewardFigures, confidence: float, stack: ModelStack,
     if low > 0.5:
         return
     save_reward_model(stack, run_dir / "reward", rm)  # the next run continues from what it learned
-    held = rm.heldout_pairs + rm.heldout_labels
+    held = rm.heldout_judgements
     if held == 0:
         raise RewardModelNotBetterThanChance(
             "the reward model could not be checked: no held-out feedback yet (one completion in ten is held out); "

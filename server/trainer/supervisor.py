@@ -193,8 +193,8 @@ class TrainerSupervisor:
                           parent_adapter=job.parent_adapter)
 
     async def _carried_over(self) -> tuple[str | None, float | None]:
-        """What a new run continues from: the newest reward model an earlier run saved, and β where the newest run
-        that did PPO left its KL controller."""
+        """What a new run continues from: the newest reward model an earlier run saved, and β where the newest
+        succeeded run's KL controller ended."""
         reward_model, kl_coef = None, None
         for run in await self.store.list_runs(limit=50):
             folder = self.runs_dir / run.id / "reward"
@@ -375,10 +375,21 @@ class TrainerSupervisor:
         last = await self.store.list_runs(limit=1)
         if not last:
             return True
+        if last[0].status == "failed" and REWARD_MODEL_NOT_READY in (last[0].error or ""):
+            # Training again on the same feedback would re-test the same held-out set until chance passes it:
+            # wait for as much new signal as the trigger asks for, beyond what that run saw.
+            seen = last[0].metrics.get("data") or {}
+            if (pairs < seen.get("new_pairs", 0) + self.trigger.min_new_pairs
+                    and labels < seen.get("new_labels", 0) + self.trigger.min_new_labels):
+                return False
         # After a failed run wait at least a minute, so that a persistent failure does not spin.
         interval = max(self.trigger.min_interval_s, 60.0) if last[0].status == "failed" else self.trigger.min_interval_s
         return (datetime.now(UTC) - last[0].created).total_seconds() >= interval
 
+
+REWARD_MODEL_NOT_READY = "RewardModelNotBetterThanChance"
+"""The name the trainer process's error starts with when a run stopped at the reward-model check (the supervisor
+imports no torch, so not the class)."""
 
 _WOKEN = object()
 STOP_GRACE_S = 15.0

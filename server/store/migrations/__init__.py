@@ -86,18 +86,18 @@ def migrate_sync(conn: Connection) -> str:
         context = MigrationContext.configure(
             conn, opts={"target_metadata": metadata, "script": script,
                         "fn": lambda revision, _context: script._upgrade_revs(HEAD, revision)})
-        if (legacy := _legacy_revision(conn)) is not None:
-            context.stamp(script, legacy)
-        current = context.get_current_revision()
-        if current is not None and current not in {r.revision for r in script.walk_revisions()}:
-            raise MigrationError(f"database schema revision {current} is newer than this alignd's ({HEAD}); "
-                                 "upgrade alignd")
         try:
+            if (legacy := _legacy_revision(conn)) is not None:
+                context.stamp(script, legacy)
+            current = context.get_current_revision()
+            if current is not None and current not in {r.revision for r in script.walk_revisions()}:
+                raise MigrationError(f"database schema revision {current} is newer than this alignd's ({HEAD}); "
+                                     "upgrade alignd")
             with Operations.context(context):  # the revisions' ``op`` is this context's
                 context.run_migrations()
-        except CommandError as e:
+            return context.get_current_revision() or ""
+        except CommandError as e:  # e.g. a database with several heads
             raise MigrationError(str(e)) from e
-        return context.get_current_revision() or ""
 
 
 async def migrate(engine: AsyncEngine) -> str:
