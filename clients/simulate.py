@@ -1,10 +1,13 @@
-"""``alignd simulate``: simulated users who prefer one reply style, chatting and giving feedback through the SDK.
+"""``alignd simulate``: simulated users who prefer one reply style or trait, chatting and giving feedback through
+the SDK.
 
-Each simulated request asks a prompt from the demo corpus (:mod:`alignd.demo.corpus`; training-side prompts by
-default, so the held-out ones stay unseen) for ``n`` replies (2 to 4) at temperature 1.0, labels every reply with
-the corpus classifier (topic and style), and gives one piece of feedback. A reply's worth to the user is
+Users who prefer a demo style ask prompts from the demo corpus (:mod:`alignd.demo.corpus`) and label replies with its
+classifier (topic and style); users who prefer a rule-checked trait (:mod:`alignd.clients.traits`, for any chat
+model) ask everyday chat prompts and label a reply by the trait's rule and whether it mentions the prompt's topic.
+Training-side prompts by default, so the held-out ones stay unseen. Each request asks for ``n`` replies (2 to 4) at
+temperature 1.0, labels every reply, and gives one piece of feedback. A reply's worth to the user is
 
-    utility = 2 if its style is the preferred one, else 0;  + 1 if it is on the prompt's topic
+    utility = 2 if it has the preferred style (or trait), else 0;  + 1 if it is on the prompt's topic
 
 and the feedback kind is drawn at random (ranking, pairwise or thumbs):
 
@@ -34,6 +37,7 @@ from statistics import fmean
 from typing import Any, Literal
 
 from alignd.clients.sdk import AligndError, APIConnectionError, AuthenticationError, Client, PermissionDeniedError
+from alignd.clients.traits import TRAITS, chat_prompts, trait_label
 from alignd.demo.corpus import STYLES, Label, Prompt, classify, held_out_prompts, training_prompts
 from alignd.protocol import TrainingRun
 
@@ -42,6 +46,9 @@ KINDS: tuple[FeedbackKind, ...] = ("ranking", "pairwise", "thumbs")
 MAX_CONSECUTIVE_FAILURES = 5
 """Stop (raising the last error) after this many requests in a row failed: the server is gone or refuses us."""
 _FATAL = (AuthenticationError, PermissionDeniedError)  # a refused key will not get better by trying again
+PREFERENCES: tuple[str, ...] = (*STYLES, *TRAITS)
+"""What simulated users can prefer: a demo corpus style (the demo model) or a rule-checked trait
+(:mod:`alignd.clients.traits`, any chat model)."""
 
 
 # --- the rules -----------------------------------------------------------------------------------------------------
@@ -248,11 +255,23 @@ class SimulationError(Exception):
         self.report = report
 
 
-def prompt_pool(source: Literal["training", "held-out"]) -> list[Prompt]:
-    """The prompts the simulated users ask: a fixed sample of the training side, or every held-out prompt."""
+def prompt_pool(source: Literal["training", "held-out"], prefer: str = STYLES[0]) -> list[Prompt]:
+    """The prompts the simulated users ask: for a demo style the corpus's (a fixed sample of its training side, or
+    every held-out prompt), for a trait the everyday chat prompts of that side."""
+    if prefer in TRAITS:
+        return chat_prompts(source)
     if source == "held-out":
         return held_out_prompts()
     return training_prompts(2000, seed=0)
+
+
+def labeller(prefer: str) -> Callable[[str, Prompt], Label]:
+    """How users who prefer ``prefer`` label a reply to a prompt: the corpus classifier for a demo style, the
+    trait's rule (and a topic-word check) for a trait."""
+    if prefer in TRAITS:
+        trait = TRAITS[prefer]
+        return lambda text, prompt: trait_label(text, prompt, trait)
+    return lambda text, _prompt: classify(text)
 
 
 def run_simulation(client: Client, *, prefer: str, requests: int | None = None, time_limit_s: float | None = None,
@@ -264,13 +283,14 @@ def run_simulation(client: Client, *, prefer: str, requests: int | None = None, 
     """Run simulated users against ``client`` until ``requests`` are done, ``time_limit_s`` has passed or ``stop``
     is set (at least one of them must be given); return the report. ``on_report`` gets a snapshot every
     ``report_every`` requests. With ``admin`` (a client with an admin key) the report includes the training runs."""
-    if prefer not in STYLES:
-        raise ValueError(f"prefer must be one of {', '.join(STYLES)}; got {prefer!r}.")
+    if prefer not in PREFERENCES:
+        raise ValueError(f"prefer must be one of {', '.join(PREFERENCES)}; got {prefer!r}.")
     if requests is None and time_limit_s is None and stop is None:
         raise ValueError("Give requests, time_limit_s or stop: the simulation needs an end.")
     if not kinds or any(k not in KINDS for k in kinds):
         raise ValueError(f"kinds must be some of {', '.join(KINDS)}.")
-    pool = prompt_pool(prompts)
+    pool = prompt_pool(prompts, prefer)
+    label = labeller(prefer)
     stop = stop or threading.Event()
     report = SimulationReport(prefer=prefer)
     lock = threading.Lock()
@@ -299,7 +319,7 @@ def run_simulation(client: Client, *, prefer: str, requests: int | None = None, 
             failed(e)
             return
         texts = [c.message.content for c in sorted(answer.choices, key=lambda c: c.index)]
-        labels = [classify(text) for text in texts]
+        labels = [label(text, draws.prompt) for text in texts]
         kind, fields = decide_feedback(draws, labels, prefer)
         try:
             client.feedback.create(answer.id, kind, user=draws.user, **fields)

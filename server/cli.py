@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from alignd.clients.traits import TRAITS
 from alignd.config import ConfigError, Settings, add_arguments, cli_values, load_settings
 from alignd.demo.corpus import STYLES
 
@@ -159,14 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=cmd_train)
 
     simulate = sub.add_parser(
-        "simulate", help="Simulated users who prefer one reply style chat and give feedback (demo model).",
-        description="Simulated users ask demo-corpus prompts for 2-4 replies, label them with the corpus classifier "
-                    "and rank, compare or thumb them by a preferred style; prints that style's share per policy "
-                    "version as it goes, and a table at the end. Ctrl-C stops and prints the table.")
+        "simulate", help="Simulated users who prefer one reply style or trait chat and give feedback.",
+        description="Simulated users ask prompts for 2-4 replies, label them and rank, compare or thumb them by a "
+                    "preferred demo style (demo-corpus prompts, the corpus classifier) or a rule-checked trait "
+                    "(everyday prompts, any chat model); prints the preferred share per policy version as it goes, "
+                    "and a table at the end. Ctrl-C stops and prints the table.")
     _add_client_arguments(simulate)
     simulate.add_argument("--admin-key", dest="admin_key", default=_first_key("ALIGND_ADMIN_KEY"),
                           help="Admin key, to add each version's training run figures (env ALIGND_ADMIN_KEY).")
-    simulate.add_argument("--prefer", required=True, choices=STYLES, help="The reply style the users prefer.")
+    simulate.add_argument("--prefer", required=True, choices=(*STYLES, *TRAITS),
+                          help="What the users prefer: a demo style (" + ", ".join(STYLES) + ") or a trait ("
+                               + "; ".join(f"{t.name}: {t.description}" for t in TRAITS.values()) + ").")
     simulate.add_argument("--requests", type=int, default=None,
                           help="Stop after this many requests (default: no bound; Ctrl-C or --time-limit).")
     simulate.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
@@ -176,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--report-every", dest="report_every", type=int, default=50,
                           help="Print a progress line every this many requests.")
     simulate.add_argument("--prompts", choices=("training", "held-out"), default="training",
-                          help="Ask the demo corpus's training-side prompts (default) or its held-out ones.")
+                          help="Ask the training-side prompts (default) or the held-out ones.")
     simulate.add_argument("--max-tokens", dest="max_tokens", type=int, default=256, help="Longest reply in tokens.")
     simulate.set_defaults(func=cmd_simulate)
     return parser
