@@ -22,7 +22,15 @@ from alignd.demo.corpus import generate_corpus, held_out_prompts, training_promp
 from alignd.engine.types import ChoiceDelta, GenerationStep
 from alignd.protocol import SamplingOptions
 from alignd.store.records import PreferencePair
-from alignd.trainer.config import AdapterConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig, scale_to_model
+from alignd.trainer.config import (
+    AdapterConfig,
+    GateConfig,
+    PPOConfig,
+    RewardConfig,
+    TrainerConfig,
+    scale_batches_to_model,
+    scale_to_model,
+)
 from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
 from alignd.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
 from alignd.trainer.ppo import _accumulate, critic_values, init_critic, make_experience, run_ppo
@@ -432,6 +440,19 @@ def test_learning_rates_follow_the_model_size() -> None:
     assert factor == pytest.approx((4 / 135) ** 0.25) and 0.4 < factor < 0.45
     assert config.ppo.learning_rate == pytest.approx(PPOConfig().learning_rate * factor)
     assert config.reward.learning_rate == pytest.approx(RewardConfig().learning_rate * factor)
+
+
+def test_sequences_per_pass_follow_the_model_size() -> None:
+    sizes = {}
+    for parameters in (3_800_000, 135_000_000, 1_000_000_000, 7_000_000_000):
+        config = TrainerConfig()
+        sizes[parameters] = scale_batches_to_model(config, parameters)
+        assert (config.ppo.micro_batch_size, config.ppo.forward_batch_size) == tuple(sizes[parameters].values())
+        assert config.ppo.minibatch_size == PPOConfig().minibatch_size, "the optimizer's batch stays the same"
+    assert [tuple(s.values()) for s in sizes.values()] == [(8, 16), (8, 16), (2, 6), (1, 3)]
+    config = TrainerConfig()
+    config.ppo.micro_batch_size = 4
+    assert scale_batches_to_model(config, 7_000_000_000)["micro_batch_size"] == 4, "an explicit size is kept"
 
 
 def test_a_preference_unrelated_to_length_moves_the_trait_not_the_length(demo_model_dir: Path) -> None:

@@ -25,6 +25,7 @@ __all__ = [
     "RewardConfig",
     "RolloutBackendName",
     "TrainerConfig",
+    "scale_batches_to_model",
     "scale_to_model",
     "trainer_config",
 ]
@@ -216,6 +217,25 @@ def scale_to_model(config: TrainerConfig, parameters: int) -> float:
     config.ppo.learning_rate *= factor
     config.ppo.critic_learning_rate *= factor
     return factor
+
+
+PASS_PARAMETER_SEQUENCES = 2_000_000_000
+"""Base parameters × sequences one training pass (forward and backward) may hold: activation memory grows with both.
+The demo model and SmolLM2-135M train a whole minibatch (8) at once; a 1B model passes 2 sequences at a time and a
+7B model one, accumulating gradients up to the same minibatch."""
+
+
+def scale_batches_to_model(config: TrainerConfig, parameters: int) -> dict[str, int]:
+    """Fit the sequences per pass to a model of ``parameters`` base parameters: the PPO update's micro-batches (when
+    not set) hold ``PASS_PARAMETER_SEQUENCES / parameters`` sequences, and no-grad experience passes three times as
+    many (they keep no activations for a backward pass), never more than the defaults. Results do not change, only
+    memory and time: gradients are accumulated up to the same minibatch. Returns the sizes used."""
+    per_pass = max(1, PASS_PARAMETER_SEQUENCES // max(parameters, 1))
+    ppo = config.ppo
+    if ppo.micro_batch_size is None:
+        ppo.micro_batch_size = min(ppo.minibatch_size, per_pass)
+    ppo.forward_batch_size = max(1, min(ppo.forward_batch_size, 3 * per_pass))
+    return {"micro_batch_size": ppo.micro_batch_size, "forward_batch_size": ppo.forward_batch_size}
 
 
 def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None = None) -> TrainerConfig:

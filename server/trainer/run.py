@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alignd.store import Store
-from alignd.trainer.config import scale_to_model
+from alignd.trainer.config import scale_batches_to_model, scale_to_model
 from alignd.trainer.data import TrainingData, length_cap, load_training_data
 from alignd.trainer.gate import decide, evaluate, save_decision
 from alignd.trainer.job import RunJob, RunResult
@@ -111,6 +111,7 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     tick = time.monotonic()
     stack = load_stack(job.base_model, config)
     counts["learning_rate_scale"] = scale_to_model(config, stack.base_parameters)
+    counts.update(scale_batches_to_model(config, stack.base_parameters))
     reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
     if job.parent_adapter is not None:
         stack.load_adapter(CURRENT, job.parent_adapter)  # first: PEFT cannot drop a model's only adapter
