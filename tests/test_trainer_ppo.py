@@ -435,9 +435,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_model_dir: Path) -
 def test_learning_rates_follow_the_model_size() -> None:
     config = TrainerConfig()
     assert scale_to_model(config, 1_000_000) == 1.0 and config.ppo.learning_rate == PPOConfig().learning_rate
+    assert scale_to_model(TrainerConfig(), 135_000_000) == 1.0, "the defaults hold up to SmolLM2-135M"
     config = TrainerConfig()
-    factor = scale_to_model(config, 135_000_000)
-    assert factor == pytest.approx((4 / 135) ** 0.25) and 0.4 < factor < 0.45
+    factor = scale_to_model(config, 1_000_000_000)
+    assert factor == pytest.approx((135 / 1000) ** 0.25) and 0.6 < factor < 0.62
     assert config.ppo.learning_rate == pytest.approx(PPOConfig().learning_rate * factor)
     assert config.reward.learning_rate == pytest.approx(RewardConfig().learning_rate * factor)
 
