@@ -6,39 +6,10 @@ The buckets live in this process: with several replicas, each allows the quota.
 
 from __future__ import annotations
 
-import time
-
 from alignd import Feedback, PluginContext, Rejection, hookimpl
+from alignd.limits import TokenBuckets  # one bucket per user here
 
 NAME = "quota"
-_MAX_USERS = 100_000  # forget full buckets beyond this many users
-
-
-class TokenBuckets:
-    """``per_minute`` tokens per user, refilled continuously."""
-
-    def __init__(self, per_minute: int) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def take(self, user: str, now: float | None = None) -> float:
-        """Spend one token of ``user``; return 0 when allowed, else the seconds until a token is back."""
-        now = time.monotonic() if now is None else now
-        tokens, last = self._buckets.get(user, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
-            self._buckets[user] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        self._buckets[user] = (tokens - 1.0, now)
-        if len(self._buckets) > _MAX_USERS:
-            self._forget_full(now)
-        return 0.0
-
-    def _forget_full(self, now: float) -> None:
-        for user, (tokens, last) in list(self._buckets.items()):
-            if tokens + (now - last) * self.rate >= self.capacity:
-                del self._buckets[user]
 
 
 @hookimpl

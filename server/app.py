@@ -1,5 +1,6 @@
-"""The Litestar application: the controllers, their dependencies, error mapping, metrics middleware, and a lifespan
-that opens the app's services (:mod:`alignd.services`) for as long as the app runs."""
+"""The Litestar application: the controllers, their dependencies, error mapping, the checks every request passes
+(:mod:`alignd.api.checks`), metrics middleware, and a lifespan that opens the app's services (:mod:`alignd.services`)
+for as long as the app runs."""
 
 from __future__ import annotations
 
@@ -7,20 +8,24 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 from typing import Any
 
-from litestar import Litestar, Request, Response
+from litestar import Litestar, Request, Response, Router
 from litestar.di import Provide
 from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from alignd.api.chat import ChatController, ready_chat
+from alignd.api.checks import request_checks
 from alignd.api.feedback import FeedbackController
 from alignd.api.health import HealthController
 from alignd.api.plugins import PluginController
 from alignd.api.policies import PolicyController
 from alignd.api.training import TrainingController
 from alignd.api.web import web_router
+from alignd.auth import user_guard
 from alignd.config import Settings
 from alignd.errors import AlignError
 from alignd.feedback.manager import AlignPluginManager, collect_routes, make_plugin_manager
@@ -59,8 +64,11 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
                       **{name: Provide(_service(name), sync_to_thread=False) for name in _PROVIDED}},
         lifespan=[lifespan],
         exception_handlers={AlignError: _align_error, HTTPException: _http_error, Exception: _unexpected_error},
-        middleware=[_metrics_middleware],
-        request_max_body_size=None,  # the handlers enforce the configured limit with an OpenAI-shaped 413
+        middleware=[_metrics_middleware, request_checks],  # the first is outermost: it counts what the checks refuse
+        request_max_body_size=settings.server.max_body_bytes,  # every route's, as its body arrives
+        # The schema maps every route: reading it takes the key that /v1/* takes.
+        openapi_config=OpenAPIConfig(title="alignd", version=version("alignd"),
+                                     openapi_router=Router("/schema", route_handlers=[], guards=[user_guard])),
         debug=False,
     )
 

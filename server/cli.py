@@ -41,8 +41,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from alignd.models import resolve_model
 
     settings = _settings(args)
+    if refusal := _open_bind_refusal(settings):
+        print(f"alignd: {refusal}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not settings.server.api_keys:
+        logging.getLogger("alignd").warning(
+            "no API keys (--api-key): /v1/*, /metrics and /schema are open to anyone who can reach %s:%d",
+            settings.server.host, settings.server.port)
     # Before anything is opened or loaded: plugins first (a broken or conflicting one stops the start at once), then
     # the model (checked, and the demo model built or a .gguf file converted the first time, before listening, so
     # that progress bars have the terminal to themselves).
@@ -63,6 +70,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server.run()
     services = getattr(app.state, "services", None)  # set by the lifespan
     return 1 if services is not None and services.engine_error else 0
+
+
+def _open_bind_refusal(settings: Settings) -> str | None:
+    """Why ``settings`` must not be served: no API keys on an address other machines reach, unless the operator
+    said so with --insecure-open."""
+    from alignd.auth import is_loopback
+
+    server = settings.server
+    if server.api_keys or server.insecure_open or is_loopback(server.host):
+        return None
+    return (f"refusing to serve without API keys on {server.host}, which is not a loopback address: anyone who can "
+            "reach it could chat, send feedback and fill the database. Set --api-key (ALIGND_API_KEY), bind "
+            "127.0.0.1, or pass --insecure-open (ALIGND_INSECURE_OPEN=true) to serve it open anyway.")
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:

@@ -56,19 +56,44 @@ class EngineSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """HTTP server, access and request limits."""
 
-    host: Annotated[str, Meta(description="Address to bind.")] = "127.0.0.1"
+    host: Annotated[
+        str, Meta(description="Address to bind. One other machines reach needs --api-key (or --insecure-open).")
+    ] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="Port to bind (0: any free port).")] = 8000
     api_keys: Annotated[
         list[str],
-        Meta(extra={"flag": "api-key"}, description="Key accepted for /v1/* as 'Authorization: Bearer KEY' "
-             "(repeatable; in the environment, comma-separated). None set: /v1/* is open."),
+        Meta(extra={"flag": "api-key"}, description="Key accepted for /v1/*, /metrics and /schema as "
+             "'Authorization: Bearer KEY' (repeatable; in the environment, comma-separated). None set: they are "
+             "open, which a non-loopback --host refuses without --insecure-open."),
     ] = msgspec.field(default_factory=list)
     admin_keys: Annotated[
         list[str],
         Meta(extra={"flag": "admin-key"}, description="Key for the operator endpoints (repeatable). It is also "
              "accepted wherever an API key is. None set: operator endpoints are refused."),
     ] = msgspec.field(default_factory=list)
-    max_body_bytes: Annotated[int, Meta(ge=1024, description="Largest request body accepted (else 413).")] = 1 << 20
+    insecure_open: Annotated[
+        bool, Meta(description="Serve /v1/* without API keys on a non-loopback --host: anyone who can reach the port "
+                   "may chat, send feedback and fill the database. Without it, such a start is refused (exit 2).")
+    ] = False
+    allowed_hosts: Annotated[
+        list[str],
+        Meta(extra={"flag": "allowed-host"}, description="Host header accepted, without its port (repeatable; "
+             "'*.example.com' for its subdomains, '*' for any); another is a 400, which stops DNS rebinding. None "
+             "set: localhost, 127.0.0.1 and ::1 when --host is a loopback address, otherwise any."),
+    ] = msgspec.field(default_factory=list)
+    max_body_bytes: Annotated[
+        int, Meta(ge=1024, description="Largest request body accepted on any route, plugin routes included "
+                  "(else 413).")
+    ] = 1 << 20
+    chat_requests_per_minute: Annotated[
+        int, Meta(ge=0, description="Chat requests one caller (an API key; with no keys, a client address) may start "
+                  "per minute on average, in bursts of up to this many; beyond it 429 with Retry-After. 0: no limit.")
+    ] = 600
+    chat_max_concurrent: Annotated[
+        int, Meta(ge=0, description="Chat requests one caller may have in flight at once (streams until their last "
+                  "byte); beyond it 429 with Retry-After, never a queue. Keep it times --max-n below --max-num-seqs "
+                  "so that one caller cannot fill the engine. 0: no limit.")
+    ] = 8
     max_n: Annotated[int, Meta(ge=1, le=128, description="Largest 'n' (choices per chat request) accepted.")] = 16
     shutdown_grace_s: Annotated[
         float, Meta(ge=0, description="On SIGTERM, seconds in-flight requests get to finish before they are cut.")

@@ -54,6 +54,12 @@ class PayloadTooLarge(AlignError):
     default_code = "request_too_large"
 
 
+class UnsupportedMediaType(AlignError):
+    status = 415
+    type = "invalid_request_error"
+    default_code = "unsupported_media_type"
+
+
 class Unprocessable(AlignError):
     status = 422
     type = "invalid_request_error"

@@ -19,11 +19,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignd.auth import KeyChecker
+from alignd.auth import AllowedHosts, KeyChecker
 from alignd.chat import ChatService
 from alignd.config import ConfigError, Settings
 from alignd.feedback.manager import AlignPluginManager, collect_feedback_kinds, make_plugin_manager
 from alignd.feedback.service import FeedbackService
+from alignd.limits import ChatLimits
 from alignd.metrics import Metrics
 from alignd.models import resolve_model
 from alignd.policies.registry import PolicyRegistry
@@ -45,6 +46,8 @@ class Services:
     settings: Settings
     metrics: Metrics
     key_checker: KeyChecker
+    allowed_hosts: AllowedHosts
+    chat_limits: ChatLimits
     plugins: AlignPluginManager
     store: Store
     feedback: FeedbackService
@@ -127,9 +130,16 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                                 config=lambda request: trainer_config(t, request),
                                 threads=t.trainer_threads or default_threads(), trigger=trigger,
                                 run_timeout_s=t.run_timeout_s)
+    server = settings.server
+    if server.chat_max_concurrent and server.chat_max_concurrent * server.max_n >= settings.engine.max_num_seqs:
+        log.warning("one caller may run %d chat requests of up to %d choices at once, as many sequences as the engine "
+                    "schedules (--max-num-seqs %d): it can keep others waiting; lower --chat-max-concurrent",
+                    server.chat_max_concurrent, server.max_n, settings.engine.max_num_seqs)
     services = Services(settings=settings, metrics=metrics,
-                        key_checker=KeyChecker(settings.server.api_keys, settings.server.admin_keys), plugins=pm,
-                        store=store, feedback=feedback, router=router, registry=registry, trainer=trainer)
+                        key_checker=KeyChecker(server.api_keys, server.admin_keys),
+                        allowed_hosts=AllowedHosts(server.allowed_hosts, server.host),
+                        chat_limits=ChatLimits(server.chat_requests_per_minute, server.chat_max_concurrent),
+                        plugins=pm, store=store, feedback=feedback, router=router, registry=registry, trainer=trainer)
     return services
 
 

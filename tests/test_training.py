@@ -161,7 +161,7 @@ def test_a_run_trains_gates_and_promotes_without_failed_requests(trained: dict[s
     # The pairs it consumed are marked: nothing new is left to train on.
     assert srv.loop.run(srv.state.store.count_unused_signal()) == (0, 0)
     # Training figures reach /metrics.
-    text = httpx.get(f"{srv.url}/metrics").text
+    text = httpx.get(f"{srv.url}/metrics", headers={"authorization": f"Bearer {USER}"}).text
     assert 'alignd_training_runs_total{status="succeeded"} 1.0' in text
     assert "alignd_promoted_policy_version 1.0" in text
 

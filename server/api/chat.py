@@ -1,5 +1,6 @@
 """``POST /v1/chat/completions`` and ``GET /v1/models`` (API key): thin handlers over the chat service. They answer
-503 while the engine loads (or after it failed to start)."""
+503 while the engine loads (or after it failed to start). Chat requests count against their caller's limits
+(:mod:`alignd.limits`) for as long as they run."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ from litestar.connection import ASGIConnection
 from litestar.di import NamedDependency
 from litestar.handlers import BaseRouteHandler
 from litestar.response import Stream
+from litestar.types import ASGIApp, Receive, Scope, Send
 
 from alignd.api.body import read_body
-from alignd.auth import user_guard
+from alignd.api.checks import error_response
+from alignd.auth import bearer, user_guard
 from alignd.chat import ChatService
 from alignd.config import Settings
 from alignd.decoding import decode
-from alignd.errors import Unavailable
+from alignd.errors import RateLimited, Unavailable
 from alignd.policies.router import PolicyRouter
 from alignd.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
 from alignd.services import Services
@@ -36,11 +39,36 @@ async def engine_ready_guard(connection: ASGIConnection[Any, Any, Any, Any], _: 
     ready_chat(connection.app.state.services)
 
 
+def caller_limits(app: ASGIApp) -> ASGIApp:
+    """Middleware of the chat route: admit the request under its caller's rate and concurrency limits (else a 429)
+    and hold its slot until the response's last byte is sent or the client is gone. It runs before the guards, so a
+    request that they will refuse (no valid key, engine not up) is let through to them uncounted."""
+
+    async def middleware(scope: Scope, receive: Receive, send: Send) -> None:
+        connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope)
+        services: Services = connection.app.state.services
+        limits = services.chat_limits
+        caller = (services.key_checker.caller(bearer(connection), connection.client and connection.client.host)
+                  if limits.enabled and services.chat is not None else None)
+        if caller is None:
+            await app(scope, receive, send)
+            return
+        try:
+            lease = limits.admit(caller)
+        except RateLimited as e:
+            await error_response(e)(scope, receive, send)
+            return
+        with lease:
+            await app(scope, receive, send)
+
+    return middleware
+
+
 class ChatController(Controller):
     path = "/v1"
     guards = (user_guard, engine_ready_guard)
 
-    @post("/chat/completions", status_code=200)
+    @post("/chat/completions", status_code=200, middleware=[caller_limits])
     async def chat_completions(self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService],
                                settings: NamedDependency[Settings]) -> Response[ChatCompletion] | Stream:
         body = await read_body(request, settings.server.max_body_bytes)

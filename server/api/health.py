@@ -1,13 +1,19 @@
-"""``/health`` (the process is up), ``/ready`` (the engine is loaded and healthy) and ``/metrics``."""
+"""``/health`` (the process is up), ``/ready`` (the engine is loaded and healthy) and ``/metrics`` (API key, when
+keys are configured). The probes stay open for orchestrators, so they tell nothing but a status."""
 
 from __future__ import annotations
+
+import logging
 
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from alignd.auth import user_guard
 from alignd.protocol import Health
 from alignd.services import Services
+
+log = logging.getLogger(__name__)
 
 
 class HealthController(Controller):
@@ -22,11 +28,12 @@ class HealthController(Controller):
             return Response(Health(status="starting" if engine is None else "stopping"), status_code=503)
         try:
             await engine.check_health()
-        except Exception as e:
-            return Response(Health(status="unhealthy", detail=f"{type(e).__name__}: {e}"), status_code=503)
+        except Exception:
+            log.warning("engine health check failed", exc_info=True)  # the reason goes to the log, not to anyone asking
+            return Response(Health(status="unhealthy"), status_code=503)
         return Response(Health(status="ready", policy_version=services.router.promoted))
 
-    @get("/metrics", media_type=CONTENT_TYPE_LATEST)
+    @get("/metrics", media_type=CONTENT_TYPE_LATEST, guards=[user_guard])
     async def metrics(self, services: NamedDependency[Services]) -> bytes:
         services.metrics.promoted_version.set(services.router.promoted)
         return services.metrics.render()
