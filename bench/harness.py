@@ -80,10 +80,19 @@ class ServerSpec:
         return shlex.join([*(f"{k}={v}" for k, v in sorted(self.env_overrides.items())), *argv])
 
 
+# alignd's per-caller chat limits (600 requests a minute, 8 in flight) would answer a benchmark's many concurrent
+# users, all from one address, with 429s: the benchmarks measure the engine, not the limits, so they are off unless
+# the caller's flags set them.
+UNLIMITED_CHAT_FLAGS = {"--chat-max-concurrent": "0", "--chat-requests-per-minute": "0"}
+
+
 def alignd_spec(model: str | Path, port: int, data_dir: Path, flags: Sequence[str], *, cwd: Path) -> ServerSpec:
-    """``alignd serve`` on ``model`` and the loopback interface, its data in ``data_dir``, with ``flags`` added."""
+    """``alignd serve`` on ``model`` and the loopback interface, its data in ``data_dir``, with ``flags`` added, and
+    the per-caller chat limits off where ``flags`` leave them unset."""
+    limits = [arg for flag, value in UNLIMITED_CHAT_FLAGS.items()
+              if not any(f == flag or f.startswith(flag + "=") for f in flags) for arg in (flag, value)]
     argv = [sys.executable, "-m", "alignd.cli", "serve", "--model", str(model), "--port", str(port),
-            "--host", "127.0.0.1", "--data-dir", str(data_dir), *flags]
+            "--host", "127.0.0.1", "--data-dir", str(data_dir), *limits, *flags]
     return ServerSpec("alignd", argv, {}, "/ready", port, cwd)
 
 
