@@ -96,12 +96,15 @@ class Traffic:
 @pytest.fixture(scope="module")
 def app_factory(engine_loop: LoopThread, engine: Any, demo_model_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., AppServer]]:
-    """``start(data_dir)``: an app with keys and the manual trainer on the shared engine; stopped at the end."""
+    """``start(data_dir)``: an app with keys and the manual trainer on the shared engine; stopped at the end. No chat
+    rate limit: ``Traffic`` chats back to back from one key for as long as a run lasts, which on a fast machine is
+    more than the default 600 requests a minute (these tests are about training, not limits)."""
     servers: list[AppServer] = []
 
     def start(data_dir: Path, database: str | None = None, **trainer: Any) -> AppServer:
         settings = settings_for(demo_model_dir, data_dir, api_keys=[USER], admin_keys=[ADMIN],
-                                trainer={**TRAINER, **trainer}, database=database, store={"policy_sync_s": 0.5})
+                                trainer={**TRAINER, **trainer}, database=database, store={"policy_sync_s": 0.5},
+                                chat_requests_per_minute=0)
         srv = AppServer(engine_loop, create_app(settings, engine=engine)).start()
         servers.append(srv)
         return srv
