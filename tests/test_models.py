@@ -140,6 +140,26 @@ def test_smollm2_served_from_its_gguf_file_chats_with_its_template(smollm2_serve
     assert reply["usage"]["prompt_tokens"] > 20  # the template's system and role markers were rendered
 
 
+def test_simulated_users_judge_smollm2_replies_by_a_trait(smollm2_server: str) -> None:
+    """Users who prefer a rule-checked trait (the real-model benchmark's users) on the real model's replies: every
+    stored event follows the rules, checked again from the stored replies."""
+    from alignd.clients import Client
+    from alignd.clients.simulate import labeller, prompt_pool, run_simulation
+    from tests.test_simulate import assert_follows_the_rules
+
+    topics = {p.text: p for p in prompt_pool("training", "exclaims")}
+    with Client(smollm2_server, timeout=120) as client:
+        report = run_simulation(client, prefer="exclaims", requests=6, seed=3, concurrency=2, max_tokens=32)
+    with Client(smollm2_server, api_key=ADMIN, timeout=120) as admin:
+        events = [e for e in admin.export("events") if e["user"].startswith("sim-")]
+    assert report.requests == 6 and report.failed == 0 and len(events) == 6
+    label = labeller("exclaims")
+    for event in events:
+        prompt = topics[event["prompt"][0]["content"]]  # an everyday prompt of the training side
+        assert_follows_the_rules(event, [label(text, prompt) for text in event["choices"]], prompt.topic, "exclaims")
+    assert report.versions["policy-0"].replies == sum(len(e["choices"]) for e in events)
+
+
 def test_smollm2_trains_end_to_end(smollm2_server: str) -> None:
     """Feedback on SmolLM2's replies, one short run in its own process (reward model, normalisation, PPO with
     rollouts from the serving engine, gate), and a registered version that the engine loads and serves."""

@@ -61,30 +61,34 @@ def test_feedback_follows_the_rules(simulated: dict[str, Any]) -> None:
     for event in events:
         [question] = event["prompt"]
         topic = TOPIC_OF_PROMPT[question["content"]]  # a training-side prompt of the corpus
-        labels = [classify(text) for text in event["choices"]]
-        worth = [utility(label, topic, PREFER) for label in labels]
-        payload = event["payload"]
-        assert 2 <= len(labels) <= 4 and event["user"].startswith("sim-")
-        if event["kind"] == "thumbs":
-            label = labels[payload["choice"]]
-            liked = label.style == PREFER and label.topic == topic
-            assert payload["value"] == ("up" if liked else "down"), (labels, payload)
-        elif event["kind"] == "pairwise":
-            first, second = payload["choices"]
-            assert first != second and max(first, second) < len(labels)
-            if labels[first].topic != topic and labels[second].topic != topic:
-                assert payload["winner"] == "both_bad"
-            elif worth[first] == worth[second]:
-                assert payload["winner"] == "tie"
-            else:
-                assert payload["winner"] == (first if worth[first] > worth[second] else second)
+        assert_follows_the_rules(event, [classify(text) for text in event["choices"]], topic, PREFER)
+
+
+def assert_follows_the_rules(event: dict[str, Any], labels: list[Label], topic: str, prefer: str) -> None:
+    """One stored feedback event against the simulated users' rules, checked from its stored replies' labels."""
+    worth = [utility(label, topic, prefer) for label in labels]
+    payload = event["payload"]
+    assert 2 <= len(labels) <= 4 and event["user"].startswith("sim-")
+    if event["kind"] == "thumbs":
+        label = labels[payload["choice"]]
+        liked = label.style == prefer and label.topic == topic
+        assert payload["value"] == ("up" if liked else "down"), (labels, payload)
+    elif event["kind"] == "pairwise":
+        first, second = payload["choices"]
+        assert first != second and max(first, second) < len(labels)
+        if labels[first].topic != topic and labels[second].topic != topic:
+            assert payload["winner"] == "both_bad"
+        elif worth[first] == worth[second]:
+            assert payload["winner"] == "tie"
         else:
-            assert event["kind"] == "ranking"
-            ranking = payload["ranking"]
-            ranked = [worth[i] for i in ranking]
-            unranked = [worth[i] for i in range(len(labels)) if i not in ranking]
-            assert ranked and ranked == sorted(ranked, reverse=True), (labels, ranking)
-            assert unranked and set(unranked) == {min(worth)} and min(ranked) > min(worth)
+            assert payload["winner"] == (first if worth[first] > worth[second] else second)
+    else:
+        assert event["kind"] == "ranking"
+        ranking = payload["ranking"]
+        ranked = [worth[i] for i in ranking]
+        unranked = [worth[i] for i in range(len(labels)) if i not in ranking]
+        assert ranked and ranked == sorted(ranked, reverse=True), (labels, ranking)
+        assert unranked and set(unranked) == {min(worth)} and min(ranked) > min(worth)
 
 
 def test_report_counts_match_what_was_stored(simulated: dict[str, Any]) -> None:
