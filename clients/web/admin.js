@@ -269,14 +269,19 @@ function showLogin(message) {
   $("admin-key").focus();
 }
 
+let loadGeneration = 0;
+
 async function loadAll() {
+  // A load that a newer one overtook (a refused key, then the right one) must not mark the page loaded.
+  const generation = ++loadGeneration;
+  delete document.body.dataset.loaded;
   document.querySelectorAll(".note[id]").forEach((el) => note(el.id, ""));
   $("login").hidden = true;
   $("panels").hidden = false;
   $("refresh").hidden = false;
   $("sign-out").hidden = false;
   await Promise.allSettled([loadPolicies(), loadRuns(), loadVolume(), loadPlugins()]);
-  document.body.dataset.loaded = "true"; // for tests and scripts: every section has answered
+  if (generation === loadGeneration) document.body.dataset.loaded = "true"; // for tests and scripts: every section has answered
 }
 
 function init() {
