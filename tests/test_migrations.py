@@ -18,6 +18,8 @@ from sqlalchemy import Connection, inspect, text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from alignd.store import HEAD, Store, StoreError, migrations
+from alignd.store import feedback as feedback_module
+from alignd.store import store as store_module
 from alignd.store.store import async_url
 from alignd.store.tables import metadata
 from tests.store_reads import count_completions
@@ -25,6 +27,7 @@ from tests.test_feedback_store import make_feedback
 from tests.test_store import make_record, schema_revision, store_url  # noqa: F401 - the fixture, on both databases
 
 FROZEN = Path(__file__).parent / "data"
+_ADDED_SINCE_V3 = {"principal"}  # columns of completions and feedback that revision 0005 added
 
 
 async def _on(url: str, work) -> object:  # type: ignore[no-untyped-def]
@@ -124,8 +127,13 @@ async def test_rows_written_before_the_upgrade_survive_it(store_url: str, monkey
                           "VALUES (3, 'v3', CURRENT_TIMESTAMP)"))
 
     await _on(store_url, build)
-    # Rows written by the store's own code before Alembic ever ran, as an earlier alignd wrote them.
+    # Rows written by the store's own code before Alembic ever ran, as an earlier alignd wrote them: without the
+    # columns added since.
     monkeypatch.setattr(migrations, "migrate_sync", lambda conn: "legacy")
+    for module, builder in ((store_module, "_completion_row"), (feedback_module, "_feedback_row")):
+        current = getattr(module, builder)
+        monkeypatch.setattr(module, builder, lambda rec, current=current: {
+            k: v for k, v in current(rec).items() if k not in _ADDED_SINCE_V3})
     async with await Store.open(store_url) as old:
         await old.record_completion(make_record(7))
         await old.record_feedback(make_feedback(7, completion_id="chatcmpl-000007"))

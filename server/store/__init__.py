@@ -3,6 +3,7 @@
 Importing this package touches no database; :meth:`Store.open` does.
 """
 
+from alignd.store.keys import KeyRow, RoleConflictError
 from alignd.store.migrations import HEAD, MigrationError
 from alignd.store.records import (
     ChoiceRecord,
@@ -22,11 +23,13 @@ __all__ = [
     "ChoiceRecord",
     "CompletionRecord",
     "FeedbackRecord",
+    "KeyRow",
     "Label",
     "MigrationError",
     "PolicyRow",
     "PreferencePair",
     "RecordRejectedError",
+    "RoleConflictError",
     "RunRow",
     "Store",
     "StoreClosedError",

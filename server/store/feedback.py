@@ -34,17 +34,21 @@ def _check_aware(name: str, value: datetime | None) -> None:
         raise ValueError(f"{name} must be timezone-aware, got {value!r}")
 
 
+def _feedback_row(rec: FeedbackRecord) -> dict[str, Any]:
+    return {
+        "id": rec.id, "completion_id": rec.completion_id, "kind": rec.kind, "choice": rec.choice,
+        "payload": rec.payload, "user": rec.user, "comment": rec.comment, "tags": rec.tags,
+        "idempotency_key": rec.idempotency_key, "request_hash": rec.request_hash,
+        "policy_version": rec.policy_version, "pair_count": len(rec.pairs), "label_count": len(rec.labels),
+        "created": rec.created, "principal": rec.principal,
+    }
+
+
 async def insert_feedback(conn: AsyncConnection, records: Sequence[FeedbackRecord]) -> None:
     """Insert feedback events with their pairs and labels, inside the writer's transaction."""
     feedback_rows, pair_rows, label_rows = [], [], []
     for rec in records:
-        feedback_rows.append({
-            "id": rec.id, "completion_id": rec.completion_id, "kind": rec.kind, "choice": rec.choice,
-            "payload": rec.payload, "user": rec.user, "comment": rec.comment, "tags": rec.tags,
-            "idempotency_key": rec.idempotency_key, "request_hash": rec.request_hash,
-            "policy_version": rec.policy_version, "pair_count": len(rec.pairs), "label_count": len(rec.labels),
-            "created": rec.created,
-        })
+        feedback_rows.append(_feedback_row(rec))
         provenance = {"feedback_id": rec.id, "completion_id": rec.completion_id, "kind": rec.kind,
                       "policy_version": rec.policy_version, "created": rec.created, "used_in_run": None}
         pair_rows.extend({**provenance, "prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected,
@@ -65,7 +69,7 @@ def _stored_feedback(row: Any) -> StoredFeedback:
         id=m["id"], completion_id=m["completion_id"], kind=m["kind"], choice=m["choice"], payload=m["payload"],
         user=m["user"], comment=m["comment"], tags=list(m["tags"]), idempotency_key=m["idempotency_key"],
         request_hash=m["request_hash"], policy_version=m["policy_version"], created=m["created"],
-        pair_count=m["pair_count"], label_count=m["label_count"])
+        pair_count=m["pair_count"], label_count=m["label_count"], principal=m["principal"])
 
 
 def _after(query: Select[Any], table: Any, created: datetime, id_: Any) -> Select[Any]:
@@ -121,7 +125,7 @@ def _context_result(completion_rows: list[Any] | None, history_rows: list[Any] |
         id=m["id"], created=m["created"], model=m["model"], policy_version=m["policy_version"],
         messages=m["messages"], params=m["params"], user=m["user"], metadata=m["metadata"],
         prompt_tokens=m["prompt_tokens"], completion_tokens=m["completion_tokens"], latency_ms=m["latency_ms"],
-        stream=m["stream"],
+        stream=m["stream"], principal=m["principal"],
         choices=[ChoiceRecord(index=r.choice_index, text=r.choice_text, token_ids=[], finish_reason=r.finish_reason)
                  for r in completion_rows if r.choice_index is not None]), history
 

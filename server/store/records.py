@@ -59,6 +59,8 @@ class CompletionRecord(msgspec.Struct, kw_only=True):
     """Whether the response was streamed."""
     choices: list[ChoiceRecord]
     """The generated choices, in index order."""
+    principal: str | None = None
+    """The principal whose key made it (None: made without a key)."""
 
 
 class PreferencePair(msgspec.Struct, kw_only=True):
@@ -115,6 +117,8 @@ class FeedbackRecord(msgspec.Struct, kw_only=True):
     created: datetime
     pairs: list[PreferencePair] = []
     labels: list[Label] = []
+    principal: str | None = None
+    """The principal whose key sent it (None: sent without a key, or by trusted server-side code)."""
 
 
 class StoredFeedback(msgspec.Struct, kw_only=True):
@@ -134,6 +138,7 @@ class StoredFeedback(msgspec.Struct, kw_only=True):
     created: datetime
     pair_count: int
     label_count: int
+    principal: str | None = None
 
 
 class StoredPair(PreferencePair, kw_only=True):

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from alignd.store.feedback import FeedbackQueries, insert_feedback
+from alignd.store.keys import KeyQueries
 from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, migrate
 from alignd.store.records import CompletionRecord, FeedbackRecord
 from alignd.store.tables import choices, completions
@@ -201,6 +202,7 @@ def _completion_row(rec: CompletionRecord) -> dict[str, Any]:
         "completion_tokens": rec.completion_tokens,
         "latency_ms": rec.latency_ms,
         "stream": rec.stream,
+        "principal": rec.principal,
     }
 
 
@@ -217,8 +219,9 @@ def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
     ]
 
 
-class Store(FeedbackQueries, TrainingQueries):
-    """Durable storage for completions and feedback; one per process, shared by all requests.
+class Store(FeedbackQueries, TrainingQueries, KeyQueries):
+    """Durable storage for completions, feedback, the registry's rows and API keys; one per process, shared by all
+    requests.
 
     Create with :meth:`open` and release with :meth:`close` (or ``async with``).
     All methods must be called from the event loop that opened the store.

@@ -29,6 +29,7 @@ from sqlalchemy import (
 __all__ = [
     "NULLABLE_JSON",
     "UTCDateTime",
+    "api_keys",
     "choices",
     "completions",
     "feedback",
@@ -96,6 +97,7 @@ completions = Table(
     Column("completion_tokens", Integer, nullable=False),
     Column("latency_ms", Float, nullable=False),
     Column("stream", Boolean, nullable=False),
+    Column("principal", Text, nullable=True),  # the principal whose key made it (None: made without a key)
     Index(None, "created"),
     Index(None, "policy_version"),
 )
@@ -131,6 +133,7 @@ feedback = Table(
     Column("pair_count", Integer, nullable=False),
     Column("label_count", Integer, nullable=False),
     Column("created", UTCDateTime, nullable=False),
+    Column("principal", Text, nullable=True),  # the principal whose key sent it
     ForeignKeyConstraint(["completion_id"], ["completions.id"], ondelete="CASCADE"),
     Index(None, "completion_id", "kind"),
     Index(None, "created"),
@@ -216,4 +219,19 @@ training_runs = Table(
     Column("finished", UTCDateTime, nullable=True),
     Index(None, "status"),
     Index(None, "created"),
+)
+
+#: API keys added at run time (keys of the configuration are not stored). Only a hash of each key is kept.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Text, primary_key=True),  # also part of the key itself, which is how a key finds its row
+    Column("name", Text, nullable=False),  # the principal
+    Column("role", Text, nullable=False),  # user | frontend | admin
+    Column("key_hash", Text, nullable=False),  # SHA-256 of the key, hex
+    Column("created", UTCDateTime, nullable=False),
+    Column("created_by", Text, nullable=True),
+    Column("revoked", UTCDateTime, nullable=True),
+    Column("revoked_by", Text, nullable=True),
+    Index(None, "name"),
 )
