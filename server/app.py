@@ -17,6 +17,7 @@ from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from alignd.api.admin import KeyController
 from alignd.api.chat import ChatController, ready_chat
 from alignd.api.checks import request_checks
 from alignd.api.feedback import FeedbackController
@@ -59,7 +60,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
 
     return Litestar(
         route_handlers=[ChatController, FeedbackController, PolicyController, TrainingController, PluginController,
-                        HealthController, web_router()],
+                        KeyController, HealthController, web_router()],
         dependencies={"chat": Provide(ready_chat, sync_to_thread=False),
                       **{name: Provide(_service(name), sync_to_thread=False) for name in _PROVIDED}},
         lifespan=[lifespan],

@@ -1,9 +1,14 @@
-"""Who may call: API and admin keys (``Authorization: Bearer KEY``, compared in constant time), and which Host
-headers the server answers to."""
+"""Who may call what: the guards of the routes, over the key ring (:mod:`alignd.keys`), and which Host headers the
+server answers to.
+
+A guard puts the caller's principal (None: an anonymous caller of an open server) in the request's scope as
+``auth`` (``request.auth``, and the ``principal`` dependency). The client API is open while no ``user`` or
+``frontend`` key exists; operator endpoints take admin keys only; ``/metrics`` takes an admin, frontend or metrics
+key once any of those is needed.
+"""
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 from collections.abc import Sequence
 from typing import Any
@@ -11,16 +16,10 @@ from typing import Any
 from litestar.connection import ASGIConnection
 from litestar.handlers import BaseRouteHandler
 
-from alignd.errors import Forbidden, InvalidRequest, Unauthorized
+from alignd.errors import AlignError, Forbidden, InvalidRequest, Unauthorized
+from alignd.keys import KeyRing
 from alignd.limits import key_caller
-
-
-def _matches(key: str, keys: Sequence[str]) -> bool:
-    # Compare against every key without stopping early so timing does not reveal which one (or how many) matched.
-    found = False
-    for candidate in keys:
-        found |= hmac.compare_digest(key.encode(), candidate.encode())
-    return found
+from alignd.principals import Principal
 
 
 def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
@@ -30,52 +29,90 @@ def bearer(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
     return token.strip() if scheme.lower() == "bearer" and token.strip() else None
 
 
-class KeyChecker:
-    """Decides who may call what: API keys for ``/v1/*`` (open when none configured), admin keys for operators."""
+async def authenticate(keys: KeyRing, token: str | None) -> Principal | None:
+    """The caller of the client API: the principal of a valid key, or None (anonymous) while the client API is
+    open. A key that is wrong, revoked or missing is a 401 once ``user`` or ``frontend`` keys exist. On an open
+    server a token that is no key (the openai SDK always sends one) is anonymous, as if none were sent."""
+    principal = await keys.identify(token) if token is not None else None
+    if principal is not None or not await keys.client_keys_in_use():
+        return principal
+    if token is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    raise Unauthorized("Invalid API key.")
 
-    def __init__(self, api_keys: Sequence[str], admin_keys: Sequence[str]) -> None:
-        self.api_keys = list(api_keys)
-        self.admin_keys = list(admin_keys)
 
-    def check_user(self, token: str | None) -> None:
-        """Admit a client of the chat and feedback API."""
-        if not self.api_keys:
-            return
-        if token is None:
-            raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
-        if not (_matches(token, self.api_keys) or _matches(token, self.admin_keys)):
-            raise Unauthorized("Invalid API key.")
-
-    def caller(self, token: str | None, address: str | None) -> str | None:
-        """Whom per-caller limits count this request against: its key (hashed) when keys are configured, else its
-        client address. None for a key that is not accepted (the guard refuses it)."""
-        if not self.api_keys:
-            return f"address:{address or 'unknown'}"
-        if token is None or not (_matches(token, self.api_keys) or _matches(token, self.admin_keys)):
-            return None
-        return key_caller(token)
-
-    def check_admin(self, token: str | None) -> None:
-        """Admit an operator: only an admin key will do."""
-        if not self.admin_keys:
-            raise Forbidden("Operator endpoints are disabled: no admin key is configured (--admin-key).")
-        if token is None:
-            raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin key>'.")
-        if _matches(token, self.admin_keys):
-            return
-        if _matches(token, self.api_keys):
-            raise Forbidden("This endpoint needs an admin key; an API key was given.")
+async def authorize_admin(keys: KeyRing, token: str | None) -> Principal:
+    """An operator: an admin key only."""
+    if not await keys.admin_keys_exist():
+        raise Forbidden("Operator endpoints are disabled: no admin key is configured (--admin-key, or "
+                        "--key NAME:admin:KEY).")
+    if token is None:
+        raise Unauthorized("Missing admin key: send 'Authorization: Bearer <admin key>'.")
+    principal = await keys.identify(token)
+    if principal is None:
         raise Unauthorized("Invalid admin key.")
+    if not principal.is_admin:
+        raise Forbidden(f"This endpoint needs an admin key; a {principal.role} key was given.")
+    return principal
+
+
+async def authorize_metrics(keys: KeyRing, token: str | None) -> None:
+    """A reader of ``/metrics``: open with the client API unless metrics keys are set; else a metrics, admin or
+    frontend key (a service, not an end user: a ``user`` key is a 403)."""
+    if not keys.guards_metrics and not await keys.client_keys_in_use():
+        return
+    if token is None:
+        raise Unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+    if keys.is_metrics_key(token):
+        return
+    principal = await keys.identify(token)
+    if principal is None:
+        raise Unauthorized("Invalid API key.")
+    if principal.role == "user":
+        raise Forbidden("/metrics needs a metrics, frontend or admin key; a user key was given.")
+
+
+def _keys(connection: ASGIConnection[Any, Any, Any, Any]) -> KeyRing:
+    return connection.app.state.services.keys
+
+
+async def caller_principal(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | None:
+    """The client API's caller (see :func:`authenticate`), found once per request and kept in its scope."""
+    if "auth" not in connection.scope:
+        connection.scope["auth"] = await authenticate(_keys(connection), bearer(connection))
+    return connection.scope["auth"]
+
+
+async def limits_caller(connection: ASGIConnection[Any, Any, Any, Any]) -> str | None:
+    """Whom per-caller limits count a request against: its key (hashed) when it has a valid one, else its client
+    address (an anonymous caller of an open server). None for a request the guard will refuse: it spends nothing."""
+    try:
+        principal = await caller_principal(connection)
+    except AlignError:
+        return None
+    if principal is not None:
+        return key_caller(bearer(connection) or "")
+    return f"address:{connection.client.host if connection.client else 'unknown'}"
 
 
 async def user_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
-    """Litestar guard for the client API."""
-    connection.app.state.services.key_checker.check_user(bearer(connection))
+    """Litestar guard for the client API (chat, feedback, the schema, plugin routes with ``auth="user"``)."""
+    await caller_principal(connection)
 
 
 async def admin_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
     """Litestar guard for operator endpoints."""
-    connection.app.state.services.key_checker.check_admin(bearer(connection))
+    connection.scope["auth"] = await authorize_admin(_keys(connection), bearer(connection))
+
+
+async def metrics_guard(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+    """Litestar guard for ``/metrics``."""
+    await authorize_metrics(_keys(connection), bearer(connection))
+
+
+def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal | None:
+    """The principal a guard found for this request (None: anonymous, or a route without a guard)."""
+    return connection.scope.get("auth")
 
 
 def is_loopback(host: str) -> bool:

@@ -21,6 +21,7 @@ from alignd.errors import InvalidRequest
 from alignd.messages import plain_messages
 from alignd.metrics import Metrics
 from alignd.policies.router import PolicyRouter
+from alignd.principals import Principal, acting_user
 from alignd.protocol import (
     AssistantMessage,
     ChatCompletion,
@@ -58,6 +59,10 @@ class PreparedChat:
     policy_version: int
     prompt_token_ids: list[int]
     options: SamplingOptions
+    user: str | None = None
+    """The end user it is for (see :func:`alignd.principals.acting_user`)."""
+    principal: str | None = None
+    """The name of the principal whose key asked (None: no key)."""
     started: float = field(default_factory=time.perf_counter)
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
 
@@ -82,8 +87,10 @@ class ChatService:
 
     # --- validation ------------------------------------------------------------------------------------------
 
-    def prepare(self, request: ChatCompletionRequest) -> PreparedChat:
-        """Check what depends on the running server (model, n cap, context left); nothing reaches the engine yet."""
+    def prepare(self, request: ChatCompletionRequest, principal: Principal | None = None) -> PreparedChat:
+        """Check who may ask for what (``user``) and what depends on the running server (model, n cap, context
+        left); nothing reaches the engine yet. ``principal`` is the caller (None: no key)."""
+        user = acting_user(principal, request.user)
         version = self.router.resolve(request.model)
         if unsupported := request.unsupported_field():
             raise InvalidRequest(f"'{unsupported}' is not supported by this server.", param=unsupported,
@@ -108,7 +115,8 @@ class ChatService:
                 f"{len(prompt)}-token prompt (context {self.engine.max_model_len}).",
                 param=param, code="context_length_exceeded")
         return PreparedChat(request=request, completion_id=f"chatcmpl-{uuid.uuid4().hex}", policy_version=version,
-                            prompt_token_ids=prompt, options=request.to_sampling(asked or context_left))
+                            prompt_token_ids=prompt, options=request.to_sampling(asked or context_left), user=user,
+                            principal=principal.name if principal is not None else None)
 
     # --- generation ------------------------------------------------------------------------------------------
 
@@ -200,7 +208,7 @@ class ChatService:
             policy_version=chat.policy_version,
             messages=[msgspec.to_builtins(m) for m in req.messages],
             params=msgspec.to_builtins(req.params_record()),
-            user=req.user,
+            user=chat.user,
             metadata=req.metadata,
             prompt_tokens=len(chat.prompt_token_ids),
             completion_tokens=sum(len(s.token_ids) for s in states),
@@ -209,6 +217,7 @@ class ChatService:
             choices=[ChoiceRecord(index=i, text="".join(s.text), token_ids=s.token_ids,
                                   finish_reason=s.finish_reason or ("abort" if aborted else None))
                      for i, s in enumerate(states)],
+            principal=chat.principal,
         )
 
     async def _store(self, chat: PreparedChat, states: list[_ChoiceState]) -> None:

@@ -71,6 +71,25 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         Meta(extra={"flag": "admin-key"}, description="Key for the operator endpoints (repeatable). It is also "
              "accepted wherever an API key is. None set: operator endpoints are refused."),
     ] = msgspec.field(default_factory=list)
+    keys: Annotated[
+        list[str],
+        Meta(extra={"flag": "key"}, description="A named key, 'NAME:ROLE:KEY' (repeatable): principal NAME with ROLE "
+             "user (its own completions and feedback only), frontend (a chat UI that names its end users) or admin. "
+             "KEY may be 'sha256:<hex digest of the key>' to keep the key itself out of the configuration. More keys "
+             "can be added at run time (POST /v1/admin/keys, `alignd keys add`); --api-key keys are principal 'api' "
+             "(frontend), --admin-key keys principal 'admin' (admin)."),
+    ] = msgspec.field(default_factory=list)
+    metrics_keys: Annotated[
+        list[str],
+        Meta(extra={"flag": "metrics-key"}, description="Key that may read /metrics and nothing else (repeatable; "
+             "'sha256:<hex>' as for --key), for a Prometheus scrape. Set: /metrics needs it (or an admin or "
+             "frontend key) even on an open server."),
+    ] = msgspec.field(default_factory=list)
+    key_cache_s: Annotated[
+        float, Meta(ge=0, description="Seconds a key added or revoked at run time may take to be seen by the other "
+                    "replicas (each caches what the database says about a key this long; the replica that made the "
+                    "change sees it at once). 0: read the database on every request.")
+    ] = 1.0
     insecure_open: Annotated[
         bool, Meta(description="Serve /v1/* without API keys on a non-loopback --host: anyone who can reach the port "
                    "may chat, send feedback and fill the database. Without it, such a start is refused (exit 2).")

@@ -317,6 +317,8 @@ class FeedbackEvent(msgspec.Struct, kw_only=True):
     labels: int
     prompt: list[dict[str, Any]]
     choices: list[str]
+    principal: str | None = None
+    """The principal whose key sent it (None: sent without a key, on an open server)."""
     object: Literal["feedback"] = "feedback"
 
 
@@ -530,4 +532,53 @@ class PluginList(msgspec.Struct, kw_only=True):
     """``GET /v1/plugins``: loaded plugins first, in load order."""
 
     data: list[PluginCard]
+    object: Literal["list"] = "list"
+
+
+# --- API keys and principals (operators) -------------------------------------------------------------------------
+
+PrincipalRole = Literal["user", "frontend", "admin"]
+"""``user``: one end user; its completions and feedback are its own, and the principal's name is its ``user``.
+``frontend``: a chat UI that authenticates its own users; it may name the end user (``user``) and judge the
+completions made through it. ``admin``: everything, the operator endpoints included."""
+
+PRINCIPAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._@+-]*$"
+PrincipalName = Annotated[str, Meta(min_length=1, max_length=128, pattern=PRINCIPAL_NAME_PATTERN)]
+
+
+class ApiKeyRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/admin/keys``: a new key for principal ``name`` with ``role``. Several keys may share a
+    principal (to rotate one); a name keeps the role it was first given."""
+
+    name: PrincipalName
+    role: PrincipalRole
+
+
+class ApiKey(msgspec.Struct, kw_only=True):
+    """A key as ``GET /v1/admin/keys`` lists it: never the key itself, which is shown once, at creation."""
+
+    id: str
+    """``config-…`` for a key of the configuration (revoked by removing it there), else the stored key's id."""
+    name: str
+    """The principal the key stands for."""
+    role: PrincipalRole
+    source: Literal["config", "database"]
+    created: str | None
+    created_by: str | None
+    """The admin principal that added it (None: configured at start)."""
+    revoked: str | None = None
+    revoked_by: str | None = None
+    object: Literal["api_key"] = "api_key"
+
+
+class ApiKeyCreated(ApiKey, kw_only=True):
+    """``201`` answer to ``POST /v1/admin/keys``: the key, the only time it is shown (the server keeps a hash)."""
+
+    key: str
+
+
+class ApiKeyList(msgspec.Struct, kw_only=True):
+    """``GET /v1/admin/keys``: the configured keys, then the stored ones oldest first, revoked ones included."""
+
+    data: list[ApiKey]
     object: Literal["list"] = "list"

@@ -2,9 +2,10 @@
 in the background and tears everything down in reverse; handlers receive them through Litestar dependencies.
 
 Start-up order: plugins first (a broken or conflicting plugin stops the start before anything is opened), the store
-(schema migrated), the feedback service with every plugin's ``startup``, the router and registry, the trainer's
-supervisor, then the engine, in the background: the HTTP server answers as soon as this returns, with ``/ready`` and
-chat answering 503 until the engine is up, so that orchestrators can tell "alive" from "ready".
+(schema migrated), the feedback service with every plugin's ``startup``, the key ring (configured keys checked against
+the stored ones), the router and registry, the trainer's supervisor, then the engine, in the background: the HTTP
+server answers as soon as this returns, with ``/ready`` and chat answering 503 until the engine is up, so that
+orchestrators can tell "alive" from "ready".
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-from alignd.auth import AllowedHosts, KeyChecker
+from alignd.auth import AllowedHosts
 from alignd.chat import ChatService
 from alignd.config import ConfigError, Settings
 from alignd.feedback.manager import AlignPluginManager, collect_feedback_kinds, make_plugin_manager
 from alignd.feedback.service import FeedbackService
+from alignd.keys import KeyRing
 from alignd.limits import ChatLimits
 from alignd.metrics import Metrics
 from alignd.models import resolve_model
@@ -45,7 +47,7 @@ class Services:
 
     settings: Settings
     metrics: Metrics
-    key_checker: KeyChecker
+    keys: KeyRing
     allowed_hosts: AllowedHosts
     chat_limits: ChatLimits
     plugins: AlignPluginManager
@@ -83,6 +85,7 @@ async def open_services(settings: Settings, *, engine: Any = None, store: Store 
         feedback = FeedbackService(opened, pm, metrics, settings, kinds=kinds)
         await feedback.start()
         services = _assemble(settings, metrics, pm, opened, feedback)
+        await services.keys.check_store()
         await services.trainer.open()
         if not opened.embedded and settings.store.policy_sync_s > 0:  # replicas share PostgreSQL
             services._tasks.append(asyncio.create_task(_follow_promotions(services), name="alignd-policy-sync"))
@@ -136,7 +139,7 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                     "schedules (--max-num-seqs %d): it can keep others waiting; lower --chat-max-concurrent",
                     server.chat_max_concurrent, server.max_n, settings.engine.max_num_seqs)
     services = Services(settings=settings, metrics=metrics,
-                        key_checker=KeyChecker(server.api_keys, server.admin_keys),
+                        keys=KeyRing(store, server),
                         allowed_hosts=AllowedHosts(server.allowed_hosts, server.host),
                         chat_limits=ChatLimits(server.chat_requests_per_minute, server.chat_max_concurrent),
                         plugins=pm, store=store, feedback=feedback, router=router, registry=registry, trainer=trainer)

@@ -120,6 +120,22 @@ async def reaction_via_state(request: Request[Any, Any, Any]) -> dict[str, Any]:
     return {"feedback_id": created.id}
 
 
+class Stars:
+    """A route for the client API's callers (``auth="user"``): a star is ``thumbs`` up, stored for the caller, whose
+    ownership rules apply as on ``POST /v1/feedback``."""
+
+    @hookimpl
+    def register_routes(self, register: RegisterRoute) -> None:
+        register(star)
+
+
+@post("/star", status_code=201)
+async def star(request: Request[Any, Any, Any], feedback: NamedDependency[FeedbackSubmitter]) -> dict[str, Any]:
+    body = await request.json()
+    created, _ = await feedback.submit({"completion_id": body["completion_id"], "kind": "thumbs", "value": "up"})
+    return {"feedback_id": created.id}
+
+
 def _thumbs(body: dict[str, Any]) -> dict[str, Any]:
     return {"completion_id": body["completion_id"], "kind": "thumbs",
             "value": "up" if body["emoji"] == "+1" else "down", "tags": ["reaction"], "user": body.get("user")}
@@ -129,3 +145,4 @@ duplicate_thumbs = DuplicateThumbs
 misspelt = Misspelt
 spam_filter = SpamFilter
 reactions = Reactions
+stars = Stars

@@ -324,16 +324,14 @@ def test_api_keys_guard_the_client_api(keyed_server: AppServer, header: str | No
 
 
 def test_admin_guard_tells_api_key_from_admin_key(keyed_server: AppServer) -> None:
+    from alignd.auth import authorize_admin
     from alignd.errors import Forbidden, Unauthorized
 
-    keys = keyed_server.state.key_checker
-    keys.check_admin("admin-key")
-    with pytest.raises(Forbidden):
-        keys.check_admin("user-key-1")
-    with pytest.raises(Unauthorized):
-        keys.check_admin("nope")
-    with pytest.raises(Unauthorized):
-        keys.check_admin(None)
+    keys = keyed_server.state.keys
+    assert keyed_server.loop.run(authorize_admin(keys, "admin-key")).role == "admin"
+    for token, error in (("user-key-1", Forbidden), ("nope", Unauthorized), (None, Unauthorized)):
+        with pytest.raises(error):
+            keyed_server.loop.run(authorize_admin(keys, token))
 
 
 def test_openai_sdk_with_api_key(keyed_server: AppServer) -> None:

@@ -16,7 +16,7 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from alignd.api.body import read_body
 from alignd.api.checks import error_response
-from alignd.auth import bearer, user_guard
+from alignd.auth import limits_caller, principal_of, user_guard
 from alignd.chat import ChatService
 from alignd.config import Settings
 from alignd.decoding import decode
@@ -48,8 +48,7 @@ def caller_limits(app: ASGIApp) -> ASGIApp:
         connection: ASGIConnection[Any, Any, Any, Any] = ASGIConnection(scope)
         services: Services = connection.app.state.services
         limits = services.chat_limits
-        caller = (services.key_checker.caller(bearer(connection), connection.client and connection.client.host)
-                  if limits.enabled and services.chat is not None else None)
+        caller = await limits_caller(connection) if limits.enabled and services.chat is not None else None
         if caller is None:
             await app(scope, receive, send)
             return
@@ -72,7 +71,7 @@ class ChatController(Controller):
     async def chat_completions(self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService],
                                settings: NamedDependency[Settings]) -> Response[ChatCompletion] | Stream:
         body = await read_body(request, settings.server.max_body_bytes)
-        prepared = chat.prepare(decode(body, ChatCompletionRequest))
+        prepared = chat.prepare(decode(body, ChatCompletionRequest), principal_of(request))
         if prepared.request.stream:
             # Litestar cancels the iterator when the client disconnects, which aborts the engine request.
             return Stream(chat.stream(prepared), media_type="text/event-stream",

@@ -1,4 +1,5 @@
-"""``POST /v1/feedback`` (API key), ``GET /v1/feedback``, ``GET /v1/feedback/export`` and ``GET /v1/feedback/stats``
+"""``POST /v1/feedback`` (API key; a ``user`` or ``frontend`` key judges its own completions only),
+``GET /v1/feedback``, ``GET /v1/feedback/export`` and ``GET /v1/feedback/stats``
 (admin key): thin handlers over the feedback service. None of them needs the engine."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from alignd.api.body import read_body
-from alignd.auth import admin_guard, user_guard
+from alignd.auth import admin_guard, principal_of, user_guard
 from alignd.config import Settings
 from alignd.decoding import convert, decode
 from alignd.errors import Unprocessable
@@ -35,7 +36,8 @@ class FeedbackController(Controller):
     async def create_feedback(self, request: Request[Any, Any, Any], feedback: NamedDependency[FeedbackService],
                               settings: NamedDependency[Settings]) -> Response[FeedbackCreated]:
         body = decode(await read_body(request, settings.server.max_body_bytes), dict[str, Any])
-        created, replayed = await feedback.submit(body, idempotency_key=request.headers.get("idempotency-key"))
+        created, replayed = await feedback.submit(body, idempotency_key=request.headers.get("idempotency-key"),
+                                                  principal=principal_of(request))
         return Response(created, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
     @get("/", guards=[admin_guard])

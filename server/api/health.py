@@ -1,5 +1,6 @@
-"""``/health`` (the process is up), ``/ready`` (the engine is loaded and healthy) and ``/metrics`` (API key, when
-keys are configured). The probes stay open for orchestrators, so they tell nothing but a status."""
+"""``/health`` (the process is up), ``/ready`` (the engine is loaded and healthy) and ``/metrics`` (a metrics,
+frontend or admin key, once keys are in use or metrics keys are set). The probes stay open for orchestrators, so they
+tell nothing but a status."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from litestar import Controller, Response, get
 from litestar.di import NamedDependency
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from alignd.auth import user_guard
+from alignd.auth import metrics_guard
 from alignd.protocol import Health
 from alignd.services import Services
 
@@ -33,7 +34,7 @@ class HealthController(Controller):
             return Response(Health(status="unhealthy"), status_code=503)
         return Response(Health(status="ready", policy_version=services.router.promoted))
 
-    @get("/metrics", media_type=CONTENT_TYPE_LATEST, guards=[user_guard])
+    @get("/metrics", media_type=CONTENT_TYPE_LATEST, guards=[metrics_guard])
     async def metrics(self, services: NamedDependency[Services]) -> bytes:
         services.metrics.promoted_version.set(services.router.promoted)
         return services.metrics.render()

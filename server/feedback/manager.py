@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pluggy
-from litestar import Router
+from litestar import Request, Router
+from litestar.di import Provide
 
-from alignd.auth import admin_guard, user_guard
+from alignd.auth import admin_guard, principal_of, user_guard
 from alignd.feedback import hookspecs
-from alignd.feedback.types import Converter, FeedbackKind
+from alignd.feedback.types import CallerFeedback, Converter, FeedbackKind
 from alignd.protocol import FEEDBACK_COMMON_FIELDS
 
 if TYPE_CHECKING:
@@ -222,6 +223,11 @@ def collect_feedback_kinds(pm: pluggy.PluginManager) -> dict[str, FeedbackKind]:
 _GUARDS: dict[str, list[Any]] = {"user": [user_guard], "admin": [admin_guard], "none": []}
 
 
+def _caller_feedback(request: Request[Any, Any, Any]) -> CallerFeedback:
+    """A plugin route's ``feedback``: the service acting for the caller its guard found."""
+    return CallerFeedback(request.app.state.services.feedback, principal_of(request))
+
+
 def collect_routes(pm: pluggy.PluginManager) -> list[Router]:
     """Call every ``register_routes``: one router per plugin and access level, under ``/v1/plugins/<name>``."""
     routers: list[Router] = []
@@ -245,7 +251,8 @@ def collect_routes(pm: pluggy.PluginManager) -> list[Router]:
         for auth, route_handlers in handlers.items():
             if route_handlers:
                 routers.append(Router(f"/v1/plugins/{impl.plugin_name}", route_handlers=route_handlers,
-                                      guards=_GUARDS[auth]))
+                                      guards=_GUARDS[auth],
+                                      dependencies={"feedback": Provide(_caller_feedback, sync_to_thread=False)}))
     return routers
 
 

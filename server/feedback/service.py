@@ -1,7 +1,8 @@
 """The feedback service: decode a feedback body for its kind, let plugins rewrite, convert and filter it, store it
 with its training signal (acknowledged only after the commit), hand it to sinks, and list and export what is stored.
 
-Order of a submission: common fields → kind → the kind's payload → idempotency replay → completion (404) →
+Order of a submission: common fields → who it acts for (``user``, 403) → kind → the kind's payload → completion
+(404) and whether the caller may judge it (403; see :mod:`alignd.principals`) → idempotency replay →
 ``prepare_feedback`` → the kind's converter (validation, 422) → ``filter_feedback`` (422/429) → group commit →
 201 → ``on_feedback`` sinks in the background.
 """
@@ -37,6 +38,7 @@ from alignd.feedback.types import (
 )
 from alignd.messages import plain_messages
 from alignd.metrics import Metrics
+from alignd.principals import Principal, acting_user, check_may_judge
 from alignd.protocol import (
     FEEDBACK_COMMON_FIELDS,
     ExportQuery,
@@ -122,20 +124,23 @@ class FeedbackService:
 
     # --- submission ------------------------------------------------------------------------------------------
 
-    async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Submitted:
+    async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None,
+                     principal: Principal | None = None) -> Submitted:
         """Validate, convert, filter and store one feedback body (a decoded JSON object); see the module doc.
 
-        ``idempotency_key`` is the ``Idempotency-Key`` header, if any. Raises the typed errors of
-        :mod:`alignd.errors`.
+        ``idempotency_key`` is the ``Idempotency-Key`` header, if any. ``principal`` is the caller, whose
+        ownership rules apply; None (no key, or trusted server-side code) judges any completion. Raises the typed
+        errors of :mod:`alignd.errors`.
         """
         try:
-            return await self._submit(body, idempotency_key)
+            return await self._submit(body, idempotency_key, principal)
         except (Unprocessable, RateLimited) as exc:
             self.metrics.feedback_rejected.labels(exc.code or "invalid_request").inc()
             raise
 
-    async def _submit(self, body: dict[str, Any], header_key: str | None) -> Submitted:
+    async def _submit(self, body: dict[str, Any], header_key: str | None, principal: Principal | None) -> Submitted:
         request = convert(body, FeedbackRequest, invalid=Unprocessable)
+        user = acting_user(principal, request.user)
         key = _idempotency_key(request.idempotency_key, header_key)
         kind = self.kinds.get(request.kind)
         if kind is None:
@@ -147,14 +152,17 @@ class FeedbackService:
                                 code="unknown_field")
         payload = convert({k: v for k, v in body.items() if k in kind.fields}, kind.payload, invalid=InvalidFeedback)
         request_hash = _request_hash(body)
-        if key is not None and (replay := await self._replay(key, request_hash)) is not None:
+        if principal is not None and not principal.is_admin:  # before a replay, which would tell another's event
+            owner = (await self._completion(request.completion_id)).principal
+            check_may_judge(principal, request.completion_id, owner)
+        if key is not None and (replay := await self._replay(key, request_hash, principal)) is not None:
             return replay
         async with self._serialized(request.completion_id, kind):
             completion, history = await self._context(request.completion_id, kind)
             feedback = Feedback(id=f"fb-{uuid.uuid4().hex}", completion_id=completion.id, kind=kind.name,
-                                payload=payload, user=request.user or completion.user, comment=request.comment,
+                                payload=payload, user=user or completion.user, comment=request.comment,
                                 tags=list(request.tags), idempotency_key=key, created=datetime.now(UTC),
-                                history=history)
+                                history=history, principal=principal.name if principal is not None else None)
             self.pm.hook.prepare_feedback(feedback=feedback, completion=completion)
             signal = kind.convert(feedback, completion)
             if not isinstance(signal, Signal):
@@ -168,7 +176,7 @@ class FeedbackService:
                 await self.store.record_feedback(record)
             except RecordRejectedError:
                 # The same key committed meanwhile (a concurrent retry): answer like a retry would be answered.
-                if key is not None and (replay := await self._replay(key, request_hash)) is not None:
+                if key is not None and (replay := await self._replay(key, request_hash, principal)) is not None:
                     return replay
                 raise
             if kind.uses_history:
@@ -183,16 +191,37 @@ class FeedbackService:
                                          created=iso(feedback.created), pairs=len(signal.pairs),
                                          labels=len(signal.labels)), replayed=False)
 
-    async def _replay(self, key: str, request_hash: str) -> Submitted | None:
+    async def _replay(self, key: str, request_hash: str, principal: Principal | None) -> Submitted | None:
         stored = await self.store.feedback_by_key(key)
         if stored is None:
             return None
+        if principal is not None and not principal.is_admin and stored.principal != principal.name:
+            # Keys are unique across callers; another principal's event under it is not this caller's to see.
+            raise Conflict(f"Idempotency key {key!r} was already used by another caller.", param="idempotency_key",
+                           code="idempotency_key_reused")
         if stored.request_hash != request_hash:
             raise Conflict(f"Idempotency key {key!r} was already used for a different feedback request "
                            f"({stored.id}).", param="idempotency_key", code="idempotency_key_reused")
         return Submitted(FeedbackCreated(id=stored.id, completion_id=stored.completion_id, kind=stored.kind,
                                          created=iso(stored.created), pairs=stored.pair_count,
                                          labels=stored.label_count), replayed=True)
+
+    async def _completion(self, completion_id: str) -> CompletionRecord:
+        """The completion (404 if unknown), from memory when possible."""
+        completion = self._completions.get(completion_id)
+        if completion is not None:
+            self._completions.move_to_end(completion_id)
+            return completion
+        read, _ = await self.store.feedback_context(completion_id)
+        if read is None:
+            raise NotFound(f"No completion with id {completion_id!r}.", param="completion_id")
+        self._cache_completion(read)
+        return read
+
+    def _cache_completion(self, completion: CompletionRecord) -> None:
+        self._completions[completion.id] = completion
+        if len(self._completions) > _COMPLETION_CACHE_SIZE:
+            self._completions.popitem(last=False)
 
     async def _context(self, completion_id: str, kind: FeedbackKind) -> tuple[CompletionRecord, list[Feedback]]:
         """The completion (404 if unknown) and, for kinds that use it, the history: from memory when possible, else
@@ -209,9 +238,8 @@ class FeedbackService:
         if completion is None:
             if read is None:
                 raise NotFound(f"No completion with id {completion_id!r}.", param="completion_id")
-            completion = self._completions[completion_id] = read
-            if len(self._completions) > _COMPLETION_CACHE_SIZE:
-                self._completions.popitem(last=False)
+            completion = read
+            self._cache_completion(read)
         if not kind.uses_history:
             return completion, []
         if cached is None:
@@ -239,7 +267,8 @@ class FeedbackService:
                 continue
             history.append(Feedback(id=event.id, completion_id=event.completion_id, kind=event.kind,
                                     payload=payload, user=event.user, comment=event.comment, tags=event.tags,
-                                    idempotency_key=event.idempotency_key, created=event.created))
+                                    idempotency_key=event.idempotency_key, created=event.created,
+                                    principal=event.principal))
         return history
 
     @asynccontextmanager
@@ -329,7 +358,8 @@ class FeedbackService:
             events.append(FeedbackEvent(
                 id=r.id, created=iso(r.created), completion_id=r.completion_id, kind=r.kind, choice=r.choice,
                 policy_version=r.policy_version, payload=r.payload, user=r.user, comment=r.comment, tags=r.tags,
-                pairs=r.pair_count, labels=r.label_count, prompt=plain_messages(messages), choices=texts))
+                pairs=r.pair_count, labels=r.label_count, prompt=plain_messages(messages), choices=texts,
+                principal=r.principal))
         return events
 
 
@@ -339,7 +369,7 @@ def _record(feedback: Feedback, completion: CompletionRecord, signal: Signal, re
         payload=msgspec.to_builtins(feedback.payload), user=feedback.user, comment=feedback.comment,
         tags=feedback.tags, idempotency_key=feedback.idempotency_key, request_hash=request_hash,
         policy_version=completion.policy_version, created=feedback.created,
-        pairs=signal.pairs, labels=signal.labels)
+        pairs=signal.pairs, labels=signal.labels, principal=feedback.principal)
 
 
 def _idempotency_key(body_key: str | None, header_key: str | None) -> str | None:

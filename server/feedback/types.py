@@ -14,6 +14,7 @@ import msgspec
 
 from alignd.errors import InvalidFeedback
 from alignd.messages import plain_messages
+from alignd.principals import Principal
 from alignd.protocol import FeedbackEvent
 from alignd.store.records import CompletionRecord, Label, PreferencePair
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
     from alignd.metrics import Metrics
 
 __all__ = [
+    "CallerFeedback",
     "Converter",
     "Feedback",
     "FeedbackKind",
@@ -54,7 +56,7 @@ class Feedback(msgspec.Struct, kw_only=True):
     kind: str
     payload: Any
     user: str | None
-    """The body's ``user``, else the completion's ``user``."""
+    """The body's ``user``, else the completion's ``user``; for a ``user`` key always its principal's name."""
     comment: str | None
     tags: list[str]
     idempotency_key: str | None
@@ -62,6 +64,9 @@ class Feedback(msgspec.Struct, kw_only=True):
     history: list[Feedback] = []
     """Earlier accepted feedback of this kind on the same completion, oldest first; filled only for kinds
     registered with ``uses_history=True`` (their own ``history`` is empty)."""
+    principal: str | None = None
+    """The principal whose API key sent it (None: sent without a key, or stored by a plugin route that checks its
+    callers itself)."""
 
 
 class Signal(msgspec.Struct, kw_only=True):
@@ -118,6 +123,20 @@ class FeedbackSubmitter(Protocol):
     async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Any: ...
 
 
+@dataclass(frozen=True, slots=True)
+class CallerFeedback:
+    """The feedback service acting for one caller: what a plugin route receives as its ``feedback`` parameter, so
+    that feedback it stores follows the caller's ownership rules like ``POST /v1/feedback`` (no principal: a route
+    with ``auth="none"``, which checks its callers itself)."""
+
+    service: Any
+    """The :class:`~alignd.feedback.service.FeedbackService`."""
+    principal: Principal | None
+
+    async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Any:
+        return await self.service.submit(body, idempotency_key=idempotency_key, principal=self.principal)
+
+
 class RegisterRoute(Protocol):
     def __call__(self, handler: Any, *, auth: Literal["user", "admin", "none"] = "user") -> None: ...
 
@@ -159,7 +178,8 @@ def feedback_event(feedback: Feedback, completion: CompletionRecord, signal: Sig
         choice=payload_choice(feedback.payload), policy_version=completion.policy_version,
         payload=msgspec.to_builtins(feedback.payload), user=feedback.user, comment=feedback.comment,
         tags=feedback.tags, pairs=len(signal.pairs), labels=len(signal.labels),
-        prompt=completion_prompt(completion), choices=[c.text for c in completion.choices])
+        prompt=completion_prompt(completion), choices=[c.text for c in completion.choices],
+        principal=feedback.principal)
 
 
 def payload_choice(payload: Any) -> int | None:
