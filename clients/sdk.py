@@ -1,4 +1,4 @@
-"""Python SDK for alignd: chat, feedback, export, and the operator endpoints (policies, training runs).
+"""Python SDK for alignd: chat, feedback, export, and the operator endpoints (policies, training runs, API keys).
 
 Import it as ``from alignd.clients import Client, AsyncClient, AligndError``::
 
@@ -32,6 +32,9 @@ import httpx
 import msgspec
 
 from alignd.protocol import (
+    ApiKey,
+    ApiKeyCreated,
+    ApiKeyList,
     ChatCompletion,
     ChatCompletionChunk,
     ChatMessage,
@@ -39,6 +42,7 @@ from alignd.protocol import (
     FeedbackCreated,
     Policy,
     PolicyList,
+    PrincipalRole,
     TrainingRun,
     TrainingRunList,
 )
@@ -125,7 +129,8 @@ class AuthenticationError(APIError):
 
 
 class PermissionDeniedError(APIError):
-    """403: the key may not call this endpoint (an API key on an operator endpoint, or no admin key configured)."""
+    """403: the key may not do this: an operator endpoint without an admin key (or none configured), feedback on
+    another principal's completion, a user key naming another user."""
 
 
 class NotFoundError(APIError):
@@ -340,7 +345,8 @@ class Stream(Iterator[ChatCompletionChunk]):
 
 class Client(_Base):
     """Synchronous client. ``api_key`` is sent as ``Authorization: Bearer <key>``; an admin key also works for the
-    chat and feedback endpoints, and is needed for :attr:`policies`, :attr:`training` and :meth:`export`."""
+    chat and feedback endpoints, and is needed for :attr:`policies`, :attr:`training`, :attr:`keys` and
+    :meth:`export`."""
 
     _sleep = staticmethod(time.sleep)  # the wait between retries (tests record it instead)
 
@@ -351,6 +357,7 @@ class Client(_Base):
         self.feedback = Feedback(self)
         self.policies = Policies(self)
         self.training = Training(self)
+        self.keys = Keys(self)
 
     def close(self) -> None:
         self._http.close()
@@ -509,6 +516,29 @@ class Training:
         return self._client._call("POST", f"/v1/training/runs/{run_id}/cancel", TrainingRun)
 
 
+class Keys:
+    """API keys (admin key): added and revoked at run time, without a restart."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def list(self) -> ApiKeyList:
+        """Configured and stored keys (revoked ones included), never the keys themselves."""
+        return self._client._call("GET", "/v1/admin/keys", ApiKeyList)
+
+    def get(self, key_id: str) -> ApiKey:
+        return self._client._call("GET", f"/v1/admin/keys/{key_id}", ApiKey)
+
+    def create(self, name: str, role: PrincipalRole) -> ApiKeyCreated:
+        """A new key for principal ``name``; ``.key`` is the key, shown this once (``ConflictError`` when the name
+        has another role). Not retried once sent: a retry could make a second key."""
+        return self._client._call("POST", "/v1/admin/keys", ApiKeyCreated, {"name": name, "role": role})
+
+    def revoke(self, key_id: str) -> ApiKey:
+        """Refused from now on (``ConflictError`` for a configured key or the last admin key)."""
+        return self._client._call("DELETE", f"/v1/admin/keys/{key_id}", ApiKey, idempotent=True)
+
+
 # --- async ---------------------------------------------------------------------------------------------------------
 
 
@@ -561,6 +591,7 @@ class AsyncClient(_Base):
         self.feedback = AsyncFeedback(self)
         self.policies = AsyncPolicies(self)
         self.training = AsyncTraining(self)
+        self.keys = AsyncKeys(self)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -712,3 +743,22 @@ class AsyncTraining:
 
     async def cancel(self, run_id: str) -> TrainingRun:
         return await self._client._call("POST", f"/v1/training/runs/{run_id}/cancel", TrainingRun)
+
+
+class AsyncKeys:
+    """API keys (admin key, async); see :class:`Keys`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def list(self) -> ApiKeyList:
+        return await self._client._call("GET", "/v1/admin/keys", ApiKeyList)
+
+    async def get(self, key_id: str) -> ApiKey:
+        return await self._client._call("GET", f"/v1/admin/keys/{key_id}", ApiKey)
+
+    async def create(self, name: str, role: PrincipalRole) -> ApiKeyCreated:
+        return await self._client._call("POST", "/v1/admin/keys", ApiKeyCreated, {"name": name, "role": role})
+
+    async def revoke(self, key_id: str) -> ApiKey:
+        return await self._client._call("DELETE", f"/v1/admin/keys/{key_id}", ApiKey, idempotent=True)

@@ -46,9 +46,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not settings.server.api_keys:
+    if not _has_client_keys(settings):
         logging.getLogger("alignd").warning(
-            "no API keys (--api-key): /v1/*, /metrics and /schema are open to anyone who can reach %s:%d",
+            "no client keys (--api-key, --key NAME:user|frontend:KEY): /v1/*, /metrics and /schema are open to "
+            "anyone who can reach %s:%d until a user or frontend key is added (POST /v1/admin/keys)",
             settings.server.host, settings.server.port)
     # Before anything is opened or loaded: plugins first (a broken or conflicting one stops the start at once), then
     # the model (checked, and the demo model built or a .gguf file converted the first time, before listening, so
@@ -72,17 +73,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 1 if services is not None and services.engine_error else 0
 
 
+def _has_client_keys(settings: Settings) -> bool:
+    """Whether the configuration has keys for the client API (also checks every --key: a ConfigError if bad)."""
+    from alignd.keys import config_keys
+
+    return any(k.principal.role != "admin" for k in config_keys(settings.server))
+
+
 def _open_bind_refusal(settings: Settings) -> str | None:
-    """Why ``settings`` must not be served: no API keys on an address other machines reach, unless the operator
-    said so with --insecure-open."""
+    """Why ``settings`` must not be served: no client keys on an address other machines reach, unless the
+    operator said so with --insecure-open. (Keys stored in the database cannot be counted before the start: an
+    admin key alone does not close the client API.)"""
     from alignd.auth import is_loopback
 
     server = settings.server
-    if server.api_keys or server.insecure_open or is_loopback(server.host):
+    if _has_client_keys(settings) or server.insecure_open or is_loopback(server.host):
         return None
     return (f"refusing to serve without API keys on {server.host}, which is not a loopback address: anyone who can "
-            "reach it could chat, send feedback and fill the database. Set --api-key (ALIGND_API_KEY), bind "
-            "127.0.0.1, or pass --insecure-open (ALIGND_INSECURE_OPEN=true) to serve it open anyway.")
+            "reach it could chat, send feedback and fill the database. Set --api-key (ALIGND_API_KEY) or a "
+            "--key NAME:user|frontend:KEY, bind 127.0.0.1, or pass --insecure-open (ALIGND_INSECURE_OPEN=true) to "
+            "serve it open anyway.")
 
 
 def cmd_demo_model(args: argparse.Namespace) -> int:
@@ -161,6 +171,29 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="A system message that opens every conversation.")
     chat.set_defaults(func=cmd_chat)
 
+    keys = sub.add_parser(
+        "keys", help="List, add and revoke a running server's API keys (admin key); generate a key to configure.",
+        description="API keys stand for principals: a name and a role (user: its own completions and feedback; "
+                    "frontend: a chat UI that names its end users; admin: everything). Keys added here are stored "
+                    "(hashed) in the server's database and take effect at once, on every replica within "
+                    "--key-cache-s; the key is printed once.")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys_list = keys_sub.add_parser("list", help="The configured and stored keys (never the keys themselves).")
+    keys_list.add_argument("--json", action="store_true", help="Print JSON instead of a table.")
+    keys_add = keys_sub.add_parser("add", help="Add a key for a principal and print it (shown once).")
+    keys_add.add_argument("name", help="The principal: letters, digits and . _ @ + - (a user key's name is its user).")
+    keys_add.add_argument("--role", required=True, choices=("user", "frontend", "admin"), help="The principal's role.")
+    keys_add.add_argument("--json", action="store_true", help="Print the new key's record as JSON.")
+    keys_revoke = keys_sub.add_parser("revoke", help="Revoke a stored key by id (alignd keys list shows the ids).")
+    keys_revoke.add_argument("id", help="The key's id.")
+    keys_sub.add_parser("generate", help="Print a random key and its sha256: digest, for --key (no server needed).")
+    for action in (keys_list, keys_add, keys_revoke):
+        action.add_argument("--url", default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8000"),
+                            help="The alignd server (env ALIGND_URL; default http://127.0.0.1:8000).")
+        action.add_argument("--admin-key", dest="admin_key", default=_first_key("ALIGND_ADMIN_KEY"),
+                            help="Admin key (env ALIGND_ADMIN_KEY).")
+    keys.set_defaults(func=cmd_keys)
+
     train = sub.add_parser(
         "train", help="Start a training run on the running server now and follow it with a progress bar.",
         description="POST /v1/training/runs with the admin key, then follow the run's phase and figures until it "
@@ -224,6 +257,20 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     return chat_main(url=args.url, api_key=args.api_key, model=args.model, temperature=args.temperature,
                      max_tokens=args.max_tokens, system=args.system)
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """List, add, revoke or generate API keys."""
+    from alignd.clients import keys
+
+    if args.keys_command == "generate":
+        return keys.generate_key()
+    if args.keys_command == "list":
+        return keys.list_keys(url=args.url, admin_key=args.admin_key, as_json=args.json)
+    if args.keys_command == "add":
+        return keys.add_key(url=args.url, admin_key=args.admin_key, name=args.name, role=args.role,
+                            as_json=args.json)
+    return keys.revoke_key(url=args.url, admin_key=args.admin_key, key_id=args.id)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
