@@ -57,19 +57,22 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """HTTP server, access and request limits."""
 
     host: Annotated[
-        str, Meta(description="Address to bind. One other machines reach needs --api-key (or --insecure-open).")
+        str, Meta(description="Address to bind. One other machines reach needs a client key (--api-key, or a user "
+                  "or frontend --key) or --insecure-open.")
     ] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="Port to bind (0: any free port).")] = 8000
     api_keys: Annotated[
         list[str],
         Meta(extra={"flag": "api-key"}, description="Key accepted for /v1/*, /metrics and /schema as "
-             "'Authorization: Bearer KEY' (repeatable; in the environment, comma-separated). None set: they are "
-             "open, which a non-loopback --host refuses without --insecure-open."),
+             "'Authorization: Bearer KEY' (repeatable; in the environment, comma-separated): principal 'api', role "
+             "frontend (it may name the end user, and judge the completions it made). No client key (this, or a "
+             "user or frontend --key): they are open, which a non-loopback --host refuses without --insecure-open."),
     ] = msgspec.field(default_factory=list)
     admin_keys: Annotated[
         list[str],
-        Meta(extra={"flag": "admin-key"}, description="Key for the operator endpoints (repeatable). It is also "
-             "accepted wherever an API key is. None set: operator endpoints are refused."),
+        Meta(extra={"flag": "admin-key"}, description="Key for the operator endpoints (repeatable): principal "
+             "'admin'. It is also accepted wherever an API key is. No admin key (this, an admin --key, or one added "
+             "at run time): operator endpoints are refused."),
     ] = msgspec.field(default_factory=list)
     keys: Annotated[
         list[str],

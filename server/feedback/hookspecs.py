@@ -88,9 +88,11 @@ def register_routes(register: RegisterRoute) -> None:
     decorated with ``@get``, ``@post``, …; its path is relative to the plugin's prefix). ``auth`` is ``"user"`` (the
     API keys, like ``/v1/feedback``), ``"admin"`` (admin keys) or ``"none"`` (the handler checks callers itself, e.g.
     a webhook signature). A handler with a parameter ``feedback: NamedDependency[alignd.FeedbackSubmitter]`` (Litestar's
-    ``litestar.di.NamedDependency``) receives the feedback service: ``await feedback.submit(body)`` stores feedback
-    exactly as ``POST /v1/feedback`` does.
-    (``request.app.state.feedback``, the way documented before, is the same service and still works.)
+    ``litestar.di.NamedDependency``) receives the feedback service acting for the route's caller:
+    ``await feedback.submit(body)`` stores feedback exactly as ``POST /v1/feedback`` does, ownership rules included
+    (none on an ``auth="none"`` route: the handler vouches for it).
+    (``request.app.state.feedback``, the way documented before, is the same service without a caller and still
+    works.)
 
     Returns nothing. Not firstresult: every implementation runs.
     """
