@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from alignd.trainer.gate import PolicyFigures, decide, length_controlled_gain
+from alignd.trainer.logprobs import token_kl, token_logprobs, token_logprobs_and_entropy
 from alignd.trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -20,7 +21,6 @@ from alignd.trainer.losses import (
     value_loss,
     whiten,
 )
-from alignd.trainer.models import entropy_from_logits, logprobs_from_logits
 from alignd.trainer.ppo import kl_penalized_rewards
 from alignd.trainer.rollout import Rollout, collate_rollouts
 
@@ -200,11 +200,46 @@ def test_length_controlled_gain_removes_what_length_explains() -> None:
     assert gain == pytest.approx(2.5 - 0.5)
 
 
-def test_logprobs_and_entropy_from_logits() -> None:
+def test_token_logprobs_and_entropy() -> None:
     logits = torch.tensor([[[0.0, math.log(3.0)], [5.0, 5.0]]])  # (1, 2, 2): probabilities (1/4, 3/4), (1/2, 1/2)
-    close(logprobs_from_logits(logits, torch.tensor([[1, 0]])), [[math.log(0.75), math.log(0.5)]])
+    close(token_logprobs(logits, torch.tensor([[1, 0]])), [[math.log(0.75), math.log(0.5)]])
     h = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
-    close(entropy_from_logits(logits), [[h, math.log(2.0)]])
+    logprobs, entropy = token_logprobs_and_entropy(logits, torch.tensor([[1, 0]]))
+    close(logprobs, [[math.log(0.75), math.log(0.5)]])
+    close(entropy, [[h, math.log(2.0)]])
+    # At T = 2 the logits are halved: probabilities (1/(1+√3), √3/(1+√3)) in the first position.
+    p = math.sqrt(3.0) / (1 + math.sqrt(3.0))
+    close(token_logprobs(logits, torch.tensor([[1, 0]]), temperature=2.0), [[math.log(p), math.log(0.5)]])
+    assert logits[0, 0, 1].item() == pytest.approx(math.log(3.0))  # the caller's logits are not scaled in place
+
+
+def test_token_kl_over_the_vocabulary() -> None:
+    policy = torch.tensor([[[0.0, math.log(3.0)], [1.0, 1.0]]])  # (1, 2, 2): (1/4, 3/4), (1/2, 1/2)
+    reference = torch.tensor([[[0.0, 0.0], [1.0, 1.0]]])  # (1/2, 1/2) twice
+    expected = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    close(token_kl(policy, reference), [[expected, 0.0]])
+    close(token_kl(reference, reference), [[0.0, 0.0]])
+    # At T = 2 the first position's policy is (1/(1+√3), √3/(1+√3)).
+    p = 1 / (1 + math.sqrt(3.0))
+    close(token_kl(policy, reference, temperature=2.0)[:, :1], [[p * math.log(2 * p) + (1 - p) * math.log(2 * (1 - p))]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_gradient_matches_plain_autograd(dtype: torch.dtype, temperature: float) -> None:
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(3, 5, 11, generator=generator) * 3
+    tokens = torch.randint(0, 11, (3, 5), generator=generator)
+    weight = torch.randn(3, 5, generator=generator)  # an arbitrary downstream loss
+    fused = base.to(dtype).requires_grad_()
+    (token_logprobs(fused, tokens, temperature) * weight).sum().backward()
+    plain = base.to(dtype).requires_grad_()
+    expected = torch.log_softmax(plain.float() / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    (expected * weight).sum().backward()
+    assert fused.grad is not None and plain.grad is not None and fused.grad.dtype == dtype
+    torch.testing.assert_close(token_logprobs(base.to(dtype), tokens, temperature), expected.detach())
+    torch.testing.assert_close(fused.grad.float(), plain.grad.float(), atol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                               rtol=1e-2 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_a_beta_carried_from_an_earlier_run_can_fall() -> None:

@@ -32,9 +32,15 @@ from alignd.trainer.config import (
     scale_to_model,
 )
 from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
-from alignd.trainer.models import ADAPTER_WEIGHTS, CRITIC, POLICY, REWARD, ModelStack, load_stack
-from alignd.trainer.ppo import _accumulate, critic_values, init_critic, make_experience, run_ppo
-from alignd.trainer.reward_model import PairGroup, RewardNormalization, fit_normalization, train_reward_model
+from alignd.trainer.models import ADAPTER_WEIGHTS, POLICY, REWARD, ModelStack, load_stack
+from alignd.trainer.ppo import _accumulate, init_critic, make_experience, run_ppo
+from alignd.trainer.reward_model import (
+    PairGroup,
+    RewardNormalization,
+    fit_normalization,
+    score_with_features,
+    train_reward_model,
+)
 from alignd.trainer.rollout import (
     ROLLOUT_VERSION,
     HFRollouts,
@@ -133,18 +139,21 @@ def test_recomputed_logprobs_match_the_sampling_distribution(tiny_model_dir: Pat
 
 
 def test_critic_starts_as_the_normalised_reward_model(stack: ModelStack) -> None:
-    init_critic(stack, RewardNormalization(mean=1.5, std=4.0))
+    normalization = RewardNormalization(mean=1.5, std=4.0)
+    critic = init_critic(stack, normalization)
     rollouts = HFRollouts().generate(stack, prompt_ids(stack, ["Any tips on growing tomatoes?", "Hi"]), None,
                                      Sampling(1.0, 8))
     sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
+    response_len = action_mask.shape[1]
     with torch.no_grad():
         with stack.use(REWARD):
             reward = stack.head_outputs(REWARD, sequences, attention_mask)  # (B, L)
-        with stack.use(CRITIC):
-            critic = stack.head_outputs(CRITIC, sequences, attention_mask)  # (B, L)
-            values = critic_values(stack, sequences, attention_mask, action_mask.shape[1])  # (B, R)
-    torch.testing.assert_close(critic, (reward - 1.5) / 4.0, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(values, critic[:, -action_mask.shape[1] - 1 : -1])  # V(s_t) where a_t is predicted
+        scores, features = score_with_features(stack, sequences, attention_mask, normalization, response_len)
+        values = critic(features)  # (B, R)
+    # V(s_t) is the normalised reward model read where a_t is predicted; the score is read at the last token.
+    torch.testing.assert_close(values, ((reward - 1.5) / 4.0)[:, -response_len - 1 : -1], atol=1e-5, rtol=1e-5)
+    last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)
+    torch.testing.assert_close(scores, (reward.gather(1, last[:, None])[:, 0] - 1.5) / 4.0, atol=1e-5, rtol=1e-5)
 
 
 def test_short_ppo_run_raises_reward_within_kl_budget(
@@ -217,7 +226,7 @@ def test_bfloat16_base_trains_float32_adapters(tiny_model_dir: Path) -> None:
     history = run_ppo(stack, make_rollout_backend(config.ppo.rollout_backend), prompt_ids(stack, ["Hi", "Any tips?"]),
                       RewardNormalization(), config).history
     assert stack.causal_lm.get_input_embeddings().weight.dtype == torch.bfloat16
-    for role in (POLICY, CRITIC, REWARD):
+    for role in (POLICY, REWARD):
         assert {p.dtype for p in stack.role_parameters(role)} == {torch.float32}, role
     assert all(math.isfinite(s.policy_loss) and math.isfinite(s.value_loss) for s in history)
     trained = [p for n, p in stack.model.named_parameters() if ".policy." in n and "lora_B" in n]
@@ -349,20 +358,20 @@ def test_micro_batches_accumulate_the_minibatch_gradient(tiny_model_dir: Path) -
     torch.manual_seed(0)
     rollouts = HFRollouts().generate(stack, prompt_ids(stack, ["Hi", "Tips?", "Comets?"]) * 2, POLICY,
                                      Sampling(1.0, 8))
-    init_critic(stack, RewardNormalization())
+    critic = init_critic(stack, RewardNormalization())
     with torch.no_grad():  # move the policy so that the ratios, and so the gradients, are not trivial
         for name, param in stack.model.named_parameters():
             if ".policy." in name and "lora_B" in name:
                 param.normal_(std=0.01)
-    experience = make_experience(stack, rollouts, RewardNormalization(), 0.05, config.ppo)
+    experience = make_experience(stack, critic, rollouts, RewardNormalization(), 0.05, config.ppo)
     rows = torch.arange(len(experience))
     grads = []
     for micro in (None, 1, 4):
         config.ppo.micro_batch_size = micro
         stack.model.zero_grad(set_to_none=True)
-        stack.heads[CRITIC].zero_grad(set_to_none=True)
-        _accumulate(stack, experience, rows, config.ppo)
-        grads.append(torch.cat([p.grad.flatten() for p in stack.role_parameters(POLICY) + stack.role_parameters(CRITIC)
+        critic.zero_grad(set_to_none=True)
+        _accumulate(stack, critic, experience, rows, config.ppo)
+        grads.append(torch.cat([p.grad.flatten() for p in stack.role_parameters(POLICY) + list(critic.parameters())
                                 if p.grad is not None]))
     assert grads[0].abs().sum() > 0
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)

@@ -17,6 +17,7 @@ from alignd.protocol import TrainingRunRequest
 
 __all__ = [
     "AdapterConfig",
+    "AttentionName",
     "DTypeName",
     "DataConfig",
     "DeviceName",
@@ -38,6 +39,9 @@ DeviceName = str
 
 DTypeName = Literal["auto", "bfloat16", "float32"]
 """Base-model dtype; ``auto`` is bfloat16 on a CUDA device that supports it, float32 otherwise."""
+
+AttentionName = Literal["auto", "eager", "sdpa"]
+"""The trainer's attention kernel; ``auto`` is ``eager`` on the CPU and ``sdpa`` elsewhere."""
 
 _SETTINGS = TrainerSettings()
 """The operator-facing defaults, which the fields below that mirror a setting take as theirs."""
@@ -198,6 +202,12 @@ class TrainerConfig:
     """Where to train."""
     dtype: DTypeName = _SETTINGS.trainer_dtype  # type: ignore[assignment]
     """Base-model dtype (adapters and heads always train in float32)."""
+    attention: AttentionName = "auto"
+    """Attention kernel of the trainer's passes. On the CPU ``auto`` picks ``eager`` (plain matmuls and a float32
+    softmax): with SmolLM2-135M, 8 replies and 111 positions its forward and backward pass is about 20% faster than
+    PyTorch's fused CPU kernel (``sdpa``), whose backward alone took a quarter of the pass. Eager keeps a
+    (heads, L, L) score tensor per layer for the backward pass, which grows with the square of the length: for very
+    long prompts and replies on a CPU, ``sdpa`` uses less memory."""
     gradient_checkpointing: bool = _SETTINGS.trainer_gradient_checkpointing
     """Recompute activations in the backward pass instead of keeping them: less memory (larger models or batches on
     one GPU) for about a third more time."""

@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from alignd.trainer.config import GateConfig
+from alignd.trainer.logprobs import token_kl
 from alignd.trainer.models import ModelStack
 from alignd.trainer.reward_model import RewardNormalization, score_rollouts
-from alignd.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
+from alignd.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts
 
 __all__ = ["DECISION_FILE", "GateDecision", "PolicyFigures", "decide", "evaluate", "evaluate_policy",
            "length_controlled_gain", "save_decision"]
@@ -37,7 +38,7 @@ class PolicyFigures:
     mean_reward: float
     """Mean normalised reward-model score: what the gate compares."""
     kl: float
-    """Mean over replies of the summed ``log π - log π_base`` (nats); 0 for the base itself."""
+    """Mean over replies of their summed per-token KL to the base over the vocabulary (nats); 0 for the base."""
     eos_rate: float
     """Share of replies that ended with EOS."""
     response_length: float
@@ -65,16 +66,17 @@ class GateDecision:
 
 @torch.no_grad()
 def _sequence_kl(stack: ModelStack, rollouts: Sequence[Rollout], adapter: str, temperature: float) -> Tensor:
-    """Summed per-token ``log π - log π_base`` of each reply, (B,)."""
+    """Each reply's KL to the base summed over its positions, (B,): the full-vocabulary per-token KL PPO reports
+    and steers by (:func:`alignd.trainer.logprobs.token_kl`)."""
     sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
     response_len, chunk, parts = action_mask.shape[1], 16, []
     for start in range(0, len(rollouts), chunk):
         rows = slice(start, start + chunk)
         with stack.use(adapter):
-            logprobs = policy_logprobs(stack, sequences[rows], attention_mask[rows], response_len, temperature)
+            logits = stack.response_logits(sequences[rows], attention_mask[rows], response_len)  # (b, R, V)
         with stack.use(None):
-            ref_logprobs = policy_logprobs(stack, sequences[rows], attention_mask[rows], response_len, temperature)
-        parts.append(((logprobs - ref_logprobs) * action_mask[rows]).sum(-1))  # (b,)
+            ref_logits = stack.response_logits(sequences[rows], attention_mask[rows], response_len)  # (b, R, V)
+        parts.append((token_kl(logits, ref_logits, temperature) * action_mask[rows]).sum(-1))  # (b,)
     return torch.cat(parts)  # (B,)
 
 

@@ -3,7 +3,7 @@
 - ``policy``: the adapter that is trained by PPO and served;
 - the reference: the base with adapters disabled (``with stack.use(None):``);
 - ``reward``: an adapter plus a scalar head on the last hidden state;
-- ``critic``: an adapter plus a value head, initialised from the reward model.
+- the critic: a value head on the reward adapter's hidden states (:mod:`alignd.trainer.critic`), no adapter.
 
 One copy of the base weights serves all of them. On disk an adapter is a PEFT adapter folder (safetensors only,
 never pickle) with its head, if it has one, in ``head.safetensors`` next to it.
@@ -26,27 +26,25 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from alignd.trainer.config import AdapterConfig, DeviceName, DTypeName, TrainerConfig
+from alignd.trainer.config import AdapterConfig, AttentionName, DeviceName, DTypeName, TrainerConfig
 
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
-    "CRITIC",
     "HEAD_WEIGHTS",
     "POLICY",
     "REWARD",
     "ModelStack",
     "ScalarHead",
     "cpu_has_fast_bfloat16",
-    "entropy_from_logits",
     "load_stack",
-    "logprobs_from_logits",
+    "resolve_attention",
     "resolve_autocast",
     "resolve_device",
     "resolve_dtype",
 ]
 
-POLICY, CRITIC, REWARD = "policy", "critic", "reward"
+POLICY, REWARD = "policy", "reward"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 HEAD_WEIGHTS = "head.safetensors"
@@ -67,6 +65,14 @@ def resolve_dtype(name: DTypeName, device: torch.device) -> torch.dtype:
     return getattr(torch, name)
 
 
+def resolve_attention(name: AttentionName, device: torch.device) -> str:
+    """The attention kernel for a configured name (``auto``: eager on the CPU, where it is faster for the lengths
+    the trainer sees, PyTorch's fused kernel elsewhere)."""
+    if name == "auto":
+        return "eager" if device.type == "cpu" else "sdpa"
+    return name
+
+
 def resolve_autocast(name: DTypeName, device: torch.device) -> bool:
     """Whether forward passes compute in bfloat16 over float32 weights (``auto`` on a CPU with bfloat16
     instructions). On such a CPU (AVX512-BF16, AMX) it is about 3x faster forward and 2.7x forward+backward on
@@ -84,20 +90,6 @@ def cpu_has_fast_bfloat16() -> bool:
     except OSError:  # not Linux: trust oneDNN
         return True
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def logprobs_from_logits(
-    logits: Tensor,  # (B, T, V) float32, already divided by the temperature
-    tokens: Tensor,  # (B, T) the tokens whose log-probability we want
-) -> Tensor:
-    """Log-probability of each token, (B, T); gather minus logsumexp avoids a second (B, T, V) tensor."""
-    return logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:  # logits: (B, T, V)
-    """Entropy of the next-token distribution at each position, (B, T)."""
-    probs = torch.softmax(logits, dim=-1)
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
 
 
 def position_ids(attention_mask: Tensor) -> Tensor:  # (B, L)
@@ -132,10 +124,15 @@ class ModelStack:
         """Forward passes in bfloat16 autocast (see :func:`resolve_autocast`)."""
 
     @classmethod
-    def load(cls, base_dir: str | Path, adapter: AdapterConfig, device: torch.device, dtype: torch.dtype) -> ModelStack:
-        """Load the base model frozen on ``device`` in ``dtype``, with a fresh ``policy`` adapter (a no-op at init)."""
+    def load(
+        cls, base_dir: str | Path, adapter: AdapterConfig, device: torch.device, dtype: torch.dtype,
+        attention: str = "sdpa",
+    ) -> ModelStack:
+        """Load the base model frozen on ``device`` in ``dtype`` with the ``attention`` kernel, and a fresh
+        ``policy`` adapter (a no-op at init)."""
         with _quiet_progress_bars():
-            causal_lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype).to(device)
+            causal_lm = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype, attn_implementation=attention)
+            causal_lm.to(device)
         causal_lm.requires_grad_(False)
         causal_lm.eval()  # no dropout anywhere: rollout and update log-probs must agree
         tokenizer = AutoTokenizer.from_pretrained(base_dir)
@@ -235,9 +232,9 @@ class ModelStack:
         sequences: Tensor,  # (B, L) prompt (left-padded) then response (right-padded)
         attention_mask: Tensor,  # (B, L)
         response_len: int,
-        temperature: float,
     ) -> Tensor:
-        """Next-token logits / T at the positions that predict the last ``response_len`` tokens, (B, R, V) float32."""
+        """Next-token logits at the positions that predict the last ``response_len`` tokens, (B, R, V), in the
+        compute dtype; :mod:`alignd.trainer.logprobs` applies the temperature."""
         with self.compute():
             out = self.causal_lm(
                 input_ids=sequences,
@@ -246,19 +243,23 @@ class ModelStack:
                 logits_to_keep=response_len + 1,  # the position before the response predicts its first token
                 use_cache=False,
             )
-        return out.logits[:, :-1].float() / temperature  # (B, R, V)
+        return out.logits[:, :-1]  # (B, R, V)
 
-    def head_outputs(self, name: str, sequences: Tensor, attention_mask: Tensor) -> Tensor:
-        """The scalar head ``name`` at every position, (B, L) float32; run it inside ``use(name)``."""
+    def hidden_states(self, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+        """The decoder's last hidden state (after its final norm) at every position, (B, L, H), through the active
+        adapter; the LM head is not run."""
         backbone = getattr(self.causal_lm, self.causal_lm.base_model_prefix)  # the decoder without the LM head
         with self.compute():
-            hidden = backbone(
+            return backbone(
                 input_ids=sequences,
                 attention_mask=attention_mask,
                 position_ids=position_ids(attention_mask),
                 use_cache=False,
             ).last_hidden_state  # (B, L, H)
-        return self.heads[name](hidden)  # (B, L)
+
+    def head_outputs(self, name: str, sequences: Tensor, attention_mask: Tensor) -> Tensor:
+        """The scalar head ``name`` at every position, (B, L) float32; run it inside ``use(name)``."""
+        return self.heads[name](self.hidden_states(sequences, attention_mask))  # (B, L)
 
     # --- disk --------------------------------------------------------------------------------------------------
 
@@ -311,7 +312,8 @@ def load_stack(base_dir: str | Path, config: TrainerConfig) -> ModelStack:
     """The stack for a run: the configured device and dtype (CUDA and bfloat16 when present), seeded adapters."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # the fresh policy adapter's initialisation
-    stack = ModelStack.load(base_dir, config.lora, device, resolve_dtype(config.dtype, device))
+    stack = ModelStack.load(base_dir, config.lora, device, resolve_dtype(config.dtype, device),
+                            resolve_attention(config.attention, device))
     stack.autocast = resolve_autocast(config.dtype, device)
     if config.gradient_checkpointing:
         stack.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

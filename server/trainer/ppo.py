@@ -3,7 +3,8 @@
 Per iteration: sample prompts, generate one reply each with the current policy (in the serving engine), recompute
 log-probs in the trainer at the sampling temperature, score replies with the reward model at their last token,
 turn ``score - β·KL`` into per-token rewards, estimate advantages with GAE, whiten them, and take epochs ×
-minibatches of clipped policy and value steps. β follows an adaptive controller towards a target KL.
+minibatches of clipped policy and value steps. β follows an adaptive controller towards a target KL. The critic is
+a value head on the reward model's hidden states (:mod:`alignd.trainer.critic`), read in the scoring pass.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import torch
 from torch import Tensor
 
 from alignd.trainer.config import PPOConfig, TrainerConfig
+from alignd.trainer.critic import ValueHead
+from alignd.trainer.logprobs import token_kl, token_logprobs, token_logprobs_and_entropy
 from alignd.trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -29,15 +32,14 @@ from alignd.trainer.losses import (
     value_loss,
     whiten,
 )
-from alignd.trainer.models import CRITIC, POLICY, REWARD, ModelStack, entropy_from_logits, logprobs_from_logits
-from alignd.trainer.reward_model import RewardNormalization, score_rollouts
+from alignd.trainer.models import POLICY, REWARD, ModelStack
+from alignd.trainer.reward_model import RewardNormalization, score_with_features
 from alignd.trainer.rollout import Experience, Rollout, RolloutBackend, Sampling, collate_rollouts, policy_logprobs
 
 __all__ = [
     "IterationStats",
     "PPOResult",
     "UpdateStats",
-    "critic_values",
     "init_critic",
     "kl_penalized_rewards",
     "make_experience",
@@ -71,7 +73,8 @@ class IterationStats:
     reward: float
     """Mean normalised reward-model score of the iteration's replies (KL penalty not included)."""
     kl: float
-    """Mean over replies of the summed per-token ``log π - log π_ref`` (nats)."""
+    """Mean over replies of the summed per-token KL(π || π_ref) over the vocabulary (nats; see
+    :func:`alignd.trainer.logprobs.token_kl`): what β is steered by and the budget checked on."""
     kl_coef: float
     """β used for this iteration's rewards."""
     entropy: float
@@ -98,24 +101,17 @@ class IterationStats:
 # --- setup ----------------------------------------------------------------------------------------------------
 
 
-def init_critic(stack: ModelStack, normalization: RewardNormalization) -> None:
-    """Create the critic adapter and value head as a copy of the reward model (a better start than random).
-
-    The head is rescaled by the reward normalisation, so the critic starts out predicting rewards on the scale
-    PPO trains it on.
-    """
-    stack.clone_adapter(REWARD, CRITIC)
-    head = stack.heads[CRITIC].linear
-    with torch.no_grad():
-        head.weight.div_(normalization.std)
-        head.bias.sub_(normalization.mean).div_(normalization.std)
+def init_critic(stack: ModelStack, normalization: RewardNormalization) -> ValueHead:
+    """A value head on the reward adapter's features, started as the reward head on the normalised scale PPO
+    trains it on (a better start than random: V(s_t) is then the reward model's score of the prefix)."""
+    return ValueHead.from_reward_head(stack.heads[REWARD], normalization.mean, normalization.std)
 
 
-def make_optimizer(stack: ModelStack, config: PPOConfig) -> torch.optim.AdamW:
+def make_optimizer(stack: ModelStack, critic: ValueHead, config: PPOConfig) -> torch.optim.AdamW:
     """One AdamW over policy and critic, each with its learning rate (param group 0: policy, 1: critic)."""
     groups = [
         {"params": stack.role_parameters(POLICY), "lr": config.learning_rate},
-        {"params": stack.role_parameters(CRITIC), "lr": config.critic_learning_rate},
+        {"params": list(critic.parameters()), "lr": config.critic_learning_rate},
     ]
     return torch.optim.AdamW(groups, eps=1e-5, weight_decay=0.0)
 
@@ -131,12 +127,6 @@ def make_kl_controller(config: PPOConfig, kl_coef: float | None = None) -> KLCon
 
 
 # --- experience -----------------------------------------------------------------------------------------------
-
-
-def critic_values(stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int) -> Tensor:
-    """V(s_t) for each reply position t, read where the token a_t is predicted, (B, R); inside ``use(CRITIC)``."""
-    outputs = stack.head_outputs(CRITIC, sequences, attention_mask)  # (B, P + R)
-    return outputs[:, -response_len - 1 : -1]  # (B, R)
 
 
 def kl_penalized_rewards(
@@ -158,26 +148,27 @@ def kl_penalized_rewards(
 def _forward_passes(
     stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int, config: PPOConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(logprobs, entropy, ref_logprobs, values)``, each (B, R), in chunks of ``forward_batch_size``."""
+    """``(logprobs, entropy, ref_logprobs, full_kl)``, each (B, R), in chunks of ``forward_batch_size``."""
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, sequences.shape[0], config.forward_batch_size):
         seq = sequences[start : start + config.forward_batch_size]  # (b, P + R)
         mask = attention_mask[start : start + config.forward_batch_size]  # (b, P + R)
         with stack.use(POLICY):
-            logits = stack.response_logits(seq, mask, response_len, config.temperature)  # (b, R, V)
-            logprobs, entropy = logprobs_from_logits(logits, seq[:, -response_len:]), entropy_from_logits(logits)
-            del logits  # the largest tensor here; free it before the next pass
+            logits = stack.response_logits(seq, mask, response_len)  # (b, R, V)
+            logprobs, entropy = token_logprobs_and_entropy(logits, seq[:, -response_len:], config.temperature)
         with stack.use(None):
-            ref_logprobs = policy_logprobs(stack, seq, mask, response_len, config.temperature)
-        with stack.use(CRITIC):
-            values = critic_values(stack, seq, mask, response_len)
-        parts.append((logprobs, entropy, ref_logprobs, values))
-    logprobs, entropy, ref_logprobs, values = (torch.cat(p) for p in zip(*parts, strict=True))
-    return logprobs, entropy, ref_logprobs, values
+            ref_logits = stack.response_logits(seq, mask, response_len)  # (b, R, V)
+            ref_logprobs = token_logprobs(ref_logits, seq[:, -response_len:], config.temperature)
+        full_kl = token_kl(logits, ref_logits, config.temperature)  # (b, R)
+        del logits, ref_logits  # the largest tensors here; free them before the next chunk
+        parts.append((logprobs, entropy, ref_logprobs, full_kl))
+    logprobs, entropy, ref_logprobs, full_kl = (torch.cat(p) for p in zip(*parts, strict=True))
+    return logprobs, entropy, ref_logprobs, full_kl
 
 
 def make_experience(
     stack: ModelStack,
+    critic: ValueHead,
     rollouts: Sequence[Rollout],
     normalization: RewardNormalization,
     kl_coef: float,
@@ -186,12 +177,14 @@ def make_experience(
     """Score the rollouts and turn them into PPO training data."""
     sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
     response_len = action_mask.shape[1]
-    logprobs, entropy, ref_logprobs, values = _forward_passes(stack, sequences, attention_mask, response_len, config)
-    values = values * action_mask
+    logprobs, entropy, ref_logprobs, full_kl = _forward_passes(stack, sequences, attention_mask, response_len, config)
     ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
     # Scored as sampled: a reply cut at the cap ends without a stop token, which the reward model has seen on
     # truncated replies in training, so no penalty for length (in either direction) is added here.
-    scores = score_rollouts(stack, sequences, attention_mask, normalization, config.forward_batch_size)  # (B,)
+    scores, features = score_with_features(stack, sequences, attention_mask, normalization, response_len,
+                                           config.forward_batch_size)  # (B,), (B, R, H)
+    with torch.no_grad():
+        values = critic(features) * action_mask  # (B, R)
     rewards, kl = kl_penalized_rewards(logprobs, ref_logprobs, scores, action_mask, kl_coef)
     advantages, returns = compute_gae(rewards, values, action_mask, config.gamma, config.lam)
     return Experience(
@@ -201,12 +194,14 @@ def make_experience(
         logprobs=logprobs,
         ref_logprobs=ref_logprobs,
         values=values,
+        features=features,
         rewards=rewards,
         advantages=whiten(advantages, action_mask),
         returns=returns,
         scores=scores,
         ended=ended,
         kl=kl,
+        full_kl=full_kl * action_mask,
         entropy=entropy,
     )
 
@@ -216,6 +211,7 @@ def make_experience(
 
 def ppo_update(
     stack: ModelStack,
+    critic: ValueHead,
     optimizer: torch.optim.Optimizer,
     experience: Experience,
     config: PPOConfig,
@@ -232,7 +228,7 @@ def ppo_update(
         for start in range(0, len(experience), config.minibatch_size):
             rows = order[start : start + config.minibatch_size].to(stack.device)
             optimizer.zero_grad(set_to_none=True)
-            step = _accumulate(stack, experience, rows, config)
+            step = _accumulate(stack, critic, experience, rows, config)
             step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, config.max_grad_norm).item()
             step["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic_params, config.critic_max_grad_norm).item()
             optimizer.step()
@@ -242,7 +238,9 @@ def ppo_update(
     return UpdateStats(**{key: value / max(1, steps) for key, value in totals.items()})
 
 
-def _accumulate(stack: ModelStack, experience: Experience, rows: Tensor, config: PPOConfig) -> dict[str, float]:
+def _accumulate(
+    stack: ModelStack, critic: ValueHead, experience: Experience, rows: Tensor, config: PPOConfig
+) -> dict[str, float]:
     """Backward passes of one minibatch (``rows``), a micro-batch at a time; its mean losses and statistics."""
     micro = config.micro_batch_size or len(rows)
     out = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clip_fraction"), 0.0)
@@ -252,17 +250,16 @@ def _accumulate(stack: ModelStack, experience: Experience, rows: Tensor, config:
         # The losses are means over reply tokens: weighted by their share of tokens, the micro-batches' gradients add
         # up to exactly the minibatch's.
         share = (batch.action_mask.sum() / tokens).item()
-        # Policy and critic are different adapters: a forward and backward pass each (PEFT trains the active one).
         with stack.use(POLICY):
             logprobs = policy_logprobs(stack, batch.sequences, batch.attention_mask, batch.response_len,
                                        config.temperature)
             pg_loss, pg_stats = policy_loss(logprobs, batch.logprobs, batch.advantages, batch.action_mask,
                                             config.clip_eps)
             (share * pg_loss).backward()
-        with stack.use(CRITIC):
-            values = critic_values(stack, batch.sequences, batch.attention_mask, batch.response_len)
-            vf_loss = value_loss(values, batch.values, batch.returns, batch.action_mask, config.value_clip)
-            (share * config.vf_coef * vf_loss).backward()
+        # The critic reads the reward pass's features: no pass through the model.
+        values = critic(batch.features)  # (b, R)
+        vf_loss = value_loss(values, batch.values, batch.returns, batch.action_mask, config.value_clip)
+        (share * config.vf_coef * vf_loss).backward()
         for key, value in (("policy_loss", pg_loss.item()), ("value_loss", vf_loss.item()),
                            ("approx_kl", pg_stats.approx_kl), ("clip_fraction", pg_stats.clip_fraction)):
             out[key] += share * value
@@ -285,7 +282,7 @@ def _iteration_stats(
     return IterationStats(
         iteration=iteration,
         reward=experience.scores.mean().item(),
-        kl=experience.kl.sum(-1).mean().item(),
+        kl=experience.full_kl.sum(-1).mean().item(),
         kl_coef=kl_coef,
         entropy=masked_mean(experience.entropy, mask).item(),
         approx_kl=update.approx_kl,
@@ -325,13 +322,13 @@ def run_ppo(
     """Train the ``policy`` adapter of ``stack`` against its ``reward`` adapter.
 
     ``prompts`` are rendered prompt token ids (see :func:`alignd.trainer.rollout.encode_prompt`). Each run starts
-    a fresh critic from the reward model, and β from ``kl_coef`` (where the previous run left it) when given. When
+    a fresh critic from the reward head, and β from ``kl_coef`` (where the previous run left it) when given. When
     an iteration's rollouts show KL past the gate's budget, PPO stops and the policy goes back to the last one whose
     rollouts were within it, so a run hands the gate an in-budget candidate instead of discarding all its work.
     """
     ppo = config.ppo
-    init_critic(stack, normalization)
-    optimizer = make_optimizer(stack, ppo)
+    critic = init_critic(stack, normalization)
+    optimizer = make_optimizer(stack, critic, ppo)
     kl_controller = make_kl_controller(ppo, kl_coef)
     torch.manual_seed(config.seed)  # trainer-side sampling (HF rollouts) draws from the global generator
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
@@ -348,9 +345,9 @@ def run_ppo(
         # 2. Experience: log-probs, reference log-probs, values, scores, rewards, advantages.
         tick = time.monotonic()
         used_kl_coef = kl_controller.value
-        experience = make_experience(stack, rollouts, normalization, used_kl_coef, ppo)
+        experience = make_experience(stack, critic, rollouts, normalization, used_kl_coef, ppo)
         seconds["experience"] = time.monotonic() - tick
-        kl = experience.kl.sum(-1).mean().item()
+        kl = experience.full_kl.sum(-1).mean().item()
         if kl > config.gate.kl_budget:
             kl_controller.update(kl)  # the next run starts from a β that has seen this KL
             if in_budget is not None:  # the last update (in history) is undone
@@ -362,7 +359,7 @@ def run_ppo(
         in_budget = policy
         # 3. Update: epochs × minibatches of clipped policy and value steps.
         tick = time.monotonic()
-        update = ppo_update(stack, optimizer, experience, ppo, generator)
+        update = ppo_update(stack, critic, optimizer, experience, ppo, generator)
         seconds["update"] = time.monotonic() - tick
         # 4. Adapt β towards the target KL, and report.
         stats = _iteration_stats(iteration, experience, update, used_kl_coef, seconds)

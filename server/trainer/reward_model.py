@@ -41,6 +41,7 @@ __all__ = [
     "load_reward_model",
     "save_reward_model",
     "score_rollouts",
+    "score_with_features",
     "train_reward_model",
     "wilson_interval",
 ]
@@ -223,6 +224,28 @@ def score_rollouts(
             rows = slice(start, start + chunk)
             scores.append(last_token_rewards(stack, sequences[rows], attention_mask[rows]))
     return normalization.apply(torch.cat(scores))  # (B,)
+
+
+@torch.no_grad()
+def score_with_features(
+    stack: ModelStack,
+    sequences: Tensor,  # (B, P + R)
+    attention_mask: Tensor,  # (B, P + R)
+    normalization: RewardNormalization,
+    response_len: int,
+    chunk: int = 16,
+) -> tuple[Tensor, Tensor]:
+    """``(scores, features)``: the normalised reward of each sequence, (B,) float32, and the reward adapter's
+    hidden states where each reply token is predicted, (B, R, H) in the compute dtype (what the critic reads)."""
+    scores, features = [], []
+    with stack.use(REWARD):
+        for start in range(0, sequences.shape[0], chunk):
+            seq, mask = sequences[start : start + chunk], attention_mask[start : start + chunk]  # (b, P + R)
+            hidden = stack.hidden_states(seq, mask)  # (b, P + R, H)
+            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,)
+            scores.append(stack.heads[REWARD](hidden[torch.arange(len(seq), device=seq.device), last]))  # (b,)
+            features.append(hidden[:, -response_len - 1 : -1])  # (b, R, H)
+    return normalization.apply(torch.cat(scores)), torch.cat(features)
 
 
 def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float) -> tuple[Tensor, Tensor]:

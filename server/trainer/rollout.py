@@ -23,7 +23,8 @@ from alignd.engine.rollouts import adapter_replies
 from alignd.policies.router import RESERVED_VERSIONS
 from alignd.protocol import SamplingOptions
 from alignd.trainer.config import RolloutBackendName
-from alignd.trainer.models import ModelStack, logprobs_from_logits
+from alignd.trainer.logprobs import token_logprobs
+from alignd.trainer.models import ModelStack
 
 __all__ = [
     "ROLLOUT_VERSION",
@@ -269,8 +270,8 @@ def policy_logprobs(
 ) -> Tensor:
     """Log-probs of the reply tokens under the active adapter, (B, R), from logits / T: the distribution the
     reply was sampled from."""
-    logits = stack.response_logits(sequences, attention_mask, response_len, temperature)  # (B, R, V)
-    return logprobs_from_logits(logits, sequences[:, -response_len:])
+    logits = stack.response_logits(sequences, attention_mask, response_len)  # (B, R, V)
+    return token_logprobs(logits, sequences[:, -response_len:], temperature)
 
 
 @dataclass
@@ -283,12 +284,14 @@ class Experience:
     logprobs: Tensor  # (B, R) log π_old(a_t) at the sampling temperature
     ref_logprobs: Tensor  # (B, R) log π_ref(a_t), base with adapters disabled
     values: Tensor  # (B, R) critic V(s_t) at rollout time
+    features: Tensor  # (B, R, H) reward adapter's hidden states where each reply token is predicted (critic input)
     rewards: Tensor  # (B, R) -β·KL per token, plus the score at the last token
     advantages: Tensor  # (B, R) GAE, whitened over the batch
     returns: Tensor  # (B, R) advantages (unwhitened) + values
     scores: Tensor  # (B,) normalised reward-model score, minus the no-EOS penalty
     ended: Tensor  # (B,) bool, reply ended with EOS
     kl: Tensor  # (B, R) log π_old - log π_ref per token (0 on padding)
+    full_kl: Tensor  # (B, R) KL(π_old || π_ref) over the vocabulary at each reply position (0 on padding)
     entropy: Tensor  # (B, R) policy entropy at each reply position
 
     @property
