@@ -32,8 +32,8 @@ from alignd.clients import (
     ConflictError,
     PermissionDeniedError,
 )
-from alignd.config import ConfigError, ServerSettings
-from alignd.keys import KeyRing, digest, generate_key
+from alignd.config import ConfigError, ServerSettings, load_settings
+from alignd.keys import KeyRing, config_keys, digest, generate_key
 from alignd.protocol import ApiKeyCreated
 from alignd.store import KeyRow, Store
 from alignd.store.tables import api_keys
@@ -457,6 +457,27 @@ async def test_a_configured_name_with_another_role_in_the_database_stops_the_sta
         await KeyRing(store, ServerSettings(keys=["kim:frontend:k1"])).check_store()  # same role: fine
         with pytest.raises(ConfigError, match="kim"):
             await KeyRing(store, ServerSettings(keys=["kim:user:k1"])).check_store()
+
+
+def test_named_keys_from_the_environment() -> None:
+    settings = load_settings(
+        {},
+        environ={
+            "ALIGND_KEY": f"web:frontend:{WEB}, ops:admin:sha256:{'AB' * 32}",
+            "ALIGND_API_KEY": LEGACY,
+            "ALIGND_METRICS_KEY": SCRAPE,
+            "ALIGND_KEY_CACHE_S": "0",
+        },
+    )
+    assert settings.server.key_cache_s == 0
+    configured = [
+        (k.principal.key_id, k.principal.name, k.principal.role, k.digest) for k in config_keys(settings.server)
+    ]
+    assert configured == [
+        ("config-api-key-1", "api", "frontend", digest(LEGACY)),
+        ("config-key-1", "web", "frontend", digest(WEB)),
+        ("config-key-2", "ops", "admin", "ab" * 32),
+    ]
 
 
 def test_configured_keys_are_checked_before_anything_starts(tmp_path: Path) -> None:

@@ -118,7 +118,8 @@ class RegisterKind(Protocol):
 @runtime_checkable  # Litestar checks an injected value against its parameter's type
 class FeedbackSubmitter(Protocol):
     """What a plugin's route handler receives as its ``feedback`` parameter: stores a feedback body exactly like
-    ``POST /v1/feedback`` (same validation, hooks and errors) and returns ``(created, replayed)``."""
+    ``POST /v1/feedback`` (same validation, hooks and errors), for the route's caller (:class:`CallerFeedback`), and
+    returns ``(created, replayed)``."""
 
     async def submit(self, body: dict[str, Any], *, idempotency_key: str | None = None) -> Any: ...
 
