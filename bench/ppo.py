@@ -9,7 +9,8 @@ on a real model"); vLLM rollouts >= 2x faster than `generate` (issue "Embedded R
 
 alignd's runs start from the same fresh policy and the same reward model, so they do the same work; the engine runs
 in this process on a background event loop, as in the server. Its trainer uses its default precision (bfloat16
-compute on a CPU with bfloat16 instructions); TRL runs in float32 unless --peer-bf16 (both are printed with it).
+compute on a CPU with bfloat16 instructions); TRL trains its weights in the checkpoint's dtype (transformers' default:
+bfloat16 for SmolLM2's folder, float32 for the demo model), and also with bfloat16 autocast with --peer-bf16.
 """
 
 from __future__ import annotations
@@ -123,9 +124,9 @@ def main() -> int:
           f"{results['vllm'][1] / results['hf generate'][1]:.2f}x; reward model fit {rm_seconds:.1f} s")
     engine.shutdown()
     if args.peer:
-        peers = {"TRL float32": run_peer(model, args, bf16=False)}
+        peers = dict([run_peer(model, args, bf16=False)])
         if args.peer_bf16:
-            peers["TRL bfloat16"] = run_peer(model, args, bf16=True)
+            peers.update([run_peer(model, args, bf16=True)])
         print(f"\n{'trainer':<22} {'samples/s':>10} {'alignd (vLLM) / it':>19} {'alignd (generate) / it':>23}")
         for name, (_, rate, _, _) in results.items():
             print(f"{'alignd, ' + name:<22} {rate:>10.3f}")
@@ -136,8 +137,9 @@ def main() -> int:
     return 0
 
 
-def run_peer(model: str, args: argparse.Namespace, *, bf16: bool) -> float:
-    """TRL's samples/s on the same model and settings, from bench/trl_peer.py in its own process."""
+def run_peer(model: str, args: argparse.Namespace, *, bf16: bool) -> tuple[str, float]:
+    """``(name, samples/s)`` of TRL on the same model and settings, from bench/trl_peer.py in its own process; the
+    name says the dtype its weights trained in (the checkpoint's, transformers' default) and any autocast."""
     import json
     import subprocess
 
@@ -146,7 +148,9 @@ def run_peer(model: str, args: argparse.Namespace, *, bf16: bool) -> float:
                str(args.max_new_tokens), "--threads", str(args.threads), *(["--bf16"] if bf16 else [])]
     print(f"running TRL's PPO{' (bfloat16)' if bf16 else ''}…", flush=True)
     done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return float(json.loads(done.stdout.strip().splitlines()[-1])["samples_per_s"])
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    name = f"TRL {result['weights']}" + (" + bf16 autocast" if bf16 else "")
+    return name, float(result["samples_per_s"])
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def main() -> int:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 mixed precision (CPU autocast), like alignd's.")
+    parser.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="Weights' dtype; auto (transformers' default) keeps the checkpoint's: SmolLM2's folder "
+                        "is saved in bfloat16, so TRL then trains bfloat16 weights.")
     args = parser.parse_args()
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -54,10 +57,11 @@ def main() -> int:
     dataset = Dataset.from_dict({"input_ids": [list(p) for p in prompts]})
 
     def scorer() -> torch.nn.Module:
-        return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1)
+        return AutoModelForSequenceClassification.from_pretrained(args.model, num_labels=1, dtype=dtype)
 
-    policy = AutoModelForCausalLM.from_pretrained(args.model)
-    reference = AutoModelForCausalLM.from_pretrained(args.model)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    policy = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    reference = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     with tempfile.TemporaryDirectory(prefix="alignd-bench-trl-") as out:
         config = PPOConfig(
             output_dir=out, report_to=[], use_cpu=True, bf16=args.bf16, seed=0,
@@ -73,7 +77,7 @@ def main() -> int:
         seconds = time.monotonic() - started
     samples = args.iterations * args.batch
     print(json.dumps({"samples": samples, "seconds": round(seconds, 2), "samples_per_s": samples / seconds,
-                      "threads": args.threads, "bf16": args.bf16}))
+                      "threads": args.threads, "bf16": args.bf16, "weights": str(policy.dtype).removeprefix("torch.")}))
     return 0
 
 
