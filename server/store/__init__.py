@@ -3,6 +3,7 @@
 Importing this package touches no database; :meth:`Store.open` does.
 """
 
+from alignd.store.deletion import DeletedRows
 from alignd.store.keys import KeyRow, RoleConflictError
 from alignd.store.migrations import HEAD, MigrationError
 from alignd.store.records import (
@@ -22,6 +23,7 @@ __all__ = [
     "HEAD",
     "ChoiceRecord",
     "CompletionRecord",
+    "DeletedRows",
     "FeedbackRecord",
     "KeyRow",
     "Label",

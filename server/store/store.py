@@ -33,6 +33,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
+from alignd.store.deletion import DeletionQueries
 from alignd.store.feedback import FeedbackQueries, insert_feedback
 from alignd.store.keys import KeyQueries
 from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, migrate
@@ -219,9 +220,9 @@ def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
     ]
 
 
-class Store(FeedbackQueries, TrainingQueries, KeyQueries):
+class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
     """Durable storage for completions, feedback, the registry's rows and API keys; one per process, shared by all
-    requests.
+    requests. Rows are deleted by retention and per-user deletion only (:mod:`alignd.store.deletion`).
 
     Create with :meth:`open` and release with :meth:`close` (or ``async with``).
     All methods must be called from the event loop that opened the store.

@@ -100,6 +100,7 @@ completions = Table(
     Column("principal", Text, nullable=True),  # the principal whose key made it (None: made without a key)
     Index(None, "created"),
     Index(None, "policy_version"),
+    Index(None, "user"),  # per-user deletion
 )
 
 #: The generated choices of a completion (``n`` of them).
@@ -138,6 +139,7 @@ feedback = Table(
     Index(None, "completion_id", "kind"),
     Index(None, "created"),
     Index(None, "idempotency_key", unique=True),
+    Index(None, "user"),  # per-user deletion
 )
 
 #: Preference pairs derived from feedback (TRL's conversational format: prompt messages, two replies).
