@@ -1,5 +1,6 @@
-"""Masks e-mail addresses and phone numbers in a feedback event's comment and free-text fields (such as an edit's
-``text``) before anything else sees or stores them.
+"""Masks e-mail addresses and phone numbers: in a feedback event's comment and free-text fields (such as an edit's
+``text``) before anything else sees or stores them, and in every text that leaves the server (prompts, replies,
+comments in the exports, ``GET /v1/feedback`` and what sinks such as the JSONL file and the webhook receive).
 
 Heuristics, not a guarantee: an e-mail is ``name@domain.tld``; a phone number is 9 to 15 digits, optionally with
 ``+``, spaces, dots, dashes and parentheses between them (ISO dates are left alone).
@@ -38,3 +39,8 @@ def prepare_feedback(feedback: Feedback) -> None:
         value = getattr(payload, name)
         if isinstance(value, str):
             setattr(payload, name, redact(value))
+
+
+@hookimpl
+def redact_text(text: str) -> str:
+    return redact(text)

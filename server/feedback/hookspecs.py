@@ -50,6 +50,20 @@ def prepare_feedback(feedback: Feedback, completion: CompletionRecord) -> None:
     """
 
 
+@hookspec
+def redact_text(text: str) -> str | None:
+    """Mask what must not leave the server in one text on its way out.
+
+    Fires for every text that stored data sends out: the prompts (each message's content), the replies, comments,
+    tags and the payload's text fields of the exports (``GET /v1/feedback/export``, every format), of
+    ``GET /v1/feedback``, and of what ``on_feedback`` sinks receive (so the JSONL file and the webhook). The store
+    and the trainer keep the texts as they are (``prepare_feedback`` is the hook that changes what is stored).
+
+    Returns the masked text, or None to leave it unchanged. Not firstresult: alignd calls every implementation in
+    turn, each on the previous one's result. It must be fast and must not block: exports call it for every line.
+    """
+
+
 @hookspec(firstresult=True)
 def filter_feedback(feedback: Feedback, completion: CompletionRecord, context: PluginContext) -> Rejection | None:
     """Accept or reject a valid feedback event before anything is stored (spam, abuse, per-user quotas).

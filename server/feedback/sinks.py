@@ -3,7 +3,8 @@
 Each plugin gets its own bounded queue and worker task, so a slow sink delays only itself and sees events in commit
 order. Every call is time-boxed; a coroutine function runs on the event loop, a plain function in the plugin's own
 daemon thread (a plain function that hangs cannot block the loop, nor the process's exit). A call that raises or
-times out is logged and counted; the event is already stored, so nothing is lost but that sink's copy.
+times out is logged and counted; the event is already stored, so nothing is lost but that sink's copy. The arguments
+are prepared (redacted) in the sink's worker, off the request path.
 """
 
 from __future__ import annotations
@@ -30,11 +31,13 @@ class SinkDispatcher:
     """Hands each committed event to every current ``on_feedback`` implementation (looked up per event, so
     plugins registered at run time are served too)."""
 
-    def __init__(self, hook: pluggy.HookCaller, metrics: Metrics, *, timeout_s: float, queue_max: int) -> None:
+    def __init__(self, hook: pluggy.HookCaller, metrics: Metrics, *, timeout_s: float, queue_max: int,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self._hook = hook
         self._metrics = metrics
         self._timeout_s = timeout_s
         self._queue_max = queue_max
+        self._prepare = prepare
         self._sinks: dict[tuple[str, Callable[..., Any]], _Sink] = {}
 
     def dispatch(self, **kwargs: Any) -> None:
@@ -43,7 +46,7 @@ class SinkDispatcher:
             key = (impl.plugin_name, impl.function)
             sink = self._sinks.get(key)
             if sink is None:
-                sink = self._sinks[key] = _Sink(impl, self._metrics, self._timeout_s, self._queue_max)
+                sink = self._sinks[key] = _Sink(impl, self._metrics, self._timeout_s, self._queue_max, self._prepare)
             sink.offer({name: kwargs[name] for name in impl.argnames})
 
     async def close(self, grace_s: float) -> None:
@@ -62,9 +65,11 @@ class SinkDispatcher:
 
 
 class _Sink:
-    def __init__(self, impl: pluggy.HookImpl, metrics: Metrics, timeout_s: float, queue_max: int) -> None:
+    def __init__(self, impl: pluggy.HookImpl, metrics: Metrics, timeout_s: float, queue_max: int,
+                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
         self.name = impl.plugin_name
         self.function = impl.function
+        self.prepare = prepare
         self.is_async = inspect.iscoroutinefunction(impl.function)
         self.metrics = metrics
         self.timeout_s = timeout_s
@@ -101,6 +106,8 @@ class _Sink:
     async def _deliver(self, kwargs: dict[str, Any]) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
+                if self.prepare is not None:  # a failure here withholds the event: nothing unredacted goes out
+                    kwargs = self.prepare(kwargs)
                 if self.is_async:
                     await self.function(**kwargs)
                 else:
