@@ -4,8 +4,10 @@ Delivery is one event at a time in commit order from a bounded queue (``webhook_
 dropped for the webhook and counted in ``alignd_sink_dropped_total{plugin="webhook"}``). A transport error, 408,
 425, 429 or 5xx is retried ``webhook_retries`` times with exponential backoff (honouring ``Retry-After``); an event
 still undelivered is logged and counted in ``alignd_sink_failures_total{plugin="webhook"}``. With
-``webhook_secret`` set, ``X-Alignd-Signature: sha256=<hex>`` is the HMAC-SHA256 of the exact body, so the receiver
-can check it came from this server. Off unless ``webhook_url`` is set.
+``webhook_secret`` set, each attempt carries ``X-Alignd-Timestamp`` (Unix seconds) and ``X-Alignd-Signature-V1``, the
+HMAC-SHA256 of ``"<timestamp>." + body``: the receiver can check that it came from this server, unaltered, and refuse
+a replay by its age (:func:`alignd.clients.webhooks.verify`). ``webhook_legacy_signature`` adds the earlier releases'
+``X-Alignd-Signature: sha256=<HMAC of the body>`` for receivers not yet moved. Off unless ``webhook_url`` is set.
 """
 
 from __future__ import annotations
@@ -14,33 +16,44 @@ import asyncio
 import hashlib
 import hmac
 import logging
+import time
 
 import httpx
 import msgspec
 
 from alignd import CompletionRecord, Feedback, PluginContext, Signal, feedback_event, hookimpl
+from alignd.clients.webhooks import EVENT_HEADER, LEGACY_SIGNATURE_HEADER, SIGNATURE_HEADER, TIMESTAMP_HEADER, sign
 from alignd.metrics import Metrics
 
 NAME = "webhook"
-SIGNATURE_HEADER = "X-Alignd-Signature"
 _MAX_BACKOFF_S = 60.0
 _RETRYABLE = {408, 425, 429}
 
 log = logging.getLogger(__name__)
 
 
-def signature(secret: str, body: bytes) -> str:
-    """The signature header's value for ``body``."""
+def legacy_signature(secret: str, body: bytes) -> str:
+    """The earlier releases' signature header value: the body alone, so it cannot tell a replay."""
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def signed_headers(secret: str, body: bytes, *, legacy: bool, now: float | None = None) -> dict[str, str]:
+    """The signature headers of one delivery attempt."""
+    timestamp = int(time.time() if now is None else now)
+    headers = {TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: sign(secret, body, timestamp)}
+    if legacy:
+        headers[LEGACY_SIGNATURE_HEADER] = legacy_signature(secret, body)
+    return headers
 
 
 class WebhookSender:
     """A bounded queue of event bodies and one task delivering them with retries."""
 
     def __init__(self, url: str, *, secret: str | None, timeout_s: float, retries: int, backoff_s: float,
-                 queue_max: int, metrics: Metrics) -> None:
+                 queue_max: int, metrics: Metrics, legacy_signature: bool = False) -> None:
         self.url = url
         self.secret = secret
+        self.legacy_signature = legacy_signature
         self.retries = retries
         self.backoff_s = backoff_s
         self.metrics = metrics
@@ -65,12 +78,12 @@ class WebhookSender:
                 self.queue.task_done()
 
     async def _deliver(self, event_id: str, body: bytes) -> None:
-        headers = {"content-type": "application/json", "X-Alignd-Event": event_id}
-        if self.secret:
-            headers[SIGNATURE_HEADER] = signature(self.secret, body)
+        headers = {"content-type": "application/json", EVENT_HEADER: event_id}
         problem = ""
         for attempt in range(self.retries + 1):
             delay = min(_MAX_BACKOFF_S, self.backoff_s * 2**attempt)
+            if self.secret:  # signed per attempt: a retry after a long backoff still carries a fresh timestamp
+                headers.update(signed_headers(self.secret, body, legacy=self.legacy_signature))
             try:
                 response = await self.client.post(self.url, content=body, headers=headers)
             except httpx.HTTPError as exc:
@@ -109,7 +122,8 @@ def startup(context: PluginContext) -> None:
         context.state[NAME] = WebhookSender(config.webhook_url, secret=config.webhook_secret,
                                             timeout_s=config.webhook_timeout_s, retries=config.webhook_retries,
                                             backoff_s=config.webhook_backoff_s, queue_max=config.webhook_queue_max,
-                                            metrics=context.metrics)
+                                            metrics=context.metrics,
+                                            legacy_signature=config.webhook_legacy_signature)
 
 
 @hookimpl

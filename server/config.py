@@ -136,6 +136,15 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         float, Meta(ge=0, description="PostgreSQL: seconds between checks for a version another replica promoted "
                     "(this one then loads and serves it too; the policies folder must be shared). 0: never.")
     ] = 5.0
+    retain_days: Annotated[
+        Annotated[int, Meta(ge=1)] | None,
+        Meta(description="Delete completions older than this many days, with their choices, the feedback on them "
+             "and its preference pairs and labels (every --retention-interval-s, and on POST /v1/admin/retention). "
+             "Policies and training runs stay. Unset: keep everything."),
+    ] = None
+    retention_interval_s: Annotated[
+        float, Meta(gt=0, description="Seconds between two retention passes (with --retain-days set).")
+    ] = 3600.0
 
 
 class PluginSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -177,9 +186,15 @@ class PluginSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         str | None, Meta(description="webhook: URL each accepted feedback event is POSTed to. Unset: off.")
     ] = None
     webhook_secret: Annotated[
-        str | None, Meta(description="webhook: secret for the 'X-Alignd-Signature: sha256=<HMAC of the body>' "
-                         "header. Unset: no signature.")
+        str | None, Meta(description="webhook: secret of the 'X-Alignd-Signature-V1' header, the HMAC-SHA256 of "
+                         "'<X-Alignd-Timestamp>.<body>' (alignd.clients.webhooks.verify checks it and rejects "
+                         "replays). Unset: no signature.")
     ] = None
+    webhook_legacy_signature: Annotated[
+        bool, Meta(description="webhook: also send the old 'X-Alignd-Signature: sha256=<HMAC of the body>', "
+                   "which has no timestamp (a captured request can be replayed), while receivers move to the new "
+                   "header.")
+    ] = False
     webhook_timeout_s: Annotated[float, Meta(gt=0, description="webhook: seconds one POST may take.")] = 5.0
     webhook_retries: Annotated[
         int, Meta(ge=0, description="webhook: retries of a failed POST, with exponential backoff.")
