@@ -24,6 +24,7 @@ from alignd.api.feedback import FeedbackController
 from alignd.api.health import HealthController
 from alignd.api.plugins import PluginController
 from alignd.api.policies import PolicyController
+from alignd.api.privacy import RetentionController, UserController
 from alignd.api.training import TrainingController
 from alignd.api.web import web_router
 from alignd.auth import user_guard
@@ -60,7 +61,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
 
     return Litestar(
         route_handlers=[ChatController, FeedbackController, PolicyController, TrainingController, PluginController,
-                        KeyController, HealthController, web_router()],
+                        KeyController, UserController, RetentionController, HealthController, web_router()],
         dependencies={"chat": Provide(ready_chat, sync_to_thread=False),
                       **{name: Provide(_service(name), sync_to_thread=False) for name in _PROVIDED}},
         lifespan=[lifespan],
@@ -76,7 +77,7 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
 
 # Services a handler (a plugin's too) receives by naming a parameter after one of them (and ``chat``, which is a 503
 # until the engine is up).
-_PROVIDED = ("services", "settings", "feedback", "registry", "trainer", "router", "metrics", "plugins")
+_PROVIDED = ("services", "settings", "feedback", "registry", "trainer", "router", "metrics", "plugins", "privacy")
 
 
 def _service(name: str) -> Any:

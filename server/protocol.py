@@ -582,3 +582,59 @@ class ApiKeyList(msgspec.Struct, kw_only=True):
 
     data: list[ApiKey]
     object: Literal["list"] = "list"
+
+
+# --- privacy: per-user deletion and retention (operators) ------------------------------------------------------
+
+
+class RowCounts(msgspec.Struct, kw_only=True):
+    """Stored rows per table: those a deletion removed, or would remove."""
+
+    completions: int
+    choices: int
+    feedback: int
+    preference_pairs: int
+    labels: int
+
+
+class UserQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Query parameters of ``GET`` and ``DELETE /v1/admin/users/{user}``."""
+
+    principal: PrincipalName | None = None
+    """Only the rows made with this principal's keys (two frontends may each have a user of the same name)."""
+
+
+class UserData(msgspec.Struct, kw_only=True):
+    """``GET /v1/admin/users/{user}``: what the store holds of an end user, which deleting it would remove."""
+
+    user: str
+    principal: str | None
+    rows: RowCounts
+    object: Literal["user.data"] = "user.data"
+
+
+class UserDeletion(msgspec.Struct, kw_only=True):
+    """``DELETE /v1/admin/users/{user}``: what was removed (all zeros when nothing was left: deleting is
+    idempotent)."""
+
+    user: str
+    principal: str | None
+    deleted: RowCounts
+    object: Literal["user.deletion"] = "user.deletion"
+
+
+class RetentionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/admin/retention`` (may be empty)."""
+
+    older_than_days: Annotated[int, Meta(ge=1)] | None = None
+    """Delete completions older than this many days; default: the configured ``--retain-days``."""
+
+
+class RetentionRun(msgspec.Struct, kw_only=True):
+    """A retention pass: what was older than ``cutoff`` and removed."""
+
+    older_than_days: int
+    cutoff: str
+    """ISO 8601: completions created before it were removed, with everything derived from them."""
+    deleted: RowCounts
+    object: Literal["retention.run"] = "retention.run"

@@ -3,7 +3,8 @@ in the background and tears everything down in reverse; handlers receive them th
 
 Start-up order: plugins first (a broken or conflicting plugin stops the start before anything is opened), the store
 (schema migrated), the feedback service with every plugin's ``startup``, the key ring (configured keys checked against
-the stored ones), the router and registry, the trainer's supervisor, then the engine, in the background: the HTTP
+the stored ones), the router and registry, the trainer's supervisor, retention (with ``--retain-days``, a background
+pass now and every ``--retention-interval-s``), then the engine, in the background: the HTTP
 server answers as soon as this returns, with ``/ready`` and chat answering 503 until the engine is up, so that
 orchestrators can tell "alive" from "ready".
 """
@@ -31,6 +32,7 @@ from alignd.metrics import Metrics
 from alignd.models import resolve_model
 from alignd.policies.registry import PolicyRegistry
 from alignd.policies.router import PolicyRouter
+from alignd.privacy import PrivacyService
 from alignd.store import Store
 from alignd.trainer.config import trainer_config
 from alignd.trainer.supervisor import TrainerSupervisor, TriggerPolicy, default_threads
@@ -56,6 +58,7 @@ class Services:
     router: PolicyRouter
     registry: PolicyRegistry
     trainer: TrainerSupervisor
+    privacy: PrivacyService
     engine: Any = None
     """The serving engine (:class:`alignd.engine.vllm_engine.VLLMEngine`, or one a test passes in)."""
     chat: ChatService | None = None
@@ -89,6 +92,8 @@ async def open_services(settings: Settings, *, engine: Any = None, store: Store 
         await services.trainer.open()
         if not opened.embedded and settings.store.policy_sync_s > 0:  # replicas share PostgreSQL
             services._tasks.append(asyncio.create_task(_follow_promotions(services), name="alignd-policy-sync"))
+        if settings.store.retain_days is not None:  # every replica may run it: deleting twice finds nothing
+            services._tasks.append(asyncio.create_task(services.privacy.run_retention(), name="alignd-retention"))
         if engine is not None:
             await services.attach_engine(engine)
         else:
@@ -142,7 +147,8 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                         keys=KeyRing(store, server),
                         allowed_hosts=AllowedHosts(server.allowed_hosts, server.host),
                         chat_limits=ChatLimits(server.chat_requests_per_minute, server.chat_max_concurrent),
-                        plugins=pm, store=store, feedback=feedback, router=router, registry=registry, trainer=trainer)
+                        plugins=pm, store=store, feedback=feedback, router=router, registry=registry, trainer=trainer,
+                        privacy=PrivacyService(store, feedback, metrics, settings))
     return services
 
 

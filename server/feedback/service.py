@@ -26,6 +26,7 @@ from alignd.config import Settings
 from alignd.decoding import convert
 from alignd.errors import AlignError, Conflict, InvalidFeedback, NotFound, RateLimited, Unprocessable
 from alignd.feedback.manager import PluginError, call_impl, collect_feedback_kinds, hook_impls, maybe_await
+from alignd.feedback.redaction import Redactor
 from alignd.feedback.sinks import SinkDispatcher
 from alignd.feedback.types import (
     Feedback,
@@ -93,8 +94,9 @@ class FeedbackService:
         self.metrics = metrics
         self.context = PluginContext(settings, metrics)
         self.kinds: dict[str, FeedbackKind] = collect_feedback_kinds(pm) if kinds is None else kinds
+        self.redactor = Redactor(pm.hook.redact_text)
         self.sinks = SinkDispatcher(pm.hook.on_feedback, metrics, timeout_s=settings.plugins.sink_timeout_s,
-                                    queue_max=settings.plugins.sink_queue_max)
+                                    queue_max=settings.plugins.sink_queue_max, prepare=self.redactor.sink_arguments)
         self._completions: OrderedDict[str, CompletionRecord] = OrderedDict()
         # On SQLite this process makes every write, so a history read once stays exact if we append what we
         # commit; with PostgreSQL other replicas write too, and history is read from the database each time.
@@ -121,6 +123,12 @@ class FeedbackService:
                 await asyncio.wait_for(maybe_await(call_impl(impl, context=self.context)), timeout)
             except Exception:
                 log.exception("plugin %s failed to shut down", impl.plugin_name)
+
+    def forget_cached(self) -> None:
+        """Drop the completions and histories kept in memory: stored rows were deleted."""
+        self._completions.clear()
+        if self._histories is not None:
+            self._histories.clear()
 
     # --- submission ------------------------------------------------------------------------------------------
 
@@ -178,6 +186,11 @@ class FeedbackService:
                 # The same key committed meanwhile (a concurrent retry): answer like a retry would be answered.
                 if key is not None and (replay := await self._replay(key, request_hash, principal)) is not None:
                     return replay
+                # Or the completion was deleted (retention, a user's deletion; maybe by another replica) after it
+                # was read or cached.
+                if (await self.store.feedback_context(completion.id))[0] is None:
+                    self.forget_cached()
+                    raise NotFound(f"No completion with id {completion.id!r}.", param="completion_id") from None
                 raise
             if kind.uses_history:
                 self._remember(completion.id, kind, feedback)
@@ -332,18 +345,21 @@ class FeedbackService:
             yield b"".join(encoder.encode(line) + b"\n" for line in page)
 
     async def _preference_lines(self, since: datetime | None, policy: int | None) -> AsyncIterator[list[Any]]:
+        r = self.redactor
         async for pairs in self.store.iter_pairs(since=since, policy_version=policy, page=_EXPORT_PAGE):
-            yield [PreferenceLine(prompt=p.prompt, chosen=assistant(p.chosen), rejected=assistant(p.rejected),
+            yield [PreferenceLine(prompt=r.messages(p.prompt), chosen=assistant(r.text(p.chosen)),
+                                  rejected=assistant(r.text(p.rejected)),
                                   margin=p.margin, weight=p.weight, completion_id=p.completion_id,
                                   feedback_id=p.feedback_id, kind=p.kind, policy_version=p.policy_version,
                                   chosen_choice=p.chosen_choice, rejected_choice=p.rejected_choice,
                                   created=iso(p.created)) for p in pairs]
 
     async def _kto_lines(self, since: datetime | None, policy: int | None) -> AsyncIterator[list[Any]]:
+        r = self.redactor
         async for labels in self.store.iter_labels(since=since, policy_version=policy, page=_EXPORT_PAGE):
-            yield [KTOLine(prompt=lb.prompt, completion=assistant(lb.reply), label=lb.good, weight=lb.weight,
-                           completion_id=lb.completion_id, feedback_id=lb.feedback_id, kind=lb.kind,
-                           policy_version=lb.policy_version, choice=lb.choice, created=iso(lb.created))
+            yield [KTOLine(prompt=r.messages(lb.prompt), completion=assistant(r.text(lb.reply)), label=lb.good,
+                           weight=lb.weight, completion_id=lb.completion_id, feedback_id=lb.feedback_id,
+                           kind=lb.kind, policy_version=lb.policy_version, choice=lb.choice, created=iso(lb.created))
                    for lb in labels]
 
     async def _event_lines(self, since: datetime | None, policy: int | None) -> AsyncIterator[list[Any]]:
@@ -351,6 +367,7 @@ class FeedbackService:
             yield await self._events(rows)
 
     async def _events(self, rows: list[StoredFeedback]) -> list[FeedbackEvent]:
+        """Self-contained event lines (prompt and choices included), redacted: they leave the server."""
         context = await self.store.prompts_and_choices([r.completion_id for r in rows]) if rows else {}
         events = []
         for r in rows:
@@ -360,7 +377,7 @@ class FeedbackService:
                 policy_version=r.policy_version, payload=r.payload, user=r.user, comment=r.comment, tags=r.tags,
                 pairs=r.pair_count, labels=r.label_count, prompt=plain_messages(messages), choices=texts,
                 principal=r.principal))
-        return events
+        return [self.redactor.event(event) for event in events]
 
 
 def _record(feedback: Feedback, completion: CompletionRecord, signal: Signal, request_hash: str) -> FeedbackRecord:
