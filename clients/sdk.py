@@ -1,4 +1,5 @@
-"""Python SDK for alignd: chat, feedback, export, and the operator endpoints (policies, training runs, API keys).
+"""Python SDK for alignd: chat, feedback, export, and the operator endpoints (policies, training runs, API keys,
+per-user deletion and retention).
 
 Import it as ``from alignd.clients import Client, AsyncClient, AligndError``::
 
@@ -27,6 +28,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Literal, TypedDict, TypeVar, Unpack, overload
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -43,8 +45,11 @@ from alignd.protocol import (
     Policy,
     PolicyList,
     PrincipalRole,
+    RetentionRun,
     TrainingRun,
     TrainingRunList,
+    UserData,
+    UserDeletion,
 )
 
 __all__ = [
@@ -257,6 +262,19 @@ def _training_body(iterations: int | None, rollout_batch_size: int | None, time_
     return body
 
 
+def _user_path(user: str) -> str:
+    """The path of an end user's operator endpoint: the id percent-encoded, "/" included."""
+    return "/v1/admin/users/" + quote(user, safe="")
+
+
+def _principal_params(principal: str | None) -> dict[str, str] | None:
+    return None if principal is None else {"principal": principal}
+
+
+def _retention_body(older_than_days: int | None) -> dict[str, int] | None:
+    return None if older_than_days is None else {"older_than_days": older_than_days}
+
+
 def _decode(content: bytes, type_: type[T]) -> T:
     try:
         return msgspec.json.decode(content, type=type_)
@@ -345,8 +363,8 @@ class Stream(Iterator[ChatCompletionChunk]):
 
 class Client(_Base):
     """Synchronous client. ``api_key`` is sent as ``Authorization: Bearer <key>``; an admin key also works for the
-    chat and feedback endpoints, and is needed for :attr:`policies`, :attr:`training`, :attr:`keys` and
-    :meth:`export`."""
+    chat and feedback endpoints, and is needed for :attr:`policies`, :attr:`training`, :attr:`keys`,
+    :attr:`users`, :attr:`retention` and :meth:`export`."""
 
     _sleep = staticmethod(time.sleep)  # the wait between retries (tests record it instead)
 
@@ -358,6 +376,8 @@ class Client(_Base):
         self.policies = Policies(self)
         self.training = Training(self)
         self.keys = Keys(self)
+        self.users = Users(self)
+        self.retention = Retention(self)
 
     def close(self) -> None:
         self._http.close()
@@ -539,6 +559,37 @@ class Keys:
         return self._client._call("DELETE", f"/v1/admin/keys/{key_id}", ApiKey, idempotent=True)
 
 
+class Users:
+    """End users' stored data (admin key): what is held of one, and deleting it."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def get(self, user: str, *, principal: str | None = None) -> UserData:
+        """Rows held of ``user`` per table (``NotFoundError``, code ``user_not_found``, when none); ``principal``
+        counts only the rows made with that principal's keys."""
+        return self._client._call("GET", _user_path(user), UserData, params=_principal_params(principal))
+
+    def delete(self, user: str, *, principal: str | None = None) -> UserDeletion:
+        """Delete every row of ``user`` (its completions with everything derived from them, and its feedback on
+        others'); the counts removed. Idempotent, so retried like a GET."""
+        return self._client._call("DELETE", _user_path(user), UserDeletion, params=_principal_params(principal),
+                                  idempotent=True)
+
+
+class Retention:
+    """Retention (admin key)."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    def run(self, older_than_days: int | None = None) -> RetentionRun:
+        """Delete now the completions older than ``older_than_days`` (default: the server's ``--retain-days``;
+        ``UnprocessableEntityError``, code ``retention_off``, when neither is set), with everything derived."""
+        return self._client._call("POST", "/v1/admin/retention", RetentionRun, _retention_body(older_than_days),
+                                  idempotent=True)
+
+
 # --- async ---------------------------------------------------------------------------------------------------------
 
 
@@ -592,6 +643,8 @@ class AsyncClient(_Base):
         self.policies = AsyncPolicies(self)
         self.training = AsyncTraining(self)
         self.keys = AsyncKeys(self)
+        self.users = AsyncUsers(self)
+        self.retention = AsyncRetention(self)
 
     async def close(self) -> None:
         await self._http.aclose()
@@ -762,3 +815,28 @@ class AsyncKeys:
 
     async def revoke(self, key_id: str) -> ApiKey:
         return await self._client._call("DELETE", f"/v1/admin/keys/{key_id}", ApiKey, idempotent=True)
+
+
+class AsyncUsers:
+    """End users' stored data (admin key, async); see :class:`Users`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def get(self, user: str, *, principal: str | None = None) -> UserData:
+        return await self._client._call("GET", _user_path(user), UserData, params=_principal_params(principal))
+
+    async def delete(self, user: str, *, principal: str | None = None) -> UserDeletion:
+        return await self._client._call("DELETE", _user_path(user), UserDeletion,
+                                        params=_principal_params(principal), idempotent=True)
+
+
+class AsyncRetention:
+    """Retention (admin key, async); see :class:`Retention`."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self._client = client
+
+    async def run(self, older_than_days: int | None = None) -> RetentionRun:
+        return await self._client._call("POST", "/v1/admin/retention", RetentionRun,
+                                        _retention_body(older_than_days), idempotent=True)

@@ -194,6 +194,37 @@ def build_parser() -> argparse.ArgumentParser:
                             help="Admin key (env ALIGND_ADMIN_KEY).")
     keys.set_defaults(func=cmd_keys)
 
+    users = sub.add_parser(
+        "users", help="Show or delete what a running server stores of an end user (admin key).",
+        description="An end user is the 'user' of chat and feedback requests (a user key's principal name). "
+                    "Deleting one removes its completions with their choices, every feedback event on them and "
+                    "those events' preference pairs and labels, and its feedback on other completions: from the "
+                    "database only (see docs/privacy.md for what it cannot reach).")
+    users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
+    users_show = users_sub.add_parser("show", help="Rows stored of the user, per table (exit 1 when none).")
+    users_delete = users_sub.add_parser("delete", help="Delete every row of the user; print how many per table.")
+    for action in (users_show, users_delete):
+        action.add_argument("user", help="The end user's id, as chat and feedback requests named it.")
+        action.add_argument("--principal", default=None,
+                            help="Only the rows made with this principal's keys (e.g. one frontend's users).")
+
+    retention = sub.add_parser(
+        "retention", help="Run a retention pass on a running server now (admin key).",
+        description="Delete the completions older than --older-than-days (default: the server's --retain-days) "
+                    "with their choices, the feedback on them and its preference pairs and labels.")
+    retention_sub = retention.add_subparsers(dest="retention_command", required=True, metavar="ACTION")
+    retention_run = retention_sub.add_parser("run", help="Delete what is older than the retention period, now.")
+    retention_run.add_argument("--older-than-days", dest="older_than_days", type=int, default=None,
+                               help="Days (at least 1); default: the server's --retain-days.")
+    for action in (users_show, users_delete, retention_run):
+        action.add_argument("--json", action="store_true", help="Print JSON instead of a sentence.")
+        action.add_argument("--url", default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8000"),
+                            help="The alignd server (env ALIGND_URL; default http://127.0.0.1:8000).")
+        action.add_argument("--admin-key", dest="admin_key", default=_first_key("ALIGND_ADMIN_KEY"),
+                            help="Admin key (env ALIGND_ADMIN_KEY).")
+    users.set_defaults(func=cmd_users)
+    retention.set_defaults(func=cmd_retention)
+
     train = sub.add_parser(
         "train", help="Start a training run on the running server now and follow it with a progress bar.",
         description="POST /v1/training/runs with the admin key, then follow the run's phase and figures until it "
@@ -271,6 +302,26 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return keys.add_key(url=args.url, admin_key=args.admin_key, name=args.name, role=args.role,
                             as_json=args.json)
     return keys.revoke_key(url=args.url, admin_key=args.admin_key, key_id=args.id)
+
+
+def cmd_users(args: argparse.Namespace) -> int:
+    """Show or delete an end user's stored rows."""
+    from alignd.clients import privacy
+
+    action = privacy.show_user if args.users_command == "show" else privacy.delete_user
+    return action(url=args.url, admin_key=args.admin_key, user=args.user, principal=args.principal,
+                  as_json=args.json)
+
+
+def cmd_retention(args: argparse.Namespace) -> int:
+    """Run a retention pass now."""
+    from alignd.clients import privacy
+
+    if args.older_than_days is not None and args.older_than_days < 1:
+        print("alignd retention: --older-than-days must be at least 1", file=sys.stderr)
+        return 2
+    return privacy.run_retention(url=args.url, admin_key=args.admin_key, older_than_days=args.older_than_days,
+                                 as_json=args.json)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
