@@ -5,6 +5,7 @@ can be limited to one principal, and counts what it would remove beforehand. Pol
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -140,5 +141,24 @@ async def test_user_deletion_limited_to_one_principal(store: Store) -> None:
     assert await ids(store, completions) == {via_app} and await ids(store, feedback) == {kept}
 
 
+def database_files(folder: Path) -> bytes:
+    """The SQLite database with its WAL and shared-memory files, concatenated."""
+    return b"".join(p.read_bytes() for p in folder.iterdir() if p.name.startswith("alignd.db"))
+
+
 def msgspec_dict(rows: DeletedRows) -> dict[str, int]:
     return {name: getattr(rows, name) for name in rows.__struct_fields__}
+
+
+async def test_on_sqlite_the_deleted_text_leaves_the_files(tmp_path: Path) -> None:
+    path = tmp_path / "alignd.db"
+    async with await Store.open(f"sqlite:///{path}") as store:
+        for n in range(30):
+            await store.record_completion(make_record(n, user="alice" if n in (3, 4) else "bob", messages=[
+                {"role": "user", "content": f"SECRET-{n}-SECRET " * 40}]))
+        await store.record_feedback(make_feedback(1, "chatcmpl-000003", comment="PRIVATE-COMMENT " * 20))
+        assert (await store.delete_user("alice")).completions == 2
+        await store.delete_completions_before(NOW + timedelta(days=1000))  # the rest too, by retention
+        on_disk = database_files(tmp_path)
+        for text in (b"SECRET-3-SECRET", b"SECRET-4-SECRET", b"PRIVATE-COMMENT", b"SECRET-20-SECRET"):
+            assert text not in on_disk, f"{text!r} is still in the database files"

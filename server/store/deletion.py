@@ -11,6 +11,10 @@ so that a failure or a restart leaves no half-deleted completion and no long loc
 readers interleave between batches. The rows are deleted explicitly rather than by ``ON DELETE CASCADE`` so that
 every table's count is known; the cascade still catches an event committed on a completion between the two
 statements of a batch (PostgreSQL).
+
+On SQLite the deleted text also leaves the files: ``secure_delete`` (set on every connection) overwrites freed
+content, and a checkpoint after the deletion moves the WAL into the database and truncates it (the WAL would
+otherwise keep the pages as they were). PostgreSQL keeps dead rows in its files until VACUUM reuses their space.
 """
 
 from __future__ import annotations
@@ -99,7 +103,7 @@ class DeletionQueries:
             raise ValueError(f"cutoff must be timezone-aware, got {cutoff!r}")
         old = (select(completions.c.id).where(completions.c.created < cutoff)
                .order_by(completions.c.created, completions.c.id).limit(batch))
-        return await self._in_batches(old, _delete_completions, batch)
+        return await self._scrubbed(await self._in_batches(old, _delete_completions, batch))
 
     async def delete_user(self, user: str, *, principal: str | None = None,
                           batch: int = DELETE_BATCH) -> DeletedRows:
@@ -109,8 +113,9 @@ class DeletionQueries:
         on_completions, on_feedback = _user_filters(user, principal)
         theirs = select(completions.c.id).where(on_completions).limit(batch)
         deleted = await self._in_batches(theirs, _delete_completions, batch)
-        return deleted + await self._in_batches(select(feedback.c.id).where(on_feedback).limit(batch),
-                                                _delete_feedback, batch)
+        deleted += await self._in_batches(select(feedback.c.id).where(on_feedback).limit(batch), _delete_feedback,
+                                          batch)
+        return await self._scrubbed(deleted)
 
     async def count_user_rows(self, user: str, *, principal: str | None = None) -> DeletedRows:
         """What :meth:`delete_user` would delete now."""
@@ -129,6 +134,15 @@ class DeletionQueries:
         }
         async with self._engine.connect() as conn:
             return DeletedRows(**{name: (await conn.execute(query)).scalar_one() for name, query in queries.items()})
+
+    async def _scrubbed(self, deleted: DeletedRows) -> DeletedRows:
+        """On SQLite, after rows were deleted: checkpoint and truncate the WAL, which still holds their pages."""
+        if deleted.total and self._engine.dialect.name == "sqlite":
+            async with self._engine.connect() as conn:
+                # On the driver's connection: SQLAlchemy's would open a transaction, inside which no checkpoint runs.
+                raw = await conn.get_raw_connection()
+                await raw.driver_connection.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        return deleted
 
     async def _in_batches(self, ids_query: Select[Any], delete_them: Any, batch: int) -> DeletedRows:
         """Select up to ``batch`` ids and delete them in one transaction, until a batch comes up short."""

@@ -139,6 +139,8 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> N
         cursor.execute("PRAGMA synchronous=NORMAL")
         cursor.execute(f"PRAGMA busy_timeout={_SQLITE_BUSY_TIMEOUT_MS}")
         cursor.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows' text is overwritten in the file, not left in free pages (retention, per-user deletion).
+        cursor.execute("PRAGMA secure_delete=ON")
     finally:
         cursor.close()
 
