@@ -26,7 +26,7 @@ import pytest
 from sqlalchemy import func, or_, select
 
 from alignd import Feedback, Signal, hookimpl
-from alignd.clients import Client, NotFoundError, PermissionDeniedError, UnprocessableEntityError
+from alignd.clients import AsyncClient, Client, NotFoundError, PermissionDeniedError, UnprocessableEntityError
 from alignd.clients.webhooks import (
     LEGACY_SIGNATURE_HEADER,
     SIGNATURE_HEADER,
@@ -38,7 +38,7 @@ from alignd.clients.webhooks import (
 from alignd.config import load_settings
 from alignd.feedback.manager import make_plugin_manager
 from alignd.feedback.redaction import Redactor
-from alignd.protocol import ThumbsFeedback
+from alignd.protocol import RowCounts, ThumbsFeedback
 from alignd.store import ChoiceRecord, CompletionRecord, FeedbackRecord, Label, PreferencePair
 from alignd.store.tables import choices, completions, feedback, labels, preference_pairs
 from tests.engine_fixtures import create_pg_database
@@ -449,6 +449,18 @@ def test_user_deletion_by_principal_and_through_the_sdk_and_the_cli(priv: AppSer
     assert priv.loop.run(get_completion(priv.state.store, stored)) is None
     missing = cli("users", "show", user, "--url", priv.url, "--admin-key", ADMIN)
     assert missing.returncode == 1 and "404 No stored completions or feedback" in missing.stderr
+
+
+async def test_the_async_client(priv: AppServer) -> None:
+    stored_completion(priv, user="mia", principal="web", age=timedelta(days=400))
+    async with AsyncClient(priv.url, api_key=ADMIN) as client:
+        assert (await client.users.get("mia")).rows.choices == 2
+        assert (await client.users.get("mia", principal="web")).rows.completions == 1
+        assert (await client.retention.run(older_than_days=365)).deleted.completions >= 1
+        with pytest.raises(NotFoundError):
+            await client.users.get("mia")
+        assert (await client.users.delete("mia", principal="web")).deleted == RowCounts(
+            completions=0, choices=0, feedback=0, preference_pairs=0, labels=0)
 
 
 # --- retention ---------------------------------------------------------------------------------------------------
