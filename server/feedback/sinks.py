@@ -4,7 +4,7 @@ Each plugin gets its own bounded queue and worker task, so a slow sink delays on
 order. Every call is time-boxed; a coroutine function runs on the event loop, a plain function in the plugin's own
 daemon thread (a plain function that hangs cannot block the loop, nor the process's exit). A call that raises or
 times out is logged and counted; the event is already stored, so nothing is lost but that sink's copy. The arguments
-are prepared (redacted) in the sink's worker, off the request path.
+are prepared (redacted) once per event, by the first worker that reaches it, off the request path.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import inspect
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pluggy
@@ -42,12 +42,13 @@ class SinkDispatcher:
 
     def dispatch(self, **kwargs: Any) -> None:
         """Queue ``kwargs`` (the hook's arguments) for every sink; never blocks, never raises."""
+        event = _Event(kwargs, self._prepare)
         for impl in hook_impls(self._hook):
             key = (impl.plugin_name, impl.function)
             sink = self._sinks.get(key)
             if sink is None:
-                sink = self._sinks[key] = _Sink(impl, self._metrics, self._timeout_s, self._queue_max, self._prepare)
-            sink.offer({name: kwargs[name] for name in impl.argnames})
+                sink = self._sinks[key] = _Sink(impl, self._metrics, self._timeout_s, self._queue_max)
+            sink.offer(event)
 
     async def close(self, grace_s: float) -> None:
         """Give queued events up to ``grace_s`` seconds to be delivered, then stop every worker."""
@@ -64,12 +65,28 @@ class SinkDispatcher:
         await asyncio.gather(*(sink.task for sink in sinks), return_exceptions=True)
 
 
+class _Event:
+    """One committed event's hook arguments, prepared when a sink first needs them and then shared by all."""
+
+    __slots__ = ("_prepare", "_prepared", "_raw")
+
+    def __init__(self, raw: dict[str, Any], prepare: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+        self._raw = raw
+        self._prepare = prepare
+        self._prepared: dict[str, Any] | None = None
+
+    def arguments(self, names: Sequence[str]) -> dict[str, Any]:
+        """The arguments a sink asks for. A failure to prepare them raises in every sink: nothing goes out raw."""
+        if self._prepared is None:
+            self._prepared = self._prepare(self._raw) if self._prepare is not None else self._raw
+        return {name: self._prepared[name] for name in names}
+
+
 class _Sink:
-    def __init__(self, impl: pluggy.HookImpl, metrics: Metrics, timeout_s: float, queue_max: int,
-                 prepare: Callable[[dict[str, Any]], dict[str, Any]] | None) -> None:
+    def __init__(self, impl: pluggy.HookImpl, metrics: Metrics, timeout_s: float, queue_max: int) -> None:
         self.name = impl.plugin_name
         self.function = impl.function
-        self.prepare = prepare
+        self.argnames = impl.argnames
         self.is_async = inspect.iscoroutinefunction(impl.function)
         self.metrics = metrics
         self.timeout_s = timeout_s
@@ -78,11 +95,11 @@ class _Sink:
         self.thread: _Thread | None = None
         self.task = asyncio.get_running_loop().create_task(self._run(), name=f"alignd-sink-{self.name}")
 
-    def offer(self, kwargs: dict[str, Any]) -> None:
+    def offer(self, event: _Event) -> None:
         if self.stopping:
             return
         try:
-            self.queue.put_nowait(kwargs)
+            self.queue.put_nowait(event)
         except asyncio.QueueFull:
             self.metrics.sink_dropped.labels(self.name).inc()
             log.warning("sink %s is %d events behind: skipping an event (it stays stored)", self.name,
@@ -97,17 +114,16 @@ class _Sink:
 
     async def _run(self) -> None:
         try:
-            while (kwargs := await self.queue.get()) is not _STOP:
-                await self._deliver(kwargs)
+            while (event := await self.queue.get()) is not _STOP:
+                await self._deliver(event)
         finally:
             if self.thread is not None:
                 self.thread.stop()
 
-    async def _deliver(self, kwargs: dict[str, Any]) -> None:
+    async def _deliver(self, event: _Event) -> None:
         try:
             async with asyncio.timeout(self.timeout_s):
-                if self.prepare is not None:  # a failure here withholds the event: nothing unredacted goes out
-                    kwargs = self.prepare(kwargs)
+                kwargs = event.arguments(self.argnames)  # a failure withholds the event: nothing unredacted goes out
                 if self.is_async:
                     await self.function(**kwargs)
                 else:
