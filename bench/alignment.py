@@ -101,8 +101,10 @@ def held_out_share(client: Client, model: str, prefer: str, repeats: int, max_to
             "mean_tokens": sum(n for _, n in results) / len(results)}
 
 
-def plot(path: Path, report: SimulationReport, promotions: list[dict[str, Any]], prefer: str,
-         heldout: dict[str, dict[str, float]], goal: float) -> None:
+def plot(path: Path, summary: dict[str, Any], goal: float) -> None:
+    """The benchmark's figures (``summary``, as written with --json) as a PNG: the trait's share of served replies
+    per version and on held-out prompts (base and promoted, with the goal), and the runs' PPO iterations (reward and
+    KL to the base)."""
     try:
         import matplotlib
 
@@ -111,27 +113,43 @@ def plot(path: Path, report: SimulationReport, promotions: list[dict[str, Any]],
     except ImportError:
         print("(matplotlib is not installed: pip install -e .[bench] for the PNG plot)")
         return
-    versions = [v for v in report.versions.values() if v.version is not None]
-    kl = {p["version"]: p["kl"] or 0.0 for p in promotions}
-    fig, ax = plt.subplots(figsize=(7, 4))
-    xs = [v.version for v in versions]
-    ax.plot(xs, [v.share for v in versions], "o-", label=f"{prefer} share of served replies")
+    prefer, heldout, promotions = summary["prefer"], summary["heldout"], summary["promotions"]
+    iterations = [it for run in summary["runs"] for it in run.get("ppo") or []]
+    fig, axes = plt.subplots(1, 2 if iterations else 1, figsize=(11 if iterations else 7, 4), squeeze=False)
+    ax = axes[0][0]
+    served = sorted((int(k.removeprefix("policy-")), v["share"]) for k, v in summary["share_by_version"].items()
+                    if k.startswith("policy-"))
+    ax.plot([v for v, _ in served], [share for _, share in served], "o-", label=f"'{prefer}' share of served replies")
     final = promotions[-1]["version"] if promotions else 0
-    ax.plot([0, final], [heldout["base"]["share"], heldout["final"]["share"]], "D", color="tab:green",
-            markersize=8, label="held-out prompts: base, promoted")
+    for version, key in ((0, "base"), (final, "final")):
+        share, n = heldout[key]["share"], heldout[key]["replies"]
+        error = 1.96 * (share * (1 - share) / n) ** 0.5
+        ax.errorbar([version], [share], yerr=[error], fmt="D", color="tab:green", markersize=8, capsize=4,
+                    label="held-out prompts (95% interval)" if key == "base" else None)
     ax.axhline(goal, color="grey", linestyle="--", label=f"goal {goal:.2f}")
     ax.set_xlabel("policy version")
     ax.set_ylabel("share")
     ax.set_ylim(0, 1)
-    ax.set_xticks(sorted({0, *xs}))
-    ax2 = ax.twinx()
-    ax2.plot(xs, [kl.get(x, 0.0) for x in xs], "s:", color="tab:red", label="KL to base (nats)")
-    ax2.set_ylabel("KL to base (nats)")
-    fig.legend(loc="upper left", bbox_to_anchor=(0.1, 0.9))
-    ax.set_title(f"alignd: simulated users prefer '{prefer}'")
+    ax.set_xticks(sorted({0, final, *(v for v, _ in served)}))
+    ax.legend(loc="upper left")
+    ax.set_title(f"simulated users prefer '{prefer}': {summary['events']} events")
+    if iterations:
+        ax = axes[0][1]
+        xs = range(len(iterations))
+        ax.plot(xs, [it["reward"] for it in iterations], "o-", label="reward (normalised)")
+        ax.plot(xs, [it["kl"] for it in iterations], "s:", color="tab:red", label="KL to base (nats)")
+        ax.plot(xs, [it["kl_coef"] for it in iterations], "^--", color="tab:purple", label="β")
+        ax.set_xlabel("PPO iteration")
+        ax.legend(loc="upper left")
+        ax.set_title("PPO")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+def goal_share(prefer: str, base_share: float) -> float:
+    """The goal line: 60% for a demo style; for a trait, 25 points above the base's held-out share."""
+    return 0.6 if prefer not in TRAITS else min(1.0, base_share + 0.25)
 
 
 def main() -> int:
@@ -149,9 +167,17 @@ def main() -> int:
     parser.add_argument("--max-tokens", type=int, default=256, help="Longest reply the users ask for, in tokens.")
     parser.add_argument("--png", type=Path, default=None, help="Write the plot here.")
     parser.add_argument("--json", type=Path, default=None, help="Write the figures here.")
+    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
+                        help="Only draw --png from figures an earlier run wrote with --json; runs nothing.")
     parser.add_argument("--eval-repeats", type=int, default=1, help="Passes over the held-out prompts at the end.")
     parser.add_argument("server_args", nargs="*", help="Extra `alignd serve` flags, after --.")
     args = parser.parse_args()
+    if args.replot:
+        if not args.png:
+            parser.error("--replot needs --png")
+        summary = json.loads(args.replot.read_text())
+        plot(args.png, summary, goal_share(summary["prefer"], summary["heldout"]["base"]["share"]))
+        return 0
 
     model = args.model or demo_model()
     data_dir = Path(tempfile.mkdtemp(prefix="alignd-bench-alignment-"))
@@ -210,7 +236,9 @@ def main() -> int:
             "promotions": watcher.promotions, "heldout": heldout,
             "runs": [{"id": r.id, "status": r.status, "candidate": r.candidate, "promoted": r.promoted,
                       "gate": (r.metrics.get("gate") or {}).get("reason"), "seconds": r.metrics.get("seconds"),
-                      "rm_accuracy": (r.metrics.get("reward_model") or {}).get("heldout_accuracy")}
+                      "rm_accuracy": (r.metrics.get("reward_model") or {}).get("heldout_accuracy"),
+                      "ppo": [{k: it.get(k) for k in ("reward", "kl", "kl_coef", "response_length")}
+                              for it in r.metrics.get("ppo") or []]}
                      for r in runs],
             "kl_budget": "see --kl-budget (default 8.0)",
         }
@@ -218,8 +246,7 @@ def main() -> int:
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
         if args.png:
-            goal = 0.6 if args.prefer not in TRAITS else min(1.0, base["share"] + 0.25)
-            plot(args.png, report, watcher.promotions, args.prefer, heldout, goal)
+            plot(args.png, summary, goal_share(args.prefer, base["share"]))
     return 0
 
 
