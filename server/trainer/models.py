@@ -169,18 +169,6 @@ class ModelStack:
         if head:
             self.heads[name] = ScalarHead(self.hidden_size).to(self.device)
 
-    def clone_adapter(self, source: str, target: str) -> None:
-        """Make ``target`` a copy of adapter ``source``: same shape, same weights, a copy of its head if any."""
-        self._drop(target)
-        self.model.add_adapter(target, copy.deepcopy(self.model.peft_config[source]))
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, param in params.items():
-                if f".{source}." in name and "lora_" in name:
-                    params[name.replace(f".{source}.", f".{target}.")].copy_(param)
-        if source in self.heads:
-            self.heads[target] = copy.deepcopy(self.heads[source])
-
     def _drop(self, name: str) -> None:
         """Delete adapter ``name`` and its head if present (switching away first, so PEFT does not warn)."""
         if name not in self.model.peft_config:
