@@ -11,22 +11,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from alignd.protocol import SamplingOptions
 
 
 async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: int, *, temperature: float,
-                           max_new_tokens: int, request_prefix: str = "rollout"
+                           max_new_tokens: int, request_prefix: str = "rollout", seeds: Sequence[int] | None = None
                            ) -> list[tuple[list[int], bool]]:
     """``(reply token ids, ended)`` for each prompt, sampled from policy ``version``: the tokens exactly as sampled
     (a finished reply keeps the stop token it sampled; nothing is appended), and whether it finished before
-    ``max_new_tokens`` (False: truncated at the cap, and scored as truncated)."""
+    ``max_new_tokens`` (False: truncated at the cap, and scored as truncated). ``seeds``, one per prompt, make each
+    request draw from its own seeded generator."""
+    if seeds is not None and len(seeds) != len(prompts):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
     options = SamplingOptions(n=1, max_tokens=max_new_tokens, temperature=temperature, top_p=1.0, top_k=0)
     batch_id = uuid.uuid4().hex[:12]
 
     async def one(index: int, prompt: list[int]) -> tuple[list[int], bool]:
         final = None
         request_id = f"{request_prefix}-{batch_id}-{index}"
-        async for step in engine.generate(list(prompt), options, request_id, version, stream=False):
+        seeded = options if seeds is None else msgspec.structs.replace(options, seed=int(seeds[index]))
+        async for step in engine.generate(list(prompt), seeded, request_id, version, stream=False):
             final = step
         if final is None or not final.choices:
             raise RuntimeError(f"the engine returned nothing for rollout request {request_id}")
@@ -46,8 +52,8 @@ async def generate_replies(engine: Any, prompts: Sequence[list[int]], version: i
 
 
 async def adapter_replies(engine: Any, prompts: Sequence[list[int]], adapter_dir: str | Path | None, version: int, *,
-                          temperature: float, max_new_tokens: int, request_prefix: str = "rollout"
-                          ) -> list[tuple[list[int], bool]]:
+                          temperature: float, max_new_tokens: int, request_prefix: str = "rollout",
+                          seeds: Sequence[int] | None = None) -> list[tuple[list[int], bool]]:
     """:func:`generate_replies` from an adapter folder loaded under ``version`` for the occasion (a fresh LoRA id)
     and unloaded afterwards; without a folder, from the base model (version 0)."""
     if adapter_dir is None:
@@ -56,7 +62,7 @@ async def adapter_replies(engine: Any, prompts: Sequence[list[int]], adapter_dir
         await engine.load_policy(version, adapter_dir)
     try:
         return await generate_replies(engine, prompts, version, temperature=temperature,
-                                      max_new_tokens=max_new_tokens, request_prefix=request_prefix)
+                                      max_new_tokens=max_new_tokens, request_prefix=request_prefix, seeds=seeds)
     finally:  # free the slot, and the folder it may read, whatever happened
         if version:
             await engine.unload_policy(version)

@@ -206,23 +206,24 @@ def _collate(units: Sequence[_Unit], encoder: _Encoder, pad_id: int, device: tor
 # --- scoring --------------------------------------------------------------------------------------------------
 
 
-def last_token_rewards(stack: ModelStack, sequences: Tensor, attention_mask: Tensor) -> Tensor:
-    """Raw reward-head output at each row's last real token, (N,); call inside ``stack.use(REWARD)``."""
-    outputs = stack.head_outputs(REWARD, sequences, attention_mask)  # (N, L)
+def last_token_rewards(stack: ModelStack, sequences: Tensor, attention_mask: Tensor, role: str = REWARD) -> Tensor:
+    """Raw reward-head output at each row's last real token, (N,); call inside ``stack.use(role)``."""
+    outputs = stack.head_outputs(role, sequences, attention_mask)  # (N, L)
     last = attention_mask.shape[1] - 1 - attention_mask.flip(-1).argmax(-1)  # (N,) works for either padding side
     return outputs.gather(1, last.unsqueeze(1)).squeeze(1)  # (N,)
 
 
 @torch.no_grad()
 def score_rollouts(
-    stack: ModelStack, sequences: Tensor, attention_mask: Tensor, normalization: RewardNormalization, chunk: int = 16
+    stack: ModelStack, sequences: Tensor, attention_mask: Tensor, normalization: RewardNormalization, chunk: int = 16,
+    role: str = REWARD,
 ) -> Tensor:
-    """Normalised reward of each sequence (prompt + reply), (B,) float32."""
+    """Normalised reward of each sequence (prompt + reply), (B,) float32, by the reward model in adapter ``role``."""
     scores = []
-    with stack.use(REWARD):
+    with stack.use(role):
         for start in range(0, sequences.shape[0], chunk):
             rows = slice(start, start + chunk)
-            scores.append(last_token_rewards(stack, sequences[rows], attention_mask[rows]))
+            scores.append(last_token_rewards(stack, sequences[rows], attention_mask[rows], role))
     return normalization.apply(torch.cat(scores))  # (B,)
 
 
@@ -248,9 +249,9 @@ def score_with_features(
     return normalization.apply(torch.cat(scores)), torch.cat(features)
 
 
-def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float) -> tuple[Tensor, Tensor]:
+def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float, role: str = REWARD) -> tuple[Tensor, Tensor]:
     """``(loss, correct)``: BT over pairs plus ``label_coef`` × BCE over labels; correct is (P,) bool."""
-    r = last_token_rewards(stack, batch.sequences, batch.attention_mask)  # (N,)
+    r = last_token_rewards(stack, batch.sequences, batch.attention_mask, role)  # (N,)
     r_chosen, r_rejected = r[batch.chosen], r[batch.rejected]  # (P,), (P,)
     loss = torch.zeros((), device=r.device)
     if len(batch.chosen):
@@ -275,20 +276,22 @@ def train_reward_model(
     heldout_labels: Sequence[Label] = (),
     warm_start: str | Path | None = None,
     confidence: float = 0.95,
+    role: str = REWARD,
 ) -> RewardFigures:
-    """Fit the ``reward`` adapter and head: continued from the reward model saved in ``warm_start`` when there is one
-    of the same shape (what earlier runs learned carries over), else fresh. Some of the ``groups`` are held out
-    unless ``heldout`` is given; accuracy is measured on the held-out pairs and ``heldout_labels``."""
+    """Fit the ``role`` adapter and head (``reward``, or the gate's judge): continued from the reward model saved in
+    ``warm_start`` when there is one of the same shape (what earlier runs learned carries over), else fresh. Some of
+    the ``groups`` are held out unless ``heldout`` is given; accuracy is measured on the held-out pairs and
+    ``heldout_labels``."""
     started = time.monotonic()
     rng = random.Random(seed)
     torch.manual_seed(seed)
     train = list(groups)
     if heldout is None:
         train, heldout = _split_heldout(train, config.heldout_fraction, rng)
-    warm = _warm_start(stack, warm_start, adapter)
+    warm = _warm_start(stack, warm_start, adapter, role)
     if not warm:
-        stack.add_adapter(REWARD, adapter, head=True)
-    params = stack.role_parameters(REWARD)
+        stack.add_adapter(role, adapter, head=True)
+    params = stack.role_parameters(role)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     encoder = _Encoder(stack, config, truncated)
     pad_id = stack.tokenizer.pad_token_id
@@ -299,16 +302,16 @@ def train_reward_model(
         epoch_losses = []
         for batch_units in _pack(units, config.batch_size):
             batch = _collate(batch_units, encoder, pad_id, stack.device)
-            with stack.use(REWARD):
-                loss, _ = _batch_loss(stack, batch, config.label_coef)
+            with stack.use(role):
+                loss, _ = _batch_loss(stack, batch, config.label_coef, role)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             steps += 1
             epoch_losses.append(loss.item())
-    heldout_loss = evaluate_pairs(stack, heldout, config, encoder)[1] if heldout else None
-    correct, total = _judgements(stack, heldout, heldout_labels, config, encoder)
+    heldout_loss = evaluate_pairs(stack, heldout, config, encoder, role)[1] if heldout else None
+    correct, total = _judgements(stack, heldout, heldout_labels, config, encoder, role)
     return RewardFigures(
         train_loss=sum(epoch_losses) / max(1, len(epoch_losses)),
         heldout_accuracy=correct / total if total else None,
@@ -327,7 +330,7 @@ def train_reward_model(
     )
 
 
-def _warm_start(stack: ModelStack, folder: str | Path | None, adapter: AdapterConfig) -> bool:
+def _warm_start(stack: ModelStack, folder: str | Path | None, adapter: AdapterConfig, role: str = REWARD) -> bool:
     """Load the reward model saved in ``folder`` as the starting point; False (start fresh) when there is none, it
     was fitted on another base model or has another shape (the operator changed ``--model`` or the LoRA settings),
     or it cannot be loaded."""
@@ -342,7 +345,7 @@ def _warm_start(stack: ModelStack, folder: str | Path | None, adapter: AdapterCo
         if not same:
             log.info("reward model in %s was fitted on another base model or adapter shape: starting fresh", folder)
             return False
-        stack.load_adapter(REWARD, folder)
+        stack.load_adapter(role, folder)
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         log.warning("reward model in %s cannot be continued (%s): starting fresh", folder, e)
         return False
@@ -351,15 +354,16 @@ def _warm_start(stack: ModelStack, folder: str | Path | None, adapter: AdapterCo
 
 @torch.no_grad()
 def evaluate_pairs(
-    stack: ModelStack, groups: Sequence[PairGroup], config: RewardConfig, encoder: _Encoder | None = None
+    stack: ModelStack, groups: Sequence[PairGroup], config: RewardConfig, encoder: _Encoder | None = None,
+    role: str = REWARD,
 ) -> tuple[float, float]:
     """``(accuracy, loss)`` of the reward model on pairs: share ranked right (ties count wrong), mean BT loss."""
     encoder = encoder or _Encoder(stack, config)
     correct, losses, total = 0, 0.0, 0
-    with stack.use(REWARD):
+    with stack.use(role):
         for batch_units in _pack(_units(groups, []), config.batch_size):
             batch = _collate(batch_units, encoder, stack.tokenizer.pad_token_id, stack.device)
-            loss, right = _batch_loss(stack, batch, 0.0)
+            loss, right = _batch_loss(stack, batch, 0.0, role)
             correct += int(right.sum())
             losses += loss.item() * len(right)
             total += len(right)
@@ -368,15 +372,15 @@ def evaluate_pairs(
 
 @torch.no_grad()
 def evaluate_labels(stack: ModelStack, labels: Sequence[Label], config: RewardConfig,
-                    encoder: _Encoder | None = None) -> int:
+                    encoder: _Encoder | None = None, role: str = REWARD) -> int:
     """How many labels the reward model gets right: a positive raw score for a good reply, negative for a bad one
     (the sign the binary cross-entropy term trains)."""
     encoder = encoder or _Encoder(stack, config)
     correct = 0
-    with stack.use(REWARD):
+    with stack.use(role):
         for batch_units in _pack(list(labels), config.batch_size):
             batch = _collate(batch_units, encoder, stack.tokenizer.pad_token_id, stack.device)
-            r = last_token_rewards(stack, batch.sequences, batch.attention_mask)[batch.labelled]  # (M,)
+            r = last_token_rewards(stack, batch.sequences, batch.attention_mask, role)[batch.labelled]  # (M,)
             correct += int(((r > 0).float() == batch.label).sum())
     return correct
 
@@ -393,26 +397,27 @@ def wilson_interval(correct: float, total: int, confidence: float) -> tuple[floa
 
 
 def _judgements(stack: ModelStack, groups: Sequence[PairGroup], labels: Sequence[Label], config: RewardConfig,
-                encoder: _Encoder) -> tuple[float, int]:
+                encoder: _Encoder, role: str = REWARD) -> tuple[float, int]:
     """``(right, judgements)``: one judgement per held-out feedback event (a ranking's pairs are one user's one
     judgement, not C(K,2) independent ones; it counts as the share of its pairs ranked right) and per label."""
-    right = sum(evaluate_pairs(stack, [group], config, encoder)[0] for group in groups if group)
-    right += evaluate_labels(stack, labels, config, encoder) if labels else 0
+    right = sum(evaluate_pairs(stack, [group], config, encoder, role)[0] for group in groups if group)
+    right += evaluate_labels(stack, labels, config, encoder, role) if labels else 0
     return right, sum(1 for g in groups if g) + len(labels)
 
 
 def heldout_figures(stack: ModelStack, groups: Sequence[PairGroup], labels: Sequence[Label], config: RewardConfig,
-                    confidence: float, truncated: Collection[str] = ()) -> dict[str, Any]:
+                    confidence: float, truncated: Collection[str] = (), role: str = REWARD) -> dict[str, Any]:
     """Accuracy on held-out feedback with its confidence interval (for one feedback kind's, say)."""
-    right, total = _judgements(stack, groups, labels, config, _Encoder(stack, config, truncated))
+    right, total = _judgements(stack, groups, labels, config, _Encoder(stack, config, truncated), role)
     return {"accuracy": right / total if total else None, "n": total,
             "interval": wilson_interval(right, total, confidence) if total else None}
 
 
-def fit_normalization(stack: ModelStack, reference_rollouts: Sequence[Rollout]) -> RewardNormalization:
+def fit_normalization(stack: ModelStack, reference_rollouts: Sequence[Rollout], role: str = REWARD
+                      ) -> RewardNormalization:
     """Mean and std of raw rewards over replies sampled from the reference policy (the base, adapters off)."""
     sequences, attention_mask, _ = collate_rollouts(reference_rollouts, stack.tokenizer.pad_token_id, stack.device)
-    raw = score_rollouts(stack, sequences, attention_mask, RewardNormalization())  # (B,)
+    raw = score_rollouts(stack, sequences, attention_mask, RewardNormalization(), role=role)  # (B,)
     std = raw.std().item() if len(raw) > 1 else 1.0
     return RewardNormalization(mean=raw.mean().item(), std=max(std, 1e-6))
 
@@ -420,16 +425,17 @@ def fit_normalization(stack: ModelStack, reference_rollouts: Sequence[Rollout]) 
 # --- disk -----------------------------------------------------------------------------------------------------
 
 
-def save_reward_model(stack: ModelStack, folder: str | Path, figures: RewardFigures) -> Path:
-    """Write the reward adapter, its head and :data:`MANIFEST` (figures and normalisation) to ``folder``."""
-    folder = stack.save_adapter(REWARD, folder)
+def save_reward_model(stack: ModelStack, folder: str | Path, figures: RewardFigures, role: str = REWARD) -> Path:
+    """Write the reward adapter (or another ``role``'s), its head and :data:`MANIFEST` (figures and normalisation)
+    to ``folder``."""
+    folder = stack.save_adapter(role, folder)
     (folder / MANIFEST).write_text(json.dumps(asdict(figures), indent=2) + "\n")
     return folder
 
 
-def load_reward_model(stack: ModelStack, folder: str | Path) -> RewardFigures:
-    """Load a saved reward model into ``stack`` as adapter ``reward``; returns its figures."""
-    stack.load_adapter(REWARD, folder)
+def load_reward_model(stack: ModelStack, folder: str | Path, role: str = REWARD) -> RewardFigures:
+    """Load a saved reward model into ``stack`` as adapter ``role``; returns its figures."""
+    stack.load_adapter(role, folder)
     saved = json.loads((Path(folder) / MANIFEST).read_text())
     normalization = RewardNormalization(**saved.pop("normalization"))
     if saved.get("heldout_interval") is not None:

@@ -78,10 +78,13 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, messages: Sequence[dict[st
 
 
 class RolloutBackend(Protocol):
-    """Samples one reply per prompt from adapter ``adapter`` of the stack (None: the bare base model)."""
+    """Samples one reply per prompt from adapter ``adapter`` of the stack (None: the bare base model); with
+    ``seeds`` (one per prompt), two policies given the same seeds draw with the same random numbers, so that their
+    replies to one prompt differ only where the policies do (the gate's paired comparison)."""
 
     def generate(
-        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling
+        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling,
+        seeds: Sequence[int] | None = None,
     ) -> list[Rollout]: ...
 
 
@@ -96,9 +99,12 @@ class HFRollouts:
 
     @torch.no_grad()
     def generate(
-        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling
+        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling,
+        seeds: Sequence[int] | None = None,
     ) -> list[Rollout]:
         tokenizer = stack.tokenizer
+        if seeds:  # one generator for the batch: the same draws for the same batch, not per prompt as in vLLM
+            torch.manual_seed(seeds[0])
         config = GenerationConfig(
             do_sample=True,
             temperature=sampling.temperature,
@@ -185,13 +191,14 @@ class VLLMRollouts:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
 
     def generate(
-        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling
+        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling,
+        seeds: Sequence[int] | None = None,
     ) -> list[Rollout]:
         with tempfile.TemporaryDirectory(dir=self.workdir, prefix="alignd-rollout-") as tmp:
             folder = None if adapter is None else stack.save_adapter(adapter, Path(tmp) / adapter)
             replies = self._run(adapter_replies(
                 self.engine, prompts, folder, ROLLOUT_VERSION, temperature=sampling.temperature,
-                max_new_tokens=sampling.max_new_tokens, request_prefix=self.request_prefix))
+                max_new_tokens=sampling.max_new_tokens, request_prefix=self.request_prefix, seeds=seeds))
         return [Rollout(prompt_ids=list(p), response_ids=r, ended=e)
                 for p, (r, e) in zip(prompts, replies, strict=True)]
 
@@ -212,11 +219,12 @@ class RemoteRollouts:
         self.workdir = Path(workdir)
 
     def generate(
-        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling
+        self, stack: ModelStack, prompts: Sequence[list[int]], adapter: str | None, sampling: Sampling,
+        seeds: Sequence[int] | None = None,
     ) -> list[Rollout]:
         payload: dict[str, Any] = {"prompts": [list(p) for p in prompts], "temperature": sampling.temperature,
                                    "max_new_tokens": sampling.max_new_tokens,
-                                   "adapter_dir": None}
+                                   "adapter_dir": None, "seeds": list(seeds) if seeds is not None else None}
         with tempfile.TemporaryDirectory(dir=self.workdir, prefix="rollout-") as tmp:
             if adapter is not None:
                 payload["adapter_dir"] = str(stack.save_adapter(adapter, Path(tmp) / adapter))

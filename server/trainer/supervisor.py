@@ -300,7 +300,7 @@ class TrainerSupervisor:
         replies = await adapter_replies(  # a fresh reserved version per request
             self.registry.engine, payload["prompts"], payload["adapter_dir"],
             RESERVED_VERSIONS + next(self._versions) % 1_000_000, temperature=payload["temperature"],
-            max_new_tokens=payload["max_new_tokens"], request_prefix=f"rollout-{run_id}")
+            max_new_tokens=payload["max_new_tokens"], request_prefix=f"rollout-{run_id}", seeds=payload.get("seeds"))
         self.metrics.rollout_requests.inc(len(replies))
         return replies
 
