@@ -29,11 +29,12 @@ from alignd.api.training import TrainingController
 from alignd.api.web import web_router
 from alignd.auth import user_guard
 from alignd.config import Settings
-from alignd.errors import AlignError
+from alignd.errors import AlignError, DatabaseUnavailable
 from alignd.feedback.manager import AlignPluginManager, collect_routes, make_plugin_manager
 from alignd.protocol import ErrorDetail, ErrorResponse
 from alignd.services import Services, open_services
 from alignd.store import Store
+from alignd.store.faults import outage
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,13 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Error
                            headers=dict(exc.headers) if exc.headers else None)
 
 
-def _unexpected_error(_: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
+    if (reason := outage(exc)) is not None:  # the database failing is a 503 to retry through, not a bug
+        request.app.state.services.metrics.database_errors.labels(reason).inc()
+        # The driver's message, not SQLAlchemy's (which repeats the statement and its parameters, texts included).
+        log.warning("%s %s: the database failed (%s): %s: %s", request.method, request.url.path, reason,
+                    type(exc).__name__, getattr(exc, "orig", None) or exc)
+        return _align_error(request, DatabaseUnavailable.of(reason))
     log.error("unhandled error", exc_info=exc)
     return _error_response(500, "Internal server error.", "server_error", code="internal_error")
 

@@ -1,6 +1,7 @@
 """The chat service: validate a request against the running model, generate, store, and shape OpenAI responses.
 
-Every completion is committed to the store before the response's last byte (for a stream: before ``[DONE]``).
+Every completion is committed to the store before the response's last byte (for a stream: before ``[DONE]``). When
+the database fails, the answer is a 503 (a stream, already under way, ends with an error event instead of ``[DONE]``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Protocol
 import msgspec
 
 from alignd.engine.types import GenerationStep
-from alignd.errors import InvalidRequest
+from alignd.errors import AlignError, DatabaseUnavailable, InvalidRequest
 from alignd.messages import plain_messages
 from alignd.metrics import Metrics
 from alignd.policies.router import PolicyRouter
@@ -30,11 +31,14 @@ from alignd.protocol import (
     Choice,
     ChunkChoice,
     Delta,
+    ErrorDetail,
+    ErrorResponse,
     SamplingOptions,
     Usage,
     fingerprint,
 )
 from alignd.store import ChoiceRecord, CompletionRecord, Store
+from alignd.store.faults import outage
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,17 @@ class ChatService:
                            for c in step.choices if c.text or c.finish_reason]
                 if choices:
                     yield _sse(ChatCompletionChunk(**base, choices=choices))
-            await self._store(chat, states)
+            try:
+                await self._store(chat, states)
+            except Exception as exc:
+                if (reason := outage(exc)) is None:
+                    raise
+                # The 200 and the text are sent: say it failed the way OpenAI's streams do (an error event, no
+                # [DONE]). Nothing is stored in the background either: that write would meet the same database.
+                completed = True
+                self.metrics.database_errors.labels(reason).inc()
+                yield _sse_error(DatabaseUnavailable.of(reason))
+                return
             completed = True
             if include_usage:
                 yield _sse(ChatCompletionChunk(**base, choices=[], usage=self._usage(chat, states)))
@@ -252,3 +266,9 @@ _background: set[asyncio.Task[None]] = set()
 
 def _sse(chunk: ChatCompletionChunk) -> bytes:
     return b"data: " + msgspec.json.encode(chunk) + b"\n\n"
+
+
+def _sse_error(error: AlignError) -> bytes:
+    body = ErrorResponse(error=ErrorDetail(message=error.message, type=error.type, param=error.param,
+                                           code=error.code))
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"

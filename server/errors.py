@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 
 class AlignError(Exception):
     """Base of every error a client is told about: HTTP status, OpenAI error type, offending field, code."""
@@ -83,6 +85,26 @@ class Unavailable(AlignError):
     status = 503
     type = "server_error"
     default_code = "unavailable"
+
+
+class DatabaseUnavailable(Unavailable):
+    """The database failed (unreachable, restarting, its connections lost, too slow, out of disk): the request's
+    write was rolled back (nothing half-written), and the same request can be sent again. A 503, which clients
+    retry (OpenAI's SDKs among them), not a 507: WebDAV's "insufficient storage" means nothing more to a client,
+    and a full disk is an operator's to fix, after which the retry succeeds."""
+
+    default_code = "database_unavailable"
+    retry_after_s: ClassVar[dict[str, int]] = {"unavailable": 5, "timeout": 5, "full": 30}
+
+    @classmethod
+    def of(cls, reason: str) -> DatabaseUnavailable:
+        """The error for an outage (:data:`alignd.store.faults.Outage`): its message says what the client can do,
+        and nothing of the database's own error text."""
+        if reason == "full":
+            return cls("The server's database is out of disk space; retry later.",
+                       code="database_full", headers={"Retry-After": str(cls.retry_after_s["full"])})
+        return cls("The server's database is unavailable right now; retry shortly.",
+                   headers={"Retry-After": str(cls.retry_after_s.get(reason, 5))})
 
 
 class EngineFailure(AlignError):

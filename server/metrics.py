@@ -32,6 +32,10 @@ class Metrics:
         self.completions_stored = Counter("alignd_completions_stored", "Completions committed to the store.",
                                           registry=r)
         self.store_errors = Counter("alignd_store_errors", "Completions that could not be stored.", registry=r)
+        self.database_errors = Counter("alignd_database_errors", "Requests answered 503 because the database "
+                                       "failed, by reason (unavailable, timeout, full).", ["reason"], registry=r)
+        self.database_up = Gauge("alignd_database_up", "1 when the last readiness probe (/ready) found the database "
+                                 "usable, 0 when not.", registry=r)
         self.client_disconnects = Counter("alignd_client_disconnects",
                                           "Chat requests aborted because the client went away.", registry=r)
         self.feedback_events = Counter("alignd_feedback_events", "Feedback events stored, by kind.", ["kind"],

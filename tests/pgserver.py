@@ -88,6 +88,8 @@ class PostgresServer:
     password: str
     log_file: Path
     stopped: bool = field(default=False)
+    start_options: str = ""
+    """The ``pg_ctl -o`` options it was started with (:meth:`resume` starts it with them again)."""
 
     @property
     def data_dir(self) -> Path:
@@ -111,6 +113,19 @@ class PostgresServer:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no server log)"
+
+    def halt(self, mode: str = "fast") -> None:
+        """Shut the server down (``mode``: smart, fast or immediate) and keep its files: a database outage that
+        :meth:`resume` ends, on the same port."""
+        _run(_as_server_user([str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"]),
+             "pg_ctl stop", 60)
+
+    def resume(self, timeout: float = 60.0) -> None:
+        """Start a server that :meth:`halt` stopped, and wait until it accepts connections."""
+        pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.data_dir), "-l", str(self.log_file),
+                  "-o", self.start_options, "-w", "-t", str(int(timeout)), "start"]
+        _run(_as_server_user(pg_ctl), "pg_ctl start", timeout + 10)
+        _wait_ready(self, timeout)
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and remove its directory. Idempotent."""
@@ -189,6 +204,7 @@ def start_postgres(*, settings: dict[str, str] | None = None, timeout: float = 6
         options = {"listen_addresses": "127.0.0.1", "port": str(server.port)} | dict(settings or {})
         option_args = " ".join(f"-c {name}={value}" for name, value in options.items())
         option_args += f" -k {server.socket_dir}"
+        server.start_options = option_args
         pg_ctl = [str(bindir / "pg_ctl"), "-D", str(server.data_dir), "-l", str(server.log_file)]
         pg_ctl += ["-o", option_args, "-w", "-t", str(int(timeout)), "start"]
         _run(_as_server_user(pg_ctl), "pg_ctl start", timeout + 10)

@@ -1,6 +1,6 @@
-"""``/health`` (the process is up), ``/ready`` (the engine is loaded and healthy) and ``/metrics`` (a metrics,
-frontend or admin key, once keys are in use or metrics keys are set). The probes stay open for orchestrators, so they
-tell nothing but a status."""
+"""``/health`` (the process is up), ``/ready`` (the engine is loaded and healthy, the database usable) and
+``/metrics`` (a metrics, frontend or admin key, once keys are in use or metrics keys are set). The probes stay open
+for orchestrators, so they tell nothing but a status."""
 
 from __future__ import annotations
 
@@ -32,6 +32,12 @@ class HealthController(Controller):
         except Exception:
             log.warning("engine health check failed", exc_info=True)  # the reason goes to the log, not to anyone asking
             return Response(Health(status="unhealthy"), status_code=503)
+        # A short, cached probe; its reason goes to the log. "database_full": writes fail for want of disk space.
+        database = await services.store.check_health()
+        services.metrics.database_up.set(database is None)
+        if database is not None:
+            return Response(Health(status="database_full" if database == "full" else "database_unavailable"),
+                            status_code=503, headers={"Retry-After": "5"})
         return Response(Health(status="ready", policy_version=services.router.promoted))
 
     @get("/metrics", media_type=CONTENT_TYPE_LATEST, guards=[metrics_guard])

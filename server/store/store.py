@@ -9,6 +9,7 @@ own record is committed ("group commit").
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import sqlite3
 import time
@@ -19,7 +20,7 @@ from types import TracebackType
 from typing import Any, Self
 
 import msgspec
-from sqlalchemy import event, insert
+from sqlalchemy import event, insert, text
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -34,14 +35,18 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from alignd.store.deletion import DeletionQueries
+from alignd.store.faults import Outage, outage, wrap_connect_errors
 from alignd.store.feedback import FeedbackQueries, insert_feedback
 from alignd.store.keys import KeyQueries
 from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, migrate
 from alignd.store.records import CompletionRecord, FeedbackRecord
 from alignd.store.tables import choices, completions
 from alignd.store.training import TrainingQueries
+from alignd.store.users import UserQueries
 
 __all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "StoreStats"]
+
+_log = logging.getLogger(__name__)
 
 # How long an SQLite connection waits for another writer's lock before giving up.
 _SQLITE_BUSY_TIMEOUT_MS = 30_000
@@ -49,6 +54,12 @@ _SQLITE_BUSY_TIMEOUT_MS = 30_000
 _PG_POOL_SIZE = 32
 # Bound on bind parameters per ``IN (…)`` when loading choices (both backends allow far more).
 _IN_CHUNK = 500
+# The readiness probe: how long its query may take, how long its answer is reused, and for how long a write that
+# failed for the database's sake (a full disk answers SELECT 1 fine) keeps the database reported down, unless a
+# write succeeds meanwhile. Bounded, so that a server taken out of rotation comes back to try again.
+_PROBE_TIMEOUT_S = 2.0
+_PROBE_CACHE_S = 1.0
+_WRITE_FAILURE_S = 10.0
 
 
 class StoreError(Exception):
@@ -156,12 +167,15 @@ def _create_engine(url: URL, *, connect_timeout: float) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": _SQLITE_BUSY_TIMEOUT_MS / 1000}, **json_kwargs)
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
+        wrap_connect_errors(engine)
         return engine
     # pre_ping: replicas outlive database restarts; a stale pooled connection is replaced, not failed.
     # A pool as wide as the usual concurrency: connections beyond it are opened and closed per use, and a new
     # PostgreSQL connection (TCP, SCRAM, setup) costs more than many queries.
-    return create_async_engine(url, connect_args={"timeout": connect_timeout}, pool_pre_ping=True,
-                               pool_size=_PG_POOL_SIZE, max_overflow=_PG_POOL_SIZE, **json_kwargs)
+    engine = create_async_engine(url, connect_args={"timeout": connect_timeout}, pool_pre_ping=True,
+                                 pool_size=_PG_POOL_SIZE, max_overflow=_PG_POOL_SIZE, **json_kwargs)
+    wrap_connect_errors(engine)  # a stopped server: OperationalError, not a bare ConnectionRefusedError
+    return engine
 
 
 def _describe(exc: BaseException) -> str:
@@ -222,7 +236,7 @@ def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
     ]
 
 
-class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
+class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries, UserQueries):
     """Durable storage for completions, feedback, the registry's rows and API keys; one per process, shared by all
     requests. Rows are deleted by retention and per-user deletion only (:mod:`alignd.store.deletion`).
 
@@ -246,6 +260,9 @@ class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
             self._run_writer(), name="alignd-store-writer"
         )
         self.stats = StoreStats()  # group-commit counters
+        self._write_failed: tuple[float, Outage] | None = None  # the last write's failure, until one succeeds
+        self._probe: tuple[float, Outage | None] | None = None  # (when, answer) of the last readiness probe
+        self._probing: asyncio.Task[Outage | None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -335,6 +352,42 @@ class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
         written through :meth:`record_completion` only)."""
         return self._engine
 
+    # ------------------------------------------------------------------ health
+
+    async def check_health(self) -> Outage | None:
+        """Whether the database can be used now: None, or how it fails (see :mod:`alignd.store.faults`).
+
+        A cheap query bounded by a short timeout, its answer reused briefly and shared by concurrent callers (probes
+        of many replicas and load balancers must not load the database); and a write that failed for the
+        database's sake in the last few seconds, none having succeeded since, counts too. Never raises."""
+        if self._closing:
+            return "unavailable"
+        now = time.monotonic()
+        if self._write_failed is not None and now - self._write_failed[0] < _WRITE_FAILURE_S:
+            return self._write_failed[1]
+        if self._probe is not None and now - self._probe[0] < _PROBE_CACHE_S:
+            return self._probe[1]
+        if self._probing is None:
+            self._probing = asyncio.get_running_loop().create_task(self._run_probe())
+        probing = self._probing
+        return await asyncio.shield(probing)
+
+    async def _run_probe(self) -> Outage | None:
+        try:
+            async with asyncio.timeout(_PROBE_TIMEOUT_S):
+                async with self._engine.connect() as conn:
+                    await conn.execute(text("SELECT 1"))
+            answer: Outage | None = None
+        except TimeoutError:
+            answer = "timeout"
+        except Exception as exc:
+            answer = outage(exc) or "unavailable"
+            _log.warning("database probe failed: %s", _describe(exc))  # for the operator, not for /ready's caller
+        finally:
+            self._probing = None
+        self._probe = (time.monotonic(), answer)
+        return answer
+
     def _check_open(self) -> None:
         if self._close_task is not None and self._close_task.done():
             raise StoreClosedError(f"the store at {self._display_url} is closed")
@@ -412,9 +465,13 @@ class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
                 for item in batch:  # isolate the bad record(s): each fails only its own caller
                     await self._commit([item])
                 return
+            if (reason := outage(exc)) is not None:
+                self._write_failed = (time.monotonic(), reason)
+                _log.warning("the database failed to store %d record(s): %s", len(batch), _describe(exc))
             for item in batch:
                 self._fail(item, self._error_for(item.record, exc))
             return
+        self._write_failed = None
         self.stats.batches += 1
         self.stats.records += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
