@@ -98,7 +98,9 @@ def _error_response(status: int, message: str, type_: str, param: str | None = N
     return Response(body, status_code=status, headers=headers)
 
 
-def _align_error(_: Request[Any, Any, Any], exc: AlignError) -> Response[ErrorResponse]:
+def _align_error(request: Request[Any, Any, Any], exc: AlignError) -> Response[ErrorResponse]:
+    if isinstance(exc, DatabaseUnavailable):
+        request.app.state.services.metrics.database_errors.labels(exc.reason).inc()
     return _error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
 
 
@@ -112,7 +114,6 @@ def _http_error(_: Request[Any, Any, Any], exc: HTTPException) -> Response[Error
 
 def _unexpected_error(request: Request[Any, Any, Any], exc: Exception) -> Response[ErrorResponse]:
     if (reason := outage(exc)) is not None:  # the database failing is a 503 to retry through, not a bug
-        request.app.state.services.metrics.database_errors.labels(reason).inc()
         # The driver's message, not SQLAlchemy's (which repeats the statement and its parameters, texts included).
         log.warning("%s %s: the database failed (%s): %s: %s", request.method, request.url.path, reason,
                     type(exc).__name__, getattr(exc, "orig", None) or exc)

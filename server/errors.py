@@ -95,16 +95,21 @@ class DatabaseUnavailable(Unavailable):
 
     default_code = "database_unavailable"
     retry_after_s: ClassVar[dict[str, int]] = {"unavailable": 5, "timeout": 5, "full": 30}
+    reason = "unavailable"
+    """The outage (:data:`alignd.store.faults.Outage`): unavailable, timeout or full."""
 
     @classmethod
     def of(cls, reason: str) -> DatabaseUnavailable:
-        """The error for an outage (:data:`alignd.store.faults.Outage`): its message says what the client can do,
-        and nothing of the database's own error text."""
+        """The error for an outage: its message says what the client can do, and nothing of the database's own
+        error text."""
         if reason == "full":
-            return cls("The server's database is out of disk space; retry later.",
-                       code="database_full", headers={"Retry-After": str(cls.retry_after_s["full"])})
-        return cls("The server's database is unavailable right now; retry shortly.",
-                   headers={"Retry-After": str(cls.retry_after_s.get(reason, 5))})
+            error = cls("The server's database is out of disk space; retry later.", code="database_full",
+                        headers={"Retry-After": str(cls.retry_after_s["full"])})
+        else:
+            error = cls("The server's database is unavailable right now; retry shortly.",
+                        headers={"Retry-After": str(cls.retry_after_s.get(reason, 5))})
+        error.reason = reason
+        return error
 
 
 class EngineFailure(AlignError):

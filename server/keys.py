@@ -31,10 +31,11 @@ from typing import TypeVar, get_args
 import msgspec
 
 from alignd.config import ConfigError, ServerSettings
-from alignd.errors import Conflict, NotFound, Unavailable
+from alignd.errors import Conflict, DatabaseUnavailable, NotFound, Unavailable
 from alignd.principals import Principal
 from alignd.protocol import PRINCIPAL_NAME_PATTERN, ApiKey, ApiKeyCreated, PrincipalRole
 from alignd.store import KeyRow, RoleConflictError, Store
+from alignd.store.faults import outage
 
 __all__ = ["KEY_PREFIX", "ConfigKey", "KeyRing", "config_keys", "digest", "generate_key", "stored_key_id"]
 
@@ -304,7 +305,9 @@ class KeyRing:
         except (RoleConflictError, Unavailable):
             raise
         except Exception as e:
-            log.warning("API keys cannot be read from the database: %s: %s", type(e).__name__, e)
+            log.warning("API keys cannot be read from the database: %s: %s", type(e).__name__, getattr(e, "orig", e))
+            if (reason := outage(e)) is not None:
+                raise DatabaseUnavailable.of(reason) from e
             raise Unavailable(
                 "API keys cannot be checked right now; retry shortly.", headers={"Retry-After": "5"}
             ) from e

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from alignd.trainer.gate import PolicyFigures, decide, length_controlled_gain
+from alignd.trainer.config import GateConfig
+from alignd.trainer.gate import GateEvaluation, PolicyFigures, decide, length_controlled_gain
 from alignd.trainer.logprobs import token_kl, token_logprobs, token_logprobs_and_entropy
 from alignd.trainer.losses import (
     AdaptiveKLController,
@@ -23,6 +24,7 @@ from alignd.trainer.losses import (
 )
 from alignd.trainer.ppo import kl_penalized_rewards
 from alignd.trainer.rollout import Rollout, collate_rollouts
+from alignd.trainer.significance import paired_bounds
 
 GARBAGE = 100.0  # what sits under the mask; no result may depend on it
 
@@ -171,17 +173,59 @@ def figures(reward: float, kl: float) -> PolicyFigures:
     return PolicyFigures(mean_reward=reward, kl=kl, eos_rate=1.0, response_length=10.0, n=8)
 
 
-def test_gate_decisions() -> None:
-    current = figures(0.0, 0.0)
-    promoted = decide(figures(0.3, 4.0), current, margin=0.1, kl_budget=5.0)
-    assert promoted.promote and "≥ margin" in promoted.reason
-    too_little = decide(figures(0.05, 1.0), current, margin=0.1, kl_budget=5.0)
-    assert not too_little.promote and "below the margin" in too_little.reason
-    too_far = decide(figures(1.0, 6.0), current, margin=0.1, kl_budget=5.0)
+def gate_evaluation(differences: list[float], kl: float) -> GateEvaluation:
+    gain = sum(differences) / len(differences)
+    return GateEvaluation(candidate=figures(gain, kl), current=figures(0.0, 0.0), differences=differences,
+                          length_controlled_gain=gain)
+
+
+def test_gate_decisions_rest_on_the_lower_bound_of_the_paired_gain() -> None:
+    config = GateConfig(margin=0.1, kl_budget=5.0, confidence=0.95)
+    clear = [0.5 + 0.1 * (i % 5) for i in range(20)]  # every prompt gains 0.5–0.9: the bound is well above 0.1
+    promoted = decide(gate_evaluation(clear, 4.0), config)
+    assert promoted.promote and "> margin" in promoted.reason, promoted.reason
+    assert promoted.gain_lower is not None and 0.1 < promoted.gain_lower <= promoted.gain <= promoted.gain_upper
+    # The same mean gain (+0.3) spread over noisy prompts: the bound falls below the margin, no promotion.
+    noisy = [0.3 + (2.0 if i % 2 else -2.0) for i in range(20)]
+    too_uncertain = decide(gate_evaluation(noisy, 1.0), config)
+    assert too_uncertain.gain == pytest.approx(0.3)
+    assert not too_uncertain.promote and "not above the margin" in too_uncertain.reason
+    too_far = decide(gate_evaluation(clear, 6.0), config)
     assert not too_far.promote and "exceeds the budget" in too_far.reason
-    both = decide(figures(-1.0, 6.0), current, margin=0.1, kl_budget=5.0)
+    both = decide(gate_evaluation([-1.0] * 20, 6.0), config)
     assert not both.promote and "margin" in both.reason and "budget" in both.reason
     assert both.to_dict()["candidate"]["kl"] == 6.0
+    few = decide(gate_evaluation([1.0, 2.0, 3.0], 1.0), config)  # 3 prompts: 2^3 sign patterns cannot reach 95%
+    assert not few.promote and few.gain_lower is None and "too few" in few.reason
+
+
+def test_paired_bounds_are_hartigans_subset_means() -> None:
+    """Five prompts: 31 subsets, ⌊0.05 · 32⌋ = 1, so the 95% bounds are the smallest and largest subset means (the
+    smallest and largest difference); at 90%, ⌊3.2⌋ = 3: the third smallest of all subset means."""
+    d = [1.0, 2.0, 4.0, 8.0, 16.0]
+    assert paired_bounds(d, 0.95) == (1.0, 16.0)
+    means = sorted(sum(x for i, x in enumerate(d) if mask >> i & 1) / bin(mask).count("1") for mask in range(1, 32))
+    assert paired_bounds(d, 0.90) == pytest.approx((means[2], means[-3]))
+    assert paired_bounds([1.0, 2.0, 3.0], 0.95) == (None, None)
+    assert paired_bounds([], 0.95) == (None, None)
+
+
+def test_a_candidate_no_better_than_the_current_one_passes_at_most_one_time_in_twenty() -> None:
+    """The test's level on paired differences that are pure noise (exchangeable policies), normal and heavy-tailed,
+    many prompts (sampled subsets) and few (enumerated): the share of trials whose 95% lower bound is above a margin
+    of 0 stays at or below 5% (within two standard errors of the Monte Carlo estimate)."""
+    generator = torch.Generator().manual_seed(0)
+    for n, draw in ((40, lambda: torch.randn(40, generator=generator)),
+                    (10, lambda: torch.randn(10, generator=generator)),
+                    (30, lambda: torch.randn(30, generator=generator) ** 3)):  # heavy-tailed
+        trials = 2000 if n != 10 else 1000
+        passed = sum((low := paired_bounds(draw(), 0.95, resamples=1000, seed=t)[0]) is not None and low > 0
+                     for t in range(trials))
+        assert passed / trials <= 0.05 + 2 * (0.05 * 0.95 / trials) ** 0.5, (n, passed)
+    # A real gain of half a standard deviation on 40 prompts is found nearly every time.
+    found = sum(paired_bounds(torch.randn(40, generator=generator) + 0.5, 0.95, resamples=1000, seed=t)[0] > 0
+                for t in range(200))
+    assert found >= 180
 
 
 def test_length_controlled_gain_removes_what_length_explains() -> None:
