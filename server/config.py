@@ -278,6 +278,16 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                   "rest).")
     ] = 0
     trainer_seed: Annotated[int, Meta(description="Seed of the trainer (adapter init, data order, sampling).")] = 0
+    max_user_share: Annotated[
+        float, Meta(gt=0, le=1, description="Most of a run's training weight one end user may hold: larger users' "
+                    "pairs (and labels) weigh less, so that each holds at most this share (with fewer than "
+                    "1/share users, all weigh the same). 1 turns the cap off.")
+    ] = 0.1
+    user_flag_p_value: Annotated[
+        float, Meta(ge=0, lt=1, description="Flag and leave out of a run the users whose judgements agree with a "
+                    "reward model fitted without them so rarely that a coin would do so with at most this "
+                    "probability (one-sided binomial test against 0.5); 0 turns the check off.")
+    ] = 0.01
 
 
 class Settings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -32,6 +32,7 @@ __all__ = [
     "api_keys",
     "choices",
     "completions",
+    "end_users",
     "feedback",
     "labels",
     "metadata",
@@ -236,4 +237,22 @@ api_keys = Table(
     Column("revoked", UTCDateTime, nullable=True),
     Column("revoked_by", Text, nullable=True),
     Index(None, "name"),
+)
+
+#: End users an operator set a trust state for, or a training run scored (see :mod:`alignd.trainer.safeguards`).
+end_users = Table(
+    "end_users",
+    metadata,
+    Column("user", Text, primary_key=True),  # the end-user id of completions and feedback
+    Column("trust", Text, nullable=False),  # default | trusted | blocked
+    Column("note", Text, nullable=True),  # the operator's reason
+    Column("updated", UTCDateTime, nullable=True),  # when an operator last set the trust state
+    Column("updated_by", Text, nullable=True),  # the principal that set it
+    Column("flagged", Boolean, nullable=False),  # the last run that scored the user found it far from consensus
+    Column("agreement", Float, nullable=True),  # that run's share of the user's judgements the consensus shares
+    Column("judgements", Integer, nullable=True),
+    Column("p_value", Float, nullable=True),  # P(agreement this low or lower | a coin's 0.5)
+    Column("scored_run", Text, nullable=True),
+    Column("scored", UTCDateTime, nullable=True),
+    Index(None, "flagged"),
 )

@@ -14,7 +14,7 @@ import msgspec
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alignd.store.tables import choices, completions, labels, policies, preference_pairs, training_runs
+from alignd.store.tables import choices, completions, feedback, labels, policies, preference_pairs, training_runs
 
 __all__ = ["PolicyRow", "RunRow", "TrainingQueries"]
 
@@ -157,15 +157,34 @@ class TrainingQueries:
 
     async def signal_rows(self, table_name: str, *, used: bool, limit: int) -> list[dict[str, Any]]:
         """Up to ``limit`` rows of ``preference_pairs`` or ``labels``: unused ones oldest first, or (``used``) the
-        most recent used ones (the replay pool)."""
+        most recent used ones (the replay pool). Each carries its feedback event's ``user``, ``principal``,
+        ``event_choice`` and ``event_payload`` (who judged, and what: the training-data safeguards need them)."""
         self._check_open()
         table = {"preference_pairs": preference_pairs, "labels": labels}[table_name]
+        query = select(table, feedback.c.user, feedback.c.principal, feedback.c.choice.label("event_choice"),
+                       feedback.c.payload.label("event_payload")).join(feedback, feedback.c.id == table.c.feedback_id)
         if used:
-            query = select(table).where(table.c.used_in_run.is_not(None)).order_by(table.c.id.desc())
+            query = query.where(table.c.used_in_run.is_not(None)).order_by(table.c.id.desc())
         else:
-            query = select(table).where(table.c.used_in_run.is_(None)).order_by(table.c.id)
+            query = query.where(table.c.used_in_run.is_(None)).order_by(table.c.id)
         async with self._engine.connect() as conn:
             return [dict(r._mapping) for r in await conn.execute(query.limit(limit))]
+
+    async def silent_events(self, completion_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """Feedback events on these completions that made no pair and no label (a pairwise ``tie``): a later one
+        withdraws its user's earlier judgement of the same choices (:func:`alignd.trainer.safeguards.collapse`)."""
+        self._check_open()
+        ids = sorted(set(completion_ids))
+        columns = (feedback.c.id.label("feedback_id"), feedback.c.completion_id, feedback.c.kind, feedback.c.created,
+                   feedback.c.user, feedback.c.principal, feedback.c.choice.label("event_choice"),
+                   feedback.c.payload.label("event_payload"))
+        found: list[dict[str, Any]] = []
+        async with self._engine.connect() as conn:
+            for start in range(0, len(ids), 500):
+                query = select(*columns).where(feedback.c.completion_id.in_(ids[start:start + 500]),
+                                               feedback.c.pair_count == 0, feedback.c.label_count == 0)
+                found.extend(dict(r._mapping) for r in await conn.execute(query))
+        return found
 
     async def mark_used(self, run_id: str, pair_ids: Sequence[int], label_ids: Sequence[int]) -> None:
         """Record that ``run_id`` trained on these rows (rows already used keep their first run)."""

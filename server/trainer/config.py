@@ -182,6 +182,15 @@ class DataConfig:
     """Most distinct recent user prompts drawn for PPO and the gate."""
     served_lengths: int = 512
     """Recent served replies whose token counts set the rollout length cap (their 95th percentile)."""
+    max_user_share: float = _SETTINGS.max_user_share
+    """Most of a run's training weight (pairs, and labels on their own) one user may hold; larger contributors'
+    weights are scaled down to it (:mod:`alignd.trainer.safeguards`)."""
+    flag_p_value: float = _SETTINGS.user_flag_p_value
+    """A user whose judgements agree with the reward model fitted without them less often than a coin would with
+    this probability or less is flagged and left out of the run (0: no agreement check)."""
+    agreement_folds: int = 2
+    """Folds of users for the agreement check: each fold's users are judged by a reward model fitted on the other
+    folds' (each fold one extra reward-model fit on (k-1)/k of the data)."""
 
 
 @dataclass
@@ -269,5 +278,6 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
     ppo.target_kl = settings.target_kl
     config.gate.margin, config.gate.kl_budget = settings.gate_margin, settings.kl_budget
     config.reward.confidence = settings.reward_model_confidence
+    config.data.max_user_share, config.data.flag_p_value = settings.max_user_share, settings.user_flag_p_value
     config.gate.max_new_tokens = settings.max_new_tokens
     return config

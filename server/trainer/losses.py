@@ -128,20 +128,28 @@ def reward_loss(
     r_rejected: Tensor,  # (N,) reward of each pair's rejected reply
     margin: Tensor,  # (N,) required reward gap (0 for none)
     weight: Tensor,  # (N,) pair weight (1/C(K,2) for the pairs of a K-way ranking)
+    mean_weight: float | None = None,
 ) -> Tensor:
-    """Bradley–Terry loss ``-log σ(r_chosen - r_rejected - margin)``, weighted mean over pairs."""
+    """Bradley–Terry loss ``-log σ(r_chosen - r_rejected - margin)``, weighted mean over pairs: divided by this
+    batch's weight sum, or with ``mean_weight`` (the mean over all the training pairs) by ``mean_weight × N``, so
+    that a batch of light pairs (a capped user's) weighs as little as its pairs do in the whole set."""
     losses = -F.logsigmoid(r_chosen - r_rejected - margin)  # (N,)
-    return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
+    return (weight * losses).sum() / _denominator(weight, mean_weight)
+
+
+def _denominator(weight: Tensor, mean_weight: float | None) -> Tensor | float:
+    return weight.sum().clamp(min=1e-12) if mean_weight is None else max(mean_weight, 1e-12) * len(weight)
 
 
 def label_loss(
     r: Tensor,  # (N,) reward of each labelled reply
     label: Tensor,  # (N,) 1.0 for good, 0.0 for bad
     weight: Tensor,  # (N,)
+    mean_weight: float | None = None,
 ) -> Tensor:
-    """Binary cross-entropy of ``σ(r)`` against good/bad labels, weighted mean."""
+    """Binary cross-entropy of ``σ(r)`` against good/bad labels, weighted mean (as in :func:`reward_loss`)."""
     losses = F.binary_cross_entropy_with_logits(r, label.to(r.dtype), reduction="none")  # (N,)
-    return (weight * losses).sum() / weight.sum().clamp(min=1e-12)
+    return (weight * losses).sum() / _denominator(weight, mean_weight)
 
 
 def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> float:

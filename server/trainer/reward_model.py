@@ -249,15 +249,17 @@ def score_with_features(
     return normalization.apply(torch.cat(scores)), torch.cat(features)
 
 
-def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float, role: str = REWARD) -> tuple[Tensor, Tensor]:
-    """``(loss, correct)``: BT over pairs plus ``label_coef`` × BCE over labels; correct is (P,) bool."""
+def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float, role: str = REWARD,
+                mean_weights: tuple[float | None, float | None] = (None, None)) -> tuple[Tensor, Tensor]:
+    """``(loss, correct)``: BT over pairs plus ``label_coef`` × BCE over labels; correct is (P,) bool.
+    ``mean_weights``: the mean pair and label weight of the whole training set (see :func:`reward_loss`)."""
     r = last_token_rewards(stack, batch.sequences, batch.attention_mask, role)  # (N,)
     r_chosen, r_rejected = r[batch.chosen], r[batch.rejected]  # (P,), (P,)
     loss = torch.zeros((), device=r.device)
     if len(batch.chosen):
-        loss = loss + reward_loss(r_chosen, r_rejected, batch.margin, batch.weight)
+        loss = loss + reward_loss(r_chosen, r_rejected, batch.margin, batch.weight, mean_weights[0])
     if len(batch.labelled):
-        loss = loss + label_coef * label_loss(r[batch.labelled], batch.label, batch.label_weight)
+        loss = loss + label_coef * label_loss(r[batch.labelled], batch.label, batch.label_weight, mean_weights[1])
     return loss, (r_chosen > r_rejected).detach()
 
 
@@ -296,6 +298,10 @@ def train_reward_model(
     encoder = _Encoder(stack, config, truncated)
     pad_id = stack.tokenizer.pad_token_id
     units = _units(train, labels)
+    # Per-pair weights hold across batches (a capped user's light pairs stay light wherever they fall).
+    pair_weights, label_weights = [p.weight for g in train for p in g], [x.weight for x in labels]
+    mean_weights = (sum(pair_weights) / len(pair_weights) if pair_weights else None,
+                    sum(label_weights) / len(label_weights) if label_weights else None)
     steps, epoch_losses = 0, [0.0]
     for _ in range(config.epochs):
         rng.shuffle(units)
@@ -303,7 +309,7 @@ def train_reward_model(
         for batch_units in _pack(units, config.batch_size):
             batch = _collate(batch_units, encoder, pad_id, stack.device)
             with stack.use(role):
-                loss, _ = _batch_loss(stack, batch, config.label_coef, role)
+                loss, _ = _batch_loss(stack, batch, config.label_coef, role, mean_weights)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)

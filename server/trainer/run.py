@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from alignd.store import Store
 from alignd.trainer.config import scale_batches_to_model, scale_to_model
-from alignd.trainer.data import TrainingData, length_cap, load_training_data
+from alignd.trainer.data import TrainingData, leave_out_flagged, length_cap, load_training_data
 from alignd.trainer.gate import decide, evaluate, save_decision
 from alignd.trainer.job import RunJob, RunResult
 from alignd.trainer.models import POLICY, ModelStack, load_stack
@@ -31,6 +31,7 @@ from alignd.trainer.reward_model import (
     train_reward_model,
 )
 from alignd.trainer.rollout import RemoteRollouts, RolloutBackend, RolloutLink, Sampling, encode_prompt
+from alignd.trainer.safeguards import record_scores, screen_users
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,12 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     if job.parent_adapter is not None:
         stack.load_adapter(CURRENT, job.parent_adapter)  # first: PEFT cannot drop a model's only adapter
         stack.load_adapter(POLICY, job.parent_adapter)
+    # Users far from everyone else's consensus (judged by reward models fitted without them) are left out, and the
+    # share cap recomputed over the rest (alignd.trainer.safeguards).
+    screened, scores = screen_users(stack, data.users, config, truncated=data.truncated_replies, seed=config.seed)
+    leave_out_flagged(data, screened, config.data.max_user_share)
+    record_scores(job.database_url, job.run_id, scores, config.data.flag_p_value, screened.trust)
+    reporter.report("reward_model", PHASE_START["reward_model"], {"users": screened.report})
     rm = train_reward_model(stack, data.train_pairs, config.reward, config.lora, labels=data.train_labels,
                             heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies,
                             heldout_labels=data.heldout_labels, warm_start=job.previous_reward_model,
