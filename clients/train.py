@@ -53,6 +53,14 @@ def summary(run: TrainingRun) -> str:
     gate = run.metrics.get("gate") or {}
     if gate:
         lines.append(f"  gate: {'pass' if gate['promote'] else 'fail'} — {gate['reason']}")
+        if gate.get("judge"):
+            lines.append(f"  judged by the {gate['judge']} on {gate.get('prompts')} prompts"
+                         + (f"; PPO's reward model saw a gain of {gate['reward_model_gain']:+.3f}"
+                            if gate.get("reward_model_gain") is not None else ""))
+        implicit = gate.get("implicit_reward") or {}
+        if implicit.get("raised") is not None:
+            lines.append(f"  implicit-reward check: the candidate favours users' chosen replies more than its parent "
+                         f"on {implicit['raised']:.0%} of {implicit['n']} held-out judgements")
     if run.candidate is not None:
         lines.append(f"  candidate: version {run.candidate}" + (" (promoted)" if run.promoted else ""))
     return "\n".join(lines)

@@ -243,9 +243,22 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                   "95th percentile of recently served replies' lengths, within it.")
     ] = 256
     gate_margin: Annotated[
-        float, Meta(description="Promote only if the candidate's mean normalised reward beats the current "
-                    "policy's by this much on held-out prompts.")
+        float, Meta(description="Promote only if the lower confidence bound (--gate-confidence) of the candidate's "
+                    "paired gain over the current policy, in mean normalised judge score on held-out prompts, is "
+                    "above this.")
     ] = 0.05
+    gate_confidence: Annotated[
+        float, Meta(gt=0.5, lt=1, description="Confidence of the gate's lower bound on the paired gain: a candidate "
+                    "no better than the current policy is promoted at most 1 - this of the time.")
+    ] = 0.95
+    gate_samples_per_prompt: Annotated[
+        int, Meta(ge=1, le=64, description="Replies each policy samples per held-out prompt at the gate, with the "
+                  "same seeds for both.")
+    ] = 2
+    judge_fraction: Annotated[
+        float, Meta(ge=0, lt=1, description="Share of prompts whose feedback trains the gate's judge, a reward model "
+                    "cross-fitted apart from PPO's; 0 makes PPO's own reward model the judge (not independent).")
+    ] = 0.3
     kl_budget: Annotated[
         float, Meta(gt=0, description="Promote only if the candidate's mean KL to the base (nats per reply) stays "
                     "within this.")

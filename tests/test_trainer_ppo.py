@@ -31,7 +31,7 @@ from alignd.trainer.config import (
     scale_batches_to_model,
     scale_to_model,
 )
-from alignd.trainer.gate import DECISION_FILE, decide, evaluate, save_decision
+from alignd.trainer.gate import DECISION_FILE, Scorer, decide, evaluate, save_decision
 from alignd.trainer.models import ADAPTER_WEIGHTS, POLICY, REWARD, ModelStack, load_stack
 from alignd.trainer.ppo import _accumulate, init_critic, make_experience, run_ppo
 from alignd.trainer.reward_model import (
@@ -163,10 +163,9 @@ def test_short_ppo_run_raises_reward_within_kl_budget(
     heldout = prompt_ids(stack, [p.text for p in held_out_prompts(config.gate.n_prompts, seed=2)])
     backend = HFRollouts()
     history = run_ppo(stack, backend, train, normalization, config).history
-    torch.manual_seed(3)
-    candidate, current, length_controlled = evaluate(stack, backend, heldout, POLICY, None, normalization,
-                                                     config.gate)
-    decision = decide(candidate, current, config.gate.margin, config.gate.kl_budget, length_controlled)
+    evaluation = evaluate(stack, backend, heldout, POLICY, None, Scorer(REWARD, normalization), config.gate, seed=3)
+    decision = decide(evaluation, config.gate)
+    candidate, current = decision.candidate, decision.current
     report = {"first": asdict(history[0]), "last": asdict(history[-1]), "decision": decision.to_dict()}
     print(json.dumps(report, indent=1))  # figures for the record (pytest -s)
 
@@ -179,6 +178,7 @@ def test_short_ppo_run_raises_reward_within_kl_budget(
     assert candidate.mean_reward > current.mean_reward + 0.2, decision  # the reward model's own score rose
     assert 0 < candidate.kl <= config.gate.kl_budget
     assert decision.promote, decision.reason
+    assert decision.gain_lower is not None and decision.gain_lower > config.gate.margin
 
     folder = stack.save_adapter(POLICY, tmp_path / "candidate")
     save_decision(folder, decision)

@@ -149,14 +149,21 @@ class PPOConfig:
 
 @dataclass
 class GateConfig:
-    """Promotion gate: the candidate must beat the current policy by a margin and stay close to the base."""
+    """Promotion gate: the candidate must beat the current policy significantly, by the judge, and stay close to the
+    base (see :mod:`alignd.trainer.gate`)."""
 
     margin: float = _SETTINGS.gate_margin
-    """Required gain in mean normalised reward over the current policy."""
+    """The lower confidence bound of the paired gain in mean normalised judge score must be above this."""
     kl_budget: float = _SETTINGS.kl_budget
     """Largest allowed mean sequence KL (nats) of the candidate to the base model."""
+    confidence: float = _SETTINGS.gate_confidence
+    """Confidence of the one-sided lower bound on the paired gain (a candidate no better than the current policy
+    passes at most ``1 - confidence`` of the time)."""
     n_prompts: int = 64
-    """Held-out prompts both policies answer."""
+    """Most distinct held-out prompts both policies answer (fewer when fewer are held out): the test's sample size."""
+    samples_per_prompt: int = _SETTINGS.gate_samples_per_prompt
+    """Replies each policy samples per prompt, with the same seeds for both: more average out sampling noise within
+    a prompt (the test's unit stays the prompt)."""
     max_new_tokens: int = _SETTINGS.max_new_tokens
     """Reply length limit while evaluating."""
     temperature: float = 1.0
@@ -174,6 +181,9 @@ class DataConfig:
     recency_half_life: int = 1024
     """Signal this many rows older than the newest weighs half as much (recency weighting of accumulated
     feedback: users' taste may drift, but a run never forgets what it learned from a small new batch)."""
+    judge_fraction: float = _SETTINGS.judge_fraction
+    """Share of prompts, chosen by a stable salted hash, whose feedback trains the gate's judge instead of PPO's
+    reward model (cross-fitting, :mod:`alignd.trainer.judge`); 0 makes PPO's reward model the judge."""
     heldout_fraction: float = 0.1
     """Share of completions, chosen by a stable hash of their id, whose feedback never trains: the reward model's
     held-out accuracy is measured on their pairs, and no reply is on both sides. Prompts are split the same way:
@@ -277,6 +287,8 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
     ppo.max_new_tokens = settings.max_new_tokens
     ppo.target_kl = settings.target_kl
     config.gate.margin, config.gate.kl_budget = settings.gate_margin, settings.kl_budget
+    config.gate.confidence, config.gate.samples_per_prompt = settings.gate_confidence, settings.gate_samples_per_prompt
+    config.data.judge_fraction = settings.judge_fraction
     config.reward.confidence = settings.reward_model_confidence
     config.data.max_user_share, config.data.flag_p_value = settings.max_user_share, settings.user_flag_p_value
     config.gate.max_new_tokens = settings.max_new_tokens

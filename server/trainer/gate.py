@@ -1,17 +1,24 @@
-"""The promotion gate: the candidate and the current policy answer the same held-out prompts.
+"""The promotion gate: the candidate and the current policy answer the same held-out prompts with the same seeds.
 
-The candidate is promoted only if its mean reward beats the current policy's by the configured margin and its KL to
-the base stays within budget; otherwise it stays a rejected candidate, with its figures and the reason saved next to
-its adapter. Replies are scored as sampled (one cut at the length cap is scored as truncated; nothing rewards or
-punishes length by itself), and the gain is also reported with length regressed out, so that a candidate that only
-got longer or shorter shows as such.
+Honest by construction:
+- the judge is not the reward model PPO optimised but one cross-fitted on feedback PPO's never saw
+  (:mod:`alignd.trainer.judge`);
+- the comparison is paired: both policies sample ``samples_per_prompt`` replies to each distinct held-out prompt with
+  the same per-reply seeds, so they draw with the same random numbers and differ only where the policies do;
+- the candidate is promoted only when the lower confidence bound of the mean paired gain (an exact sign-flip test
+  over prompts, :mod:`alignd.trainer.significance`) is above the margin and its KL to the base stays within budget;
+  otherwise it stays a rejected candidate, with its figures and the reason saved next to its adapter.
+
+Replies are scored as sampled (one cut at the length cap is scored as truncated; nothing rewards or punishes length
+by itself), and the gain is also reported with length regressed out, so that a candidate that only got longer or
+shorter shows as such. The PPO reward model's own gain is reported beside the judge's: a large gap is PPO gaming it.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +30,21 @@ from alignd.trainer.logprobs import token_kl
 from alignd.trainer.models import ModelStack
 from alignd.trainer.reward_model import RewardNormalization, score_rollouts
 from alignd.trainer.rollout import Rollout, RolloutBackend, Sampling, collate_rollouts
+from alignd.trainer.significance import paired_bounds
 
-__all__ = ["DECISION_FILE", "GateDecision", "PolicyFigures", "decide", "evaluate", "evaluate_policy",
-           "length_controlled_gain", "save_decision"]
+__all__ = ["DECISION_FILE", "GateDecision", "GateEvaluation", "PolicyFigures", "Scorer", "decide", "evaluate",
+           "gate_seeds", "length_controlled_gain", "save_decision"]
 
 DECISION_FILE = "gate.json"
 """The gate's decision and figures, written into the candidate's adapter folder."""
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """A reward model in the trainer's stack: its adapter role and the normalisation of its raw scores."""
+
+    role: str
+    normalization: RewardNormalization
 
 
 @dataclass(frozen=True)
@@ -36,7 +52,7 @@ class PolicyFigures:
     """How one policy did on the held-out prompts."""
 
     mean_reward: float
-    """Mean normalised reward-model score: what the gate compares."""
+    """Mean normalised score by the judge."""
     kl: float
     """Mean over replies of their summed per-token KL to the base over the vocabulary (nats); 0 for the base."""
     eos_rate: float
@@ -45,6 +61,20 @@ class PolicyFigures:
     """Mean reply length in tokens."""
     n: int
     """Replies scored."""
+
+
+@dataclass(frozen=True)
+class GateEvaluation:
+    """Both policies' figures and the paired differences the decision rests on."""
+
+    candidate: PolicyFigures
+    current: PolicyFigures
+    differences: list[float]
+    """Per prompt: the mean over its samples of the judge's candidate score minus the current policy's."""
+    length_controlled_gain: float
+    """The judge's gain with reply length regressed out (see :func:`length_controlled_gain`)."""
+    reward_model_gain: float | None = None
+    """The same mean paired gain by PPO's own reward model (None when it is the judge)."""
 
 
 @dataclass(frozen=True)
@@ -58,10 +88,31 @@ class GateDecision:
     margin: float
     kl_budget: float
     length_controlled_gain: float
-    """The candidate's reward gain with reply length regressed out (see :func:`length_controlled_gain`)."""
+    """The candidate's gain with reply length regressed out (see :func:`length_controlled_gain`)."""
+    gain: float = float("nan")
+    """Mean paired gain by the judge, over prompts."""
+    gain_lower: float | None = None
+    """One-sided lower confidence bound of ``gain`` at ``confidence`` (None: too few prompts to reach it)."""
+    gain_upper: float | None = None
+    """One-sided upper confidence bound at ``confidence``."""
+    confidence: float = 0.95
+    prompts: int = 0
+    """Distinct prompts both policies answered (the test's sample size)."""
+    samples_per_prompt: int = 1
+    judge: str = "reward model"
+    """What scored the replies: ``cross-fitted judge``, or ``reward model`` (PPO's own: not independent)."""
+    reward_model_gain: float | None = None
+    """The mean paired gain by PPO's reward model, for contrast with the judge's."""
+    implicit_reward: dict[str, Any] = field(default_factory=dict)
+    """The implicit-reward check on held-out user pairs (:mod:`alignd.trainer.implicit_reward`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def gate_seeds(n: int, seed: int) -> list[int]:
+    """``n`` per-reply sampling seeds for a run seeded ``seed`` (vLLM takes 32-bit seeds)."""
+    return [(seed * 1_000_003 + i) % 2**31 for i in range(n)]
 
 
 @torch.no_grad()
@@ -85,23 +136,28 @@ class _Samples:
     """One policy's scored replies."""
 
     figures: PolicyFigures
-    scores: Tensor  # (B,) normalised reward-model score
+    scores: Tensor  # (B,) normalised judge score
+    reward_model_scores: Tensor | None  # (B,) normalised score by PPO's reward model
     lengths: Tensor  # (B,) reply tokens
 
 
-def evaluate_policy(
+def _evaluate_policy(
     stack: ModelStack,
     backend: RolloutBackend,
     prompts: Sequence[list[int]],
+    seeds: Sequence[int],
     adapter: str | None,
-    normalization: RewardNormalization,
+    judge: Scorer,
+    reward_model: Scorer | None,
     config: GateConfig,
 ) -> _Samples:
-    """Sample one reply per prompt from ``adapter`` (None: the base), score it and measure its KL to the base."""
-    rollouts = backend.generate(stack, prompts, adapter, Sampling(config.temperature, config.max_new_tokens))
+    """Sample one reply per (prompt, seed) from ``adapter`` (None: the base), score it and measure its KL."""
+    rollouts = backend.generate(stack, prompts, adapter, Sampling(config.temperature, config.max_new_tokens), seeds)
     sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
     ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
-    scores = score_rollouts(stack, sequences, attention_mask, normalization)  # (B,)
+    scores = score_rollouts(stack, sequences, attention_mask, judge.normalization, role=judge.role)  # (B,)
+    rm_scores = None if reward_model is None else score_rollouts(
+        stack, sequences, attention_mask, reward_model.normalization, role=reward_model.role).cpu()  # (B,)
     lengths = action_mask.sum(-1).float()  # (B,)
     kl = _sequence_kl(stack, rollouts, adapter, config.temperature) if adapter is not None else torch.zeros(1)
     figures = PolicyFigures(
@@ -111,7 +167,7 @@ def evaluate_policy(
         response_length=lengths.mean().item(),
         n=len(rollouts),
     )
-    return _Samples(figures, scores.cpu(), lengths.cpu())
+    return _Samples(figures, scores.cpu(), rm_scores, lengths.cpu())
 
 
 def length_controlled_gain(candidate_scores: Tensor, candidate_lengths: Tensor, current_scores: Tensor,
@@ -134,31 +190,54 @@ def evaluate(
     prompts: Sequence[list[int]],
     candidate: str,
     current: str | None,
-    normalization: RewardNormalization,
+    judge: Scorer,
     config: GateConfig,
-) -> tuple[PolicyFigures, PolicyFigures, float]:
-    """Figures of the candidate adapter and of the current policy (an adapter, or None for the base), and the
-    candidate's length-controlled gain."""
-    ours = evaluate_policy(stack, backend, prompts, candidate, normalization, config)
-    theirs = evaluate_policy(stack, backend, prompts, current, normalization, config)
-    gain = length_controlled_gain(ours.scores, ours.lengths, theirs.scores, theirs.lengths)
-    return ours.figures, theirs.figures, gain
+    seed: int = 0,
+    reward_model: Scorer | None = None,
+) -> GateEvaluation:
+    """The candidate adapter and the current policy (an adapter, or None for the base) each answer every prompt
+    ``config.samples_per_prompt`` times with the same seeds; ``judge`` scores them (and ``reward_model``, PPO's
+    own, for contrast). The prompts should be distinct: the prompt is the unit of the paired test."""
+    k = config.samples_per_prompt
+    repeated = [p for p in prompts for _ in range(k)]  # (n·k,) each prompt's samples together
+    seeds = gate_seeds(len(repeated), seed)
+    ours = _evaluate_policy(stack, backend, repeated, seeds, candidate, judge, reward_model, config)
+    theirs = _evaluate_policy(stack, backend, repeated, seeds, current, judge, reward_model, config)
+    differences = (ours.scores - theirs.scores).view(len(prompts), k).mean(1)  # (n,)
+    rm_gain = None
+    if ours.reward_model_scores is not None and theirs.reward_model_scores is not None:
+        rm_gain = (ours.reward_model_scores - theirs.reward_model_scores).mean().item()
+    return GateEvaluation(
+        candidate=ours.figures, current=theirs.figures, differences=differences.tolist(),
+        length_controlled_gain=length_controlled_gain(ours.scores, ours.lengths, theirs.scores, theirs.lengths),
+        reward_model_gain=rm_gain)
 
 
-def decide(candidate: PolicyFigures, current: PolicyFigures, margin: float, kl_budget: float,
-           length_controlled: float = float("nan")) -> GateDecision:
-    """Promote only if the candidate gains at least ``margin`` in mean reward and its KL is within ``kl_budget``."""
-    gain = candidate.mean_reward - current.mean_reward
+def decide(evaluation: GateEvaluation, config: GateConfig, judge: str = "reward model",
+           implicit_reward: dict[str, Any] | None = None, seed: int = 0) -> GateDecision:
+    """Promote only if the lower confidence bound of the mean paired gain is above ``config.margin`` and the
+    candidate's KL to the base is within ``config.kl_budget``."""
+    d = evaluation.differences
+    gain = sum(d) / len(d) if d else float("nan")
+    lower, upper = paired_bounds(d, config.confidence, seed=seed)
     failures = []
-    if gain < margin:
-        failures.append(f"mean reward gain {gain:+.3f} is below the margin {margin:.3f}")
-    if candidate.kl > kl_budget:
-        failures.append(f"KL to the base {candidate.kl:.3f} exceeds the budget {kl_budget:.3f}")
+    level = f"{config.confidence:.0%}"
+    if lower is None:
+        failures.append(f"{len(d)} prompts are too few to bound the gain at {level} confidence")
+    elif lower <= config.margin:
+        failures.append(f"paired gain {gain:+.3f}: its {level} lower bound {lower:+.3f} is not above the margin "
+                        f"{config.margin:.3f}")
+    if evaluation.candidate.kl > config.kl_budget:
+        failures.append(f"KL to the base {evaluation.candidate.kl:.3f} exceeds the budget {config.kl_budget:.3f}")
     reason = "; ".join(failures) or (
-        f"mean reward gain {gain:+.3f} ≥ margin {margin:.3f} and KL {candidate.kl:.3f} ≤ budget {kl_budget:.3f}"
-    )
-    return GateDecision(promote=not failures, reason=reason, candidate=candidate, current=current, margin=margin,
-                        kl_budget=kl_budget, length_controlled_gain=length_controlled)
+        f"paired gain {gain:+.3f}, {level} lower bound {lower:+.3f} > margin {config.margin:.3f}, and KL "
+        f"{evaluation.candidate.kl:.3f} ≤ budget {config.kl_budget:.3f}")
+    return GateDecision(
+        promote=not failures, reason=reason, candidate=evaluation.candidate, current=evaluation.current,
+        margin=config.margin, kl_budget=config.kl_budget, length_controlled_gain=evaluation.length_controlled_gain,
+        gain=gain, gain_lower=lower, gain_upper=upper, confidence=config.confidence, prompts=len(d),
+        samples_per_prompt=config.samples_per_prompt, judge=judge, reward_model_gain=evaluation.reward_model_gain,
+        implicit_reward=implicit_reward or {})
 
 
 def save_decision(folder: str | Path, decision: GateDecision) -> Path:

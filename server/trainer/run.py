@@ -19,9 +19,11 @@ from typing import Any, Protocol
 from alignd.store import Store
 from alignd.trainer.config import scale_batches_to_model, scale_to_model
 from alignd.trainer.data import TrainingData, leave_out_flagged, length_cap, load_training_data
-from alignd.trainer.gate import decide, evaluate, save_decision
+from alignd.trainer.gate import Scorer, decide, evaluate, save_decision
+from alignd.trainer.implicit_reward import implicit_reward_check
 from alignd.trainer.job import RunJob, RunResult
-from alignd.trainer.models import POLICY, ModelStack, load_stack
+from alignd.trainer.judge import JUDGE, JUDGE_FOLDER, previous_judge, split_for_judge
+from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack
 from alignd.trainer.ppo import IterationStats, run_ppo
 from alignd.trainer.reward_model import (
     RewardFigures,
@@ -103,7 +105,16 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     # Rollouts and the gate generate as long as users are served (their 95th percentile), within the setting.
     cap = length_cap(data.served_lengths, config.ppo.max_new_tokens)
     config.ppo.max_new_tokens = config.gate.max_new_tokens = cap
-    counts = {**data.counts(), "gate_prompts_held_out": bool(data.gate_prompts), "length_cap": cap}
+    split = split_for_judge(data.train_pairs, data.train_labels, config.data.judge_fraction)
+    if not (split.reward_groups or split.reward_labels):
+        raise NoTrainingData(f"no training signal outside the judge's and the held-out splits ({data.counts()})")
+    if config.data.judge_fraction > 0 and not split.judge_has_signal:
+        raise NoTrainingData(
+            "no feedback on the gate's judge's side yet (its share of prompts: --judge-fraction "
+            f"{config.data.judge_fraction}); collect more feedback, or set --judge-fraction 0 to let PPO's reward "
+            "model judge its own candidate")
+    counts = {**data.counts(), **split.counts(), "gate_prompts_held_out": bool(data.gate_prompts),
+              "length_cap": cap}
     if not data.gate_prompts:  # too few distinct prompts for the hash to hold any out: say so in the figures
         log.warning("no held-out prompts yet: the gate judges on training prompts")
     reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
@@ -123,7 +134,8 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     leave_out_flagged(data, screened, config.data.max_user_share)
     record_scores(job.database_url, job.run_id, scores, config.data.flag_p_value, screened.trust)
     reporter.report("reward_model", PHASE_START["reward_model"], {"users": screened.report})
-    rm = train_reward_model(stack, data.train_pairs, config.reward, config.lora, labels=data.train_labels,
+    split = split_for_judge(data.train_pairs, data.train_labels, config.data.judge_fraction)  # without them
+    rm = train_reward_model(stack, split.reward_groups, config.reward, config.lora, labels=split.reward_labels,
                             heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies,
                             heldout_labels=data.heldout_labels, warm_start=job.previous_reward_model,
                             confidence=config.reward.confidence or 0.95)  # reported even when not checked
@@ -131,6 +143,17 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
                                      data.truncated_replies) for kind, (groups, labels) in data.heldout_by_kind.items()}
     seconds["reward_model"] = time.monotonic() - tick
     _check_reward_model(rm, config.reward.confidence, stack, run_dir, reporter, by_kind)
+
+    # 2b. The gate's judge: a reward model cross-fitted on the other side of the split, continuing its own.
+    tick = time.monotonic()
+    judge = None
+    if split.judge_has_signal:
+        judge = train_reward_model(stack, split.judge_groups, config.reward, config.lora, labels=split.judge_labels,
+                                   heldout=data.heldout_pairs, seed=config.seed + 1,
+                                   truncated=data.truncated_replies, heldout_labels=data.heldout_labels,
+                                   warm_start=previous_judge(job.previous_reward_model),
+                                   confidence=config.reward.confidence or 0.95, role=JUDGE)
+    seconds["judge"] = time.monotonic() - tick
 
     # 3. Normalise rewards over the reference policy's (the base's) replies.
     tick = time.monotonic()
@@ -142,8 +165,12 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     reference = backend.generate(stack, _sample(ppo_ids, config.reward.normalization_samples, rng), None, sampling)
     rm.normalization = fit_normalization(stack, reference)
     save_reward_model(stack, run_dir / "reward", rm)
+    if judge is not None:
+        judge.normalization = fit_normalization(stack, reference, role=JUDGE)
+        save_reward_model(stack, run_dir / JUDGE_FOLDER, judge, role=JUDGE)
     seconds["normalize"] = time.monotonic() - tick
-    reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm, by_kind)})
+    reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm, by_kind),
+                                                "judge": None if judge is None else _rm_figures(judge)})
 
     # 4. PPO against the reward model, rollouts from the serving engine.
     tick = time.monotonic()
@@ -154,18 +181,30 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     # β carries over: the next run's controller starts where this one ended.
     reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": ppo.kl_coef, "stopped": ppo.stopped}})
 
-    # 5. Gate: candidate and current policy answer the same held-out prompts.
+    # 5. Gate: candidate and current policy answer the same distinct held-out prompts with the same seeds, judged by
+    # the cross-fitted judge; the implicit-reward check on held-out user pairs is reported beside it.
     tick = time.monotonic()
-    candidate, current, length_controlled = evaluate(
-        stack, backend, _sample(gate_ids, config.gate.n_prompts, rng), POLICY,
-        CURRENT if job.parent_adapter is not None else None, rm.normalization, config.gate)
-    decision = decide(candidate, current, config.gate.margin, config.gate.kl_budget, length_controlled)
+    parent = CURRENT if job.parent_adapter is not None else None
+    rm_scorer = Scorer(REWARD, rm.normalization)
+    judge_scorer = rm_scorer if judge is None else Scorer(JUDGE, judge.normalization)
+    gate_prompts = rng.sample(gate_ids, min(config.gate.n_prompts, len(gate_ids)))
+    evaluation = evaluate(stack, backend, gate_prompts, POLICY, parent, judge_scorer, config.gate, seed=config.seed,
+                          reward_model=None if judge is None else rm_scorer)
+    implicit = implicit_reward_check(stack, data.heldout_pairs, POLICY, parent, config.reward.max_prompt_tokens,
+                                     config.reward.max_reply_tokens, config.gate.confidence, data.truncated_replies)
+    decision = decide(evaluation, config.gate, "reward model" if judge is None else "cross-fitted judge", implicit,
+                      seed=config.seed)
     staged = stack.save_adapter(POLICY, run_dir / "candidate")
     save_decision(staged, decision)
     seconds["gate"] = time.monotonic() - tick
+    candidate, current = decision.candidate, decision.current
     figures = {"reward": candidate.mean_reward, "kl": candidate.kl, "eos_rate": candidate.eos_rate,
                "current_reward": current.mean_reward, "current_kl": current.kl,
-               "heldout_accuracy": rm.heldout_accuracy, "length_controlled_gain": length_controlled,
+               "gain": decision.gain, "gain_lower": decision.gain_lower, "gain_upper": decision.gain_upper,
+               "reward_model_gain": decision.reward_model_gain, "implicit_reward_raised": implicit["raised"],
+               "heldout_accuracy": rm.heldout_accuracy,
+               "judge_heldout_accuracy": None if judge is None else judge.heldout_accuracy,
+               "length_controlled_gain": decision.length_controlled_gain,
                "response_length": candidate.response_length, "current_response_length": current.response_length}
     reporter.report("register", PHASE_START["register"],
                     {"gate": decision.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}})
