@@ -69,9 +69,10 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         exception_handlers={AlignError: _align_error, HTTPException: _http_error, Exception: _unexpected_error},
         middleware=[_metrics_middleware, request_checks],  # the first is outermost: it counts what the checks refuse
         request_max_body_size=settings.server.max_body_bytes,  # every route's, as its body arrives
-        # The schema maps every route: reading it takes the key that /v1/* takes.
+        # The schema maps every API route (not its own pages): reading it takes the key that /v1/* takes.
         openapi_config=OpenAPIConfig(title="alignd", version=version("alignd"),
-                                     openapi_router=Router("/schema", route_handlers=[], guards=[user_guard])),
+                                     openapi_router=Router("/schema", route_handlers=[], guards=[user_guard],
+                                                           include_in_schema=False)),
         debug=False,
     )
 

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from alignd.api.body import read_body
+from alignd.api.openapi import ADMIN, documented
 from alignd.auth import admin_guard, principal_of
 from alignd.config import Settings
 from alignd.decoding import decode
@@ -22,11 +23,11 @@ class KeyController(Controller):
     path = "/v1/admin/keys"
     guards = (admin_guard,)
 
-    @get("/")
+    @get("/", **documented(errors=ADMIN))
     async def list_keys(self, services: NamedDependency[Services]) -> ApiKeyList:
         return ApiKeyList(data=await services.keys.list_keys())
 
-    @post("/", status_code=201)
+    @post("/", status_code=201, **documented(body=ApiKeyRequest, errors=(*ADMIN, 409)))
     async def create_key(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services], settings: NamedDependency[Settings]
     ) -> Response[ApiKeyCreated]:
@@ -35,11 +36,11 @@ class KeyController(Controller):
         # The answer holds the key itself, the only time it is sent: no cache may keep it.
         return Response(created, status_code=201, headers={"Cache-Control": "no-store"})
 
-    @get("/{key_id:str}")
+    @get("/{key_id:str}", **documented(errors=(*ADMIN, 404)))
     async def get_key(self, services: NamedDependency[Services], key_id: FromPath[str]) -> ApiKey:
         return await services.keys.get_key(key_id)
 
-    @delete("/{key_id:str}", status_code=200)
+    @delete("/{key_id:str}", status_code=200, **documented(errors=(*ADMIN, 404, 409)))
     async def revoke_key(
         self, request: Request[Any, Any, Any], services: NamedDependency[Services], key_id: FromPath[str]
     ) -> ApiKey:

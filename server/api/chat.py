@@ -16,13 +16,14 @@ from litestar.types import ASGIApp, Receive, Scope, Send
 
 from alignd.api.body import read_body
 from alignd.api.checks import error_response
+from alignd.api.openapi import USER, documented, sse_events
 from alignd.auth import limits_caller, principal_of, user_guard
 from alignd.chat import ChatService
 from alignd.config import Settings
 from alignd.decoding import decode
 from alignd.errors import RateLimited, Unavailable
 from alignd.policies.router import PolicyRouter
-from alignd.protocol import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList
+from alignd.protocol import ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ModelCard, ModelList
 from alignd.services import Services
 
 
@@ -67,7 +68,9 @@ class ChatController(Controller):
     path = "/v1"
     guards = (user_guard, engine_ready_guard)
 
-    @post("/chat/completions", status_code=200, middleware=[caller_limits])
+    @post("/chat/completions", status_code=200, middleware=[caller_limits],
+          **documented(body=ChatCompletionRequest, errors=(*USER, 404, 429, 503),
+                        returns=ChatCompletion, streams=sse_events(ChatCompletionChunk)))
     async def chat_completions(self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService],
                                settings: NamedDependency[Settings]) -> Response[ChatCompletion] | Stream:
         body = await read_body(request, settings.server.max_body_bytes)
@@ -78,7 +81,7 @@ class ChatController(Controller):
                           headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         return Response(await _unless_disconnected(request, chat.complete(prepared)))
 
-    @get("/models")
+    @get("/models", **documented(errors=(*USER, 503)))
     async def list_models(self, router: NamedDependency[PolicyRouter]) -> ModelList:
         return ModelList(data=[ModelCard(id=name) for name in router.model_names()])
 

@@ -11,6 +11,7 @@ from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from alignd.api.body import read_body
+from alignd.api.openapi import ADMIN, USER, documented, json_lines
 from alignd.auth import admin_guard, principal_of, user_guard
 from alignd.config import Settings
 from alignd.decoding import convert, decode
@@ -19,10 +20,14 @@ from alignd.feedback.service import FeedbackService
 from alignd.protocol import (
     ExportQuery,
     FeedbackCreated,
+    FeedbackEvent,
     FeedbackList,
     FeedbackQuery,
+    FeedbackRequest,
     FeedbackStats,
     FeedbackStatsQuery,
+    KTOLine,
+    PreferenceLine,
 )
 
 Q = TypeVar("Q")
@@ -32,7 +37,8 @@ class FeedbackController(Controller):
     # Guards per handler here: clients post where operators list (one path cannot be split across controllers).
     path = "/v1/feedback"
 
-    @post("/", status_code=201, guards=[user_guard])
+    @post("/", status_code=201, guards=[user_guard],
+          **documented(body=FeedbackRequest, errors=(*USER, 403, 404, 409)))
     async def create_feedback(self, request: Request[Any, Any, Any], feedback: NamedDependency[FeedbackService],
                               settings: NamedDependency[Settings]) -> Response[FeedbackCreated]:
         body = decode(await read_body(request, settings.server.max_body_bytes), dict[str, Any])
@@ -40,19 +46,21 @@ class FeedbackController(Controller):
                                                   principal=principal_of(request))
         return Response(created, status_code=201, headers={"Idempotent-Replayed": "true"} if replayed else None)
 
-    @get("/", guards=[admin_guard])
+    @get("/", guards=[admin_guard], **documented(query=FeedbackQuery, errors=(*ADMIN, 422)))
     async def list_feedback(self, request: Request[Any, Any, Any],
                             feedback: NamedDependency[FeedbackService]) -> FeedbackList:
         return await feedback.list_feedback(_query(request, FeedbackQuery))
 
-    @get("/export", guards=[admin_guard])
+    @get("/export", guards=[admin_guard],
+          **documented(query=ExportQuery, errors=(*ADMIN, 422),
+                       streams=json_lines(PreferenceLine, KTOLine, FeedbackEvent)))
     async def export_feedback(self, request: Request[Any, Any, Any],
                               feedback: NamedDependency[FeedbackService]) -> Stream:
         query = _query(request, ExportQuery)
         return Stream(feedback.export(query), media_type="application/x-ndjson",
                       headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
 
-    @get("/stats", guards=[admin_guard])
+    @get("/stats", guards=[admin_guard], **documented(query=FeedbackStatsQuery, errors=(*ADMIN, 422)))
     async def feedback_stats(self, request: Request[Any, Any, Any],
                              feedback: NamedDependency[FeedbackService]) -> FeedbackStats:
         return await feedback.stats(_query(request, FeedbackStatsQuery))

@@ -8,8 +8,10 @@ import logging
 
 from litestar import Controller, Response, get
 from litestar.di import NamedDependency
+from litestar.openapi.datastructures import ResponseSpec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from alignd.api.openapi import documented
 from alignd.auth import metrics_guard
 from alignd.protocol import Health
 from alignd.services import Services
@@ -22,7 +24,8 @@ class HealthController(Controller):
     async def health(self) -> Health:
         return Health(status="ok")
 
-    @get("/ready")
+    @get("/ready", responses={503: ResponseSpec(Health, description="Starting, stopping or unhealthy.",
+                                                generate_examples=False)})
     async def ready(self, services: NamedDependency[Services]) -> Response[Health]:
         engine = services.engine
         if engine is None or services.stopping:
@@ -40,7 +43,7 @@ class HealthController(Controller):
                             status_code=503, headers={"Retry-After": "5"})
         return Response(Health(status="ready", policy_version=services.router.promoted))
 
-    @get("/metrics", media_type=CONTENT_TYPE_LATEST, guards=[metrics_guard])
+    @get("/metrics", media_type=CONTENT_TYPE_LATEST, guards=[metrics_guard], **documented(errors=(401, 403)))
     async def metrics(self, services: NamedDependency[Services]) -> bytes:
         services.metrics.promoted_version.set(services.router.promoted)
         return services.metrics.render()

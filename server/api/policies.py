@@ -9,6 +9,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from alignd.api.body import read_body
+from alignd.api.openapi import ADMIN, documented
 from alignd.auth import admin_guard
 from alignd.config import Settings
 from alignd.decoding import decode
@@ -20,19 +21,20 @@ class PolicyController(Controller):
     path = "/v1/policies"
     guards = (admin_guard,)
 
-    @get("/")
+    @get("/", **documented(errors=ADMIN))
     async def list_policies(self, registry: NamedDependency[PolicyRegistry]) -> PolicyList:
         return await registry.list()
 
-    @get("/{version:int}")
+    @get("/{version:int}", **documented(errors=(*ADMIN, 400, 404)))
     async def get_policy(self, registry: NamedDependency[PolicyRegistry], version: FromPath[int]) -> Policy:
         return await registry.get(version)
 
-    @post("/{version:int}/promote", status_code=200)
+    @post("/{version:int}/promote", status_code=200, **documented(errors=(*ADMIN, 400, 404, 409, 422)))
     async def promote_policy(self, registry: NamedDependency[PolicyRegistry], version: FromPath[int]) -> Policy:
         return await registry.promote(version, reason="promoted by an operator")
 
-    @post("/rollback", status_code=200)
+    @post("/rollback", status_code=200,
+          **documented(body=RollbackRequest, body_optional=True, errors=(*ADMIN, 404, 409)))
     async def rollback_policy(self, request: Request[Any, Any, Any], registry: NamedDependency[PolicyRegistry],
                               settings: NamedDependency[Settings]) -> Policy:
         body = await read_body(request, settings.server.max_body_bytes)

@@ -10,6 +10,7 @@ from litestar.di import NamedDependency
 from litestar.params import FromPath
 
 from alignd.api.body import read_body
+from alignd.api.openapi import ADMIN, documented
 from alignd.auth import admin_guard, principal_of
 from alignd.config import Settings
 from alignd.decoding import convert, decode
@@ -23,12 +24,12 @@ class UserController(Controller):
     path = "/v1/admin/users"
     guards = (admin_guard,)
 
-    @get("/{user:path}")
+    @get("/{user:path}", **documented(query=UserQuery, errors=(*ADMIN, 404, 422)))
     async def get_user(self, request: Request[Any, Any, Any], privacy: NamedDependency[PrivacyService],
                        user: FromPath[str]) -> UserData:
         return await privacy.user_data(_user(user), _query(request).principal)
 
-    @delete("/{user:path}", status_code=200)
+    @delete("/{user:path}", status_code=200, **documented(query=UserQuery, errors=(*ADMIN, 422)))
     async def delete_user(self, request: Request[Any, Any, Any], privacy: NamedDependency[PrivacyService],
                           user: FromPath[str]) -> UserDeletion:
         return await privacy.delete_user(_user(user), _query(request).principal, by=principal_of(request))
@@ -38,7 +39,8 @@ class RetentionController(Controller):
     path = "/v1/admin/retention"
     guards = (admin_guard,)
 
-    @post("/", status_code=200)
+    @post("/", status_code=200,
+          **documented(body=RetentionRequest, body_optional=True, errors=(*ADMIN, 422)))
     async def enforce_retention(self, request: Request[Any, Any, Any], privacy: NamedDependency[PrivacyService],
                                 settings: NamedDependency[Settings]) -> RetentionRun:
         body = await read_body(request, settings.server.max_body_bytes)
