@@ -118,6 +118,9 @@ class ChatService:
                 f"{param} is {asked}, but only {context_left} tokens of context are left after the "
                 f"{len(prompt)}-token prompt (context {self.engine.max_model_len}).",
                 param=param, code="context_length_exceeded")
+        if request.min_tokens and request.min_tokens > (asked or context_left):
+            raise InvalidRequest(f"min_tokens is {request.min_tokens}, more than the {asked or context_left} tokens "
+                                 "that may be generated.", param="min_tokens")
         return PreparedChat(request=request, completion_id=f"chatcmpl-{uuid.uuid4().hex}", policy_version=version,
                             prompt_token_ids=prompt, options=request.to_sampling(asked or context_left), user=user,
                             principal=principal.name if principal is not None else None)

@@ -68,6 +68,9 @@ class SamplingOptions(msgspec.Struct, kw_only=True, frozen=True):
     ignore_eos: bool = False
 
 
+StopString = Annotated[str, Meta(min_length=1)]  # an empty stop string would end every choice at once: vLLM refuses it
+
+
 class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     """``POST /v1/chat/completions``: OpenAI's fields plus vLLM's common extra sampling fields."""
 
@@ -78,7 +81,7 @@ class ChatCompletionRequest(msgspec.Struct, kw_only=True):
     top_p: TopP | None = None
     max_tokens: PositiveInt | None = None
     max_completion_tokens: PositiveInt | None = None
-    stop: str | list[str] | None = None
+    stop: StopString | list[StopString] | None = None
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

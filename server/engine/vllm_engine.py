@@ -155,7 +155,10 @@ class VLLMEngine:
         """
         from vllm.exceptions import VLLMValidationError
 
-        params = self._sampling_params(options, stream)
+        try:  # vLLM refuses some combinations only here (SamplingParams checks them): a 400, not a 500
+            params = self._sampling_params(options, stream)
+        except (VLLMValidationError, ValueError) as e:
+            raise InvalidRequest(str(e)) from e
         lora = self._lora(policy_version)
         prompt = {"prompt_token_ids": prompt_token_ids}
         agen = self._llm.generate(prompt, params, request_id, lora_request=lora)
