@@ -39,6 +39,17 @@ def convert(obj: Any, type_: type[T], *, invalid: type[AlignError] = InvalidRequ
         raise _invalid(e, invalid) from e
 
 
+def convert_query(values: dict[str, str], type_: type[T], *, invalid: type[AlignError] = InvalidRequest) -> T:
+    """Query parameters (strings) into the Struct ``type_``, numbers and dates parsed from their text. A parameter
+    that is given must have a value: msgspec's lax mode reads ``null`` as None for a non-string field, which would
+    make ``?policy=null`` mean no filter at all."""
+    converted = convert(values, type_, invalid=invalid, strict=False)
+    for name in values:
+        if getattr(converted, name, "") is None:
+            raise invalid(f"Invalid request: '{name}' has no value ({values[name]!r}).", param=name)
+    return converted
+
+
 def _invalid(e: msgspec.ValidationError, invalid: type[AlignError]) -> AlignError:
     message = str(e)
     match = _AT.search(message)

@@ -14,7 +14,7 @@ from alignd.api.body import read_body
 from alignd.api.openapi import ADMIN, USER, documented, json_lines
 from alignd.auth import admin_guard, principal_of, user_guard
 from alignd.config import Settings
-from alignd.decoding import convert, decode
+from alignd.decoding import convert_query, decode
 from alignd.errors import Unprocessable
 from alignd.feedback.service import FeedbackService
 from alignd.protocol import (
@@ -69,4 +69,4 @@ class FeedbackController(Controller):
 def _query(request: Request[Any, Any, Any], type_: type[Q]) -> Q:
     """The query string as ``type_`` (a 422 naming the parameter); the last value of a repeated parameter wins."""
     values = {name: values[-1] for name, values in request.query_params.dict().items()}
-    return convert(values, type_, invalid=Unprocessable, strict=False)
+    return convert_query(values, type_, invalid=Unprocessable)

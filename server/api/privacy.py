@@ -1,11 +1,11 @@
-"""Operator endpoints for privacy (admin key): what is stored of an end user, deleting it, and a retention pass now.
-Thin handlers over the privacy service (:mod:`alignd.privacy`)."""
+"""Operator endpoints for end users (admin key): what is stored of one, deleting it, their trust states (list, set),
+and a retention pass now. Thin handlers over the privacy service (:mod:`alignd.privacy`)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from litestar import Controller, Request, delete, get, post
+from litestar import Controller, Request, delete, get, patch, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
@@ -13,10 +13,20 @@ from alignd.api.body import read_body
 from alignd.api.openapi import ADMIN, documented
 from alignd.auth import admin_guard, principal_of
 from alignd.config import Settings
-from alignd.decoding import convert, decode
+from alignd.decoding import convert_query, decode
 from alignd.errors import Unprocessable
 from alignd.privacy import PrivacyService
-from alignd.protocol import RetentionRequest, RetentionRun, UserData, UserDeletion, UserQuery
+from alignd.protocol import (
+    RetentionRequest,
+    RetentionRun,
+    UserData,
+    UserDeletion,
+    UserListQuery,
+    UserQuery,
+    UserTrust,
+    UserTrustList,
+    UserTrustUpdate,
+)
 
 
 class UserController(Controller):
@@ -33,6 +43,18 @@ class UserController(Controller):
     async def delete_user(self, request: Request[Any, Any, Any], privacy: NamedDependency[PrivacyService],
                           user: FromPath[str]) -> UserDeletion:
         return await privacy.delete_user(_user(user), _query(request).principal, by=principal_of(request))
+
+    @get("/", **documented(query=UserListQuery, errors=(*ADMIN, 422)))
+    async def list_users(self, request: Request[Any, Any, Any],
+                         privacy: NamedDependency[PrivacyService]) -> UserTrustList:
+        values = {name: values[-1] for name, values in request.query_params.dict().items()}
+        return await privacy.list_users(convert_query(values, UserListQuery, invalid=Unprocessable))
+
+    @patch("/{user:path}", **documented(body=UserTrustUpdate, errors=(*ADMIN, 422)))
+    async def set_trust(self, request: Request[Any, Any, Any], privacy: NamedDependency[PrivacyService],
+                        settings: NamedDependency[Settings], user: FromPath[str]) -> UserTrust:
+        body = decode(await read_body(request, settings.server.max_body_bytes), UserTrustUpdate, invalid=Unprocessable)
+        return await privacy.set_trust(_user(user), body, by=principal_of(request))
 
 
 class RetentionController(Controller):
@@ -54,4 +76,4 @@ def _user(path: str) -> str:
 
 def _query(request: Request[Any, Any, Any]) -> UserQuery:
     values = {name: values[-1] for name, values in request.query_params.dict().items()}
-    return convert(values, UserQuery, invalid=Unprocessable, strict=False)
+    return convert_query(values, UserQuery, invalid=Unprocessable)
