@@ -47,6 +47,8 @@ Temperature = Annotated[float, Meta(ge=0.0, le=2.0)]
 TopP = Annotated[float, Meta(gt=0.0, le=1.0)]
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
 PositiveInt = Annotated[int, Meta(ge=1)]
+# A policy version as the store keeps it (a 32-bit INTEGER column): a larger one is refused, not sent to the database.
+PolicyVersion = Annotated[int, Meta(ge=0, le=2**31 - 1)]
 
 
 class SamplingOptions(msgspec.Struct, kw_only=True, frozen=True):
@@ -351,7 +353,7 @@ class ExportQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     format: Literal["preferences", "events", "kto"] = "preferences"
     since: datetime | None = None
-    policy: Annotated[int, Meta(ge=0)] | None = None
+    policy: PolicyVersion | None = None
 
 
 class PreferenceLine(msgspec.Struct, kw_only=True):
@@ -428,7 +430,7 @@ class PolicyList(msgspec.Struct, kw_only=True):
 class RollbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/policies/rollback`` (optional): without ``version``, the previously promoted one."""
 
-    version: Annotated[int, Meta(ge=0)] | None = None
+    version: PolicyVersion | None = None
 
 
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
@@ -629,7 +631,7 @@ class UserDeletion(msgspec.Struct, kw_only=True):
 class RetentionRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Body of ``POST /v1/admin/retention`` (may be empty)."""
 
-    older_than_days: Annotated[int, Meta(ge=1)] | None = None
+    older_than_days: Annotated[int, Meta(ge=1, le=100_000)] | None = None  # a cutoff before year 1 is no date
     """Delete completions older than this many days; default: the configured ``--retain-days``."""
 
 

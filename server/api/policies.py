@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
-from litestar.params import FromPath
+from litestar.params import Parameter
 
 from alignd.api.body import read_body
 from alignd.api.openapi import ADMIN, documented
@@ -15,6 +15,9 @@ from alignd.config import Settings
 from alignd.decoding import decode
 from alignd.policies.registry import PolicyRegistry
 from alignd.protocol import Policy, PolicyList, RollbackRequest
+
+# Path versions in the store's range (a 400 beyond it, which the schema states), as the bodies' PolicyVersion.
+Version = Annotated[int, Parameter(ge=0, le=2**31 - 1)]
 
 
 class PolicyController(Controller):
@@ -26,11 +29,11 @@ class PolicyController(Controller):
         return await registry.list()
 
     @get("/{version:int}", **documented(errors=(*ADMIN, 400, 404)))
-    async def get_policy(self, registry: NamedDependency[PolicyRegistry], version: FromPath[int]) -> Policy:
+    async def get_policy(self, registry: NamedDependency[PolicyRegistry], version: Version) -> Policy:
         return await registry.get(version)
 
     @post("/{version:int}/promote", status_code=200, **documented(errors=(*ADMIN, 400, 404, 409, 422)))
-    async def promote_policy(self, registry: NamedDependency[PolicyRegistry], version: FromPath[int]) -> Policy:
+    async def promote_policy(self, registry: NamedDependency[PolicyRegistry], version: Version) -> Policy:
         return await registry.promote(version, reason="promoted by an operator")
 
     @post("/rollback", status_code=200,
