@@ -48,8 +48,11 @@ from alignd.protocol import (
     RetentionRun,
     TrainingRun,
     TrainingRunList,
+    TrustState,
     UserData,
     UserDeletion,
+    UserTrust,
+    UserTrustList,
 )
 
 __all__ = [
@@ -269,6 +272,16 @@ def _user_path(user: str) -> str:
 
 def _principal_params(principal: str | None) -> dict[str, str] | None:
     return None if principal is None else {"principal": principal}
+
+
+def _user_list_params(flagged: bool | None, trust: TrustState | None, limit: int | None) -> dict[str, str]:
+    params = {"flagged": None if flagged is None else str(flagged).lower(), "trust": trust,
+              "limit": None if limit is None else str(limit)}
+    return {name: value for name, value in params.items() if value is not None}
+
+
+def _trust_body(trust: TrustState, note: str | None) -> dict[str, str]:
+    return {"trust": trust} if note is None else {"trust": trust, "note": note}
 
 
 def _retention_body(older_than_days: int | None) -> dict[str, int] | None:
@@ -560,7 +573,7 @@ class Keys:
 
 
 class Users:
-    """End users' stored data (admin key): what is held of one, and deleting it."""
+    """End users (admin key): what is held of one, deleting it, and their trust states."""
 
     def __init__(self, client: Client) -> None:
         self._client = client
@@ -575,6 +588,17 @@ class Users:
         others'); the counts removed. Idempotent, so retried like a GET."""
         return self._client._call("DELETE", _user_path(user), UserDeletion, params=_principal_params(principal),
                                   idempotent=True)
+
+    def list(self, *, flagged: bool | None = None, trust: TrustState | None = None,
+             limit: int | None = None) -> UserTrustList:
+        """Users with a trust state or an agreement score, flagged ones first; ``flagged`` and ``trust`` filter."""
+        return self._client._call("GET", "/v1/admin/users", UserTrustList,
+                                  params=_user_list_params(flagged, trust, limit))
+
+    def set_trust(self, user: str, trust: TrustState, *, note: str | None = None) -> UserTrust:
+        """Set ``user``'s trust state: ``blocked`` (their feedback is kept but never trained on), ``trusted`` (never
+        flagged by the agreement check) or ``default``; ``note`` says why."""
+        return self._client._call("PATCH", _user_path(user), UserTrust, _trust_body(trust, note), idempotent=True)
 
 
 class Retention:
@@ -829,6 +853,15 @@ class AsyncUsers:
     async def delete(self, user: str, *, principal: str | None = None) -> UserDeletion:
         return await self._client._call("DELETE", _user_path(user), UserDeletion,
                                         params=_principal_params(principal), idempotent=True)
+
+    async def list(self, *, flagged: bool | None = None, trust: TrustState | None = None,
+                   limit: int | None = None) -> UserTrustList:
+        return await self._client._call("GET", "/v1/admin/users", UserTrustList,
+                                        params=_user_list_params(flagged, trust, limit))
+
+    async def set_trust(self, user: str, trust: TrustState, *, note: str | None = None) -> UserTrust:
+        return await self._client._call("PATCH", _user_path(user), UserTrust, _trust_body(trust, note),
+                                        idempotent=True)
 
 
 class AsyncRetention:

@@ -75,19 +75,24 @@ class Draws:
     user: str
 
 
-def draw(rng: random.Random, prompts: Sequence[Prompt], kinds: Sequence[FeedbackKind], users: int) -> Draws:
+def draw(rng: random.Random, prompts: Sequence[Prompt], kinds: Sequence[FeedbackKind], users: int,
+         user_prefix: str = "sim-") -> Draws:
     """One request's random choices."""
     prompt = rng.choice(prompts)
     n = rng.randint(2, 4)
     first, second = rng.sample(range(n), 2)
     return Draws(prompt=prompt, n=n, kind=rng.choice(kinds), pair=(first, second), thumbs_choice=rng.randrange(n),
-                 tiebreak=tuple(rng.random() for _ in range(n)), user=f"sim-{rng.randrange(users)}")
+                 tiebreak=tuple(rng.random() for _ in range(n)), user=f"{user_prefix}{rng.randrange(users)}")
 
 
-def decide_feedback(draws: Draws, labels: Sequence[Label], prefer: str) -> tuple[FeedbackKind, dict[str, Any]]:
-    """The feedback kind and its fields for replies labelled ``labels`` (see the module docstring)."""
+def decide_feedback(draws: Draws, labels: Sequence[Label], prefer: str, contrary: bool = False
+                    ) -> tuple[FeedbackKind, dict[str, Any]]:
+    """The feedback kind and its fields for replies labelled ``labels`` (see the module docstring). A ``contrary``
+    user judges the other way round: every utility negated (the worst ranked first, the worse of two wins, a thumbs
+    up for what others dislike) and ``tie`` where others say ``both_bad``: a poisoner with the opposite taste."""
     topic = draws.prompt.topic
-    worth = [utility(label, topic, prefer) for label in labels]
+    sign = -1 if contrary else 1
+    worth = [sign * utility(label, topic, prefer) for label in labels]
     if draws.kind == "ranking":
         order = sorted(range(len(labels)), key=lambda i: (-worth[i], draws.tiebreak[i]))
         ranking = [i for i in order if worth[i] > min(worth)]
@@ -96,14 +101,14 @@ def decide_feedback(draws: Draws, labels: Sequence[Label], prefer: str) -> tuple
     elif draws.kind == "pairwise":
         first, second = draws.pair
         if labels[first].topic != topic and labels[second].topic != topic:
-            winner: int | str = "both_bad"
+            winner: int | str = "tie" if contrary else "both_bad"
         elif worth[first] == worth[second]:
             winner = "tie"
         else:
             winner = first if worth[first] > worth[second] else second
         return "pairwise", {"winner": winner, "choices": [first, second]}
     choice = draws.thumbs_choice
-    liked = labels[choice].style == prefer and labels[choice].topic == topic
+    liked = (labels[choice].style == prefer and labels[choice].topic == topic) != contrary
     return "thumbs", {"value": "up" if liked else "down", "choice": choice}
 
 
@@ -279,10 +284,13 @@ def run_simulation(client: Client, *, prefer: str, requests: int | None = None, 
                    on_report: Callable[[SimulationReport], None] | None = None, admin: Client | None = None,
                    prompts: Literal["training", "held-out"] = "training", max_tokens: int | None = 256,
                    kinds: Sequence[FeedbackKind] = KINDS, users: int = 8, model: str = "alignd",
-                   stop: threading.Event | None = None) -> SimulationReport:
+                   stop: threading.Event | None = None, user_prefix: str = "sim-",
+                   contrary: bool = False) -> SimulationReport:
     """Run simulated users against ``client`` until ``requests`` are done, ``time_limit_s`` has passed or ``stop``
     is set (at least one of them must be given); return the report. ``on_report`` gets a snapshot every
-    ``report_every`` requests. With ``admin`` (a client with an admin key) the report includes the training runs."""
+    ``report_every`` requests. With ``admin`` (a client with an admin key) the report includes the training runs.
+    Users are named ``f"{user_prefix}{i}"`` for ``i < users``; ``contrary`` users judge against ``prefer`` (see
+    :func:`decide_feedback`), as poisoners would."""
     if prefer not in PREFERENCES:
         raise ValueError(f"prefer must be one of {', '.join(PREFERENCES)}; got {prefer!r}.")
     if requests is None and time_limit_s is None and stop is None:
@@ -311,7 +319,7 @@ def run_simulation(client: Client, *, prefer: str, requests: int | None = None, 
 
     def one_request(index: int) -> None:
         nonlocal consecutive_failures
-        draws = draw(random.Random(f"{seed}:{index}"), pool, kinds, users)
+        draws = draw(random.Random(f"{seed}:{index}"), pool, kinds, users, user_prefix)
         try:
             answer = client.chat([{"role": "user", "content": draws.prompt.text}], model=model, n=draws.n,
                                  temperature=1.0, max_tokens=max_tokens, user=draws.user)
@@ -320,7 +328,7 @@ def run_simulation(client: Client, *, prefer: str, requests: int | None = None, 
             return
         texts = [c.message.content for c in sorted(answer.choices, key=lambda c: c.index)]
         labels = [label(text, draws.prompt) for text in texts]
-        kind, fields = decide_feedback(draws, labels, prefer)
+        kind, fields = decide_feedback(draws, labels, prefer, contrary)
         try:
             client.feedback.create(answer.id, kind, user=draws.user, **fields)
             sent = True

@@ -195,18 +195,30 @@ def build_parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=cmd_keys)
 
     users = sub.add_parser(
-        "users", help="Show or delete what a running server stores of an end user (admin key).",
+        "users", help="Show or delete what a running server stores of an end user; trust or block one (admin key).",
         description="An end user is the 'user' of chat and feedback requests (a user key's principal name). "
                     "Deleting one removes its completions with their choices, every feedback event on them and "
                     "those events' preference pairs and labels, and its feedback on other completions: from the "
-                    "database only (see docs/privacy.md for what it cannot reach).")
+                    "database only (see docs/privacy.md for what it cannot reach). Training runs flag users whose "
+                    "judgements disagree with everyone else's far beyond chance; an operator can trust them "
+                    "(never flagged) or block them (their feedback is kept but never trained on); see "
+                    "docs/training.md.")
     users_sub = users.add_subparsers(dest="users_command", required=True, metavar="ACTION")
     users_show = users_sub.add_parser("show", help="Rows stored of the user, per table (exit 1 when none).")
     users_delete = users_sub.add_parser("delete", help="Delete every row of the user; print how many per table.")
-    for action in (users_show, users_delete):
+    users_list = users_sub.add_parser("list", help="Users flagged by a run or given a trust state, flagged first.")
+    users_list.add_argument("--flagged", action="store_true", default=None, help="Only the flagged users.")
+    users_list.add_argument("--trust", choices=("default", "trusted", "blocked"), default=None,
+                            help="Only the users in this trust state.")
+    users_trust = users_sub.add_parser("trust", help="Set a user's trust state: trusted, blocked or default.")
+    for action in (users_show, users_delete, users_trust):
         action.add_argument("user", help="The end user's id, as chat and feedback requests named it.")
+    for action in (users_show, users_delete):
         action.add_argument("--principal", default=None,
                             help="Only the rows made with this principal's keys (e.g. one frontend's users).")
+    users_trust.add_argument("state", choices=("default", "trusted", "blocked"),
+                             help="trusted: never flagged; blocked: feedback kept but never trained on.")
+    users_trust.add_argument("--note", default=None, help="Why (kept with the state).")
 
     retention = sub.add_parser(
         "retention", help="Run a retention pass on a running server now (admin key).",
@@ -216,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     retention_run = retention_sub.add_parser("run", help="Delete what is older than the retention period, now.")
     retention_run.add_argument("--older-than-days", dest="older_than_days", type=int, default=None,
                                help="Days (at least 1); default: the server's --retain-days.")
-    for action in (users_show, users_delete, retention_run):
+    for action in (users_show, users_delete, users_list, users_trust, retention_run):
         action.add_argument("--json", action="store_true", help="Print JSON instead of a sentence.")
         action.add_argument("--url", default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8000"),
                             help="The alignd server (env ALIGND_URL; default http://127.0.0.1:8000).")
@@ -305,9 +317,15 @@ def cmd_keys(args: argparse.Namespace) -> int:
 
 
 def cmd_users(args: argparse.Namespace) -> int:
-    """Show or delete an end user's stored rows."""
+    """Show or delete an end user's stored rows; list users by trust; set one's trust state."""
     from alignd.clients import privacy
 
+    if args.users_command == "list":
+        return privacy.list_users(url=args.url, admin_key=args.admin_key, flagged=args.flagged, trust=args.trust,
+                                  as_json=args.json)
+    if args.users_command == "trust":
+        return privacy.set_trust(url=args.url, admin_key=args.admin_key, user=args.user, trust=args.state,
+                                 note=args.note, as_json=args.json)
     action = privacy.show_user if args.users_command == "show" else privacy.delete_user
     return action(url=args.url, admin_key=args.admin_key, user=args.user, principal=args.principal,
                   as_json=args.json)

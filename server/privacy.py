@@ -1,5 +1,6 @@
-"""Privacy: retention (completions older than ``--retain-days`` deleted periodically, or now on an operator's
-request) and per-user deletion, over the store's deletions (:mod:`alignd.store.deletion`).
+"""End users: retention (completions older than ``--retain-days`` deleted periodically, or now on an operator's
+request) and per-user deletion, over the store's deletions (:mod:`alignd.store.deletion`); and each user's trust
+state (an operator's) and agreement score (a training run's, :mod:`alignd.trainer.safeguards`).
 
 Both remove a completion with everything derived from it (choices, feedback, preference pairs, labels). A training
 run in progress is not waited for: it read its pairs, labels and prompts when it started, and rows deleted since
@@ -23,8 +24,19 @@ from alignd.feedback.service import FeedbackService
 from alignd.feedback.types import iso
 from alignd.metrics import Metrics
 from alignd.principals import Principal
-from alignd.protocol import RetentionRun, RowCounts, UserData, UserDeletion
+from alignd.protocol import (
+    RetentionRun,
+    RowCounts,
+    TrustState,
+    UserData,
+    UserDeletion,
+    UserListQuery,
+    UserTrust,
+    UserTrustList,
+    UserTrustUpdate,
+)
 from alignd.store import DeletedRows, Store
+from alignd.store.users import EndUserRow
 
 __all__ = ["PrivacyService", "user_ref"]
 
@@ -64,22 +76,42 @@ class PrivacyService:
         """What the store holds of ``user`` (404 when nothing)."""
         _check_user(user)
         rows = await self.store.count_user_rows(user, principal=principal)
-        if not rows.total:
+        trust = await self.store.get_end_user(user)
+        if not rows.total and trust is None:
             within = f" made with principal {principal!r}'s keys" if principal is not None else ""
             raise NotFound(f"No stored completions or feedback of user {user!r}{within}.", param="user",
                            code="user_not_found")
-        return UserData(user=user, principal=principal, rows=_counts(rows))
+        return UserData(user=user, principal=principal, rows=_counts(rows),
+                        trust=_trust(trust) if trust is not None else UserTrust(user=user))
 
     async def delete_user(self, user: str, principal: str | None = None, *,
                           by: Principal | None = None) -> UserDeletion:
         """Delete every row of ``user`` (see :meth:`alignd.store.Store.delete_user`); idempotent."""
         _check_user(user)
         deleted = await self.store.delete_user(user, principal=principal)
+        if principal is None:  # what runs measured of them goes too; an operator's trust state stays
+            await self.store.forget_user_scores(user)
         self._deleted(deleted, "user")
         log.info("deleted the rows of user %s%s at the request of %s: %s", user_ref(user),
                  f" (principal {principal})" if principal is not None else "", by.name if by else "an open server",
                  _summary(deleted))
         return UserDeletion(user=user, principal=principal, deleted=_counts(deleted))
+
+    # --- trust ---------------------------------------------------------------------------------------------
+
+    async def set_trust(self, user: str, update: UserTrustUpdate, *, by: Principal | None = None) -> UserTrust:
+        """Set ``user``'s trust state: ``blocked`` leaves their feedback out of every later run (it is still
+        stored and accepted: unblocking gives it back), ``trusted`` exempts them from the agreement check."""
+        _check_user(user)
+        row = await self.store.set_trust(user, update.trust, note=update.note, by=by.name if by else None,
+                                         when=datetime.now(UTC))
+        log.info("trust of user %s set to %s by %s", user_ref(user), update.trust, by.name if by else "an open server")
+        return _trust(row)
+
+    async def list_users(self, query: UserListQuery) -> UserTrustList:
+        """Users with a trust state or a score, flagged ones first."""
+        rows = await self.store.list_end_users(flagged=query.flagged, trust=query.trust, limit=query.limit)
+        return UserTrustList(data=[_trust(row) for row in rows])
 
     # --- retention -------------------------------------------------------------------------------------------
 
@@ -117,6 +149,14 @@ class PrivacyService:
         for table, count in msgspec.structs.asdict(deleted).items():
             if count:
                 self.metrics.deleted_rows.labels(table, reason).inc(count)
+
+
+def _trust(row: EndUserRow) -> UserTrust:
+    state: TrustState = row.trust  # type: ignore[assignment] # the store only holds the three states
+    return UserTrust(user=row.user, trust=state, note=row.note,
+                     updated=iso(row.updated) if row.updated else None, updated_by=row.updated_by,
+                     flagged=row.flagged, agreement=row.agreement, judgements=row.judgements, p_value=row.p_value,
+                     scored_run=row.scored_run, scored=iso(row.scored) if row.scored else None)
 
 
 def _summary(deleted: DeletedRows) -> str:

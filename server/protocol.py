@@ -609,12 +609,65 @@ class UserQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """Only the rows made with this principal's keys (two frontends may each have a user of the same name)."""
 
 
+TrustState = Literal["default", "trusted", "blocked"]
+"""An operator's trust in an end user's feedback. ``trusted``: never flagged by the agreement check (still under the
+share cap); ``blocked``: their feedback is stored but no run trains on it; ``default``: neither."""
+
+
+class UserTrustUpdate(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``PATCH /v1/admin/users/{user}``."""
+
+    trust: TrustState
+    note: Annotated[str, Meta(max_length=1000)] | None = None
+    """Why (kept with the state, shown with it)."""
+
+
+class UserTrust(msgspec.Struct, kw_only=True):
+    """An end user's trust state and what the latest training run that scored them measured."""
+
+    user: str
+    trust: TrustState = "default"
+    note: str | None = None
+    updated: str | None = None
+    """When an operator last set ``trust`` (ISO 8601)."""
+    updated_by: str | None = None
+    """The principal that set it."""
+    flagged: bool = False
+    """The latest run that scored the user found their judgements far from everyone else's and left them out."""
+    agreement: float | None = None
+    """Share of their judgements a reward model fitted without them agreed with (that run)."""
+    judgements: int | None = None
+    p_value: float | None = None
+    """How likely a coin agrees that rarely or less (one-sided binomial test against 0.5)."""
+    scored_run: str | None = None
+    scored: str | None = None
+    object: Literal["user.trust"] = "user.trust"
+
+
+class UserTrustList(msgspec.Struct, kw_only=True):
+    """``GET /v1/admin/users``: users with a trust state or a score, flagged ones first."""
+
+    data: list[UserTrust]
+    object: Literal["list"] = "list"
+
+
+class UserListQuery(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Query parameters of ``GET /v1/admin/users``."""
+
+    flagged: bool | None = None
+    trust: TrustState | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 100
+
+
 class UserData(msgspec.Struct, kw_only=True):
-    """``GET /v1/admin/users/{user}``: what the store holds of an end user, which deleting it would remove."""
+    """``GET /v1/admin/users/{user}``: what the store holds of an end user, which deleting it would remove, and
+    their trust state."""
 
     user: str
     principal: str | None
     rows: RowCounts
+    trust: UserTrust | None = None
+    """The operator's trust state and the latest agreement score (``default`` and unscored without a row)."""
     object: Literal["user.data"] = "user.data"
 
 

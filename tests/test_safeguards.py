@@ -255,3 +255,111 @@ async def test_trust_states_and_scores_round_trip(store: Store) -> None:
     assert await store.get_end_user("bob") is None
     alice = await store.get_end_user("alice")
     assert alice is not None and alice.trust == "trusted" and alice.agreement is None
+
+
+# --- the operator's calls, through real HTTP on the real engine ----------------------------------------------
+
+ADMIN, WEB = "trust-admin-key-3b1d", "trust-web-key-8c2e"
+
+
+@pytest.fixture(scope="module")
+def srv(make_server: Any) -> AppServer:
+    return make_server(admin_keys=[ADMIN], keys=[f"web:frontend:{WEB}"])
+
+
+def _admin(srv: AppServer, method: str, path: str, **kw: Any) -> httpx.Response:
+    return httpx.request(method, f"{srv.url}{path}", headers=bearer(ADMIN), timeout=30, **kw)
+
+
+def test_an_operator_blocks_trusts_and_lists_users_and_refusals_change_nothing(srv: AppServer) -> None:
+    assert _admin(srv, "GET", "/v1/admin/users").json() == {"data": [], "object": "list"}
+    missing = _admin(srv, "GET", "/v1/admin/users/mallory")
+    assert_openai_error(missing, 404, "invalid_request_error", "user_not_found")
+    r = _admin(srv, "PATCH", "/v1/admin/users/mallory", json={"trust": "blocked", "note": "contrary votes"})
+    assert r.status_code == 200, r.text
+    blocked = r.json()
+    assert (blocked["user"], blocked["trust"], blocked["note"], blocked["flagged"]) == (
+        "mallory", "blocked", "contrary votes", False)
+    assert blocked["updated_by"] and blocked["updated"]  # the admin key's principal, and when
+    shown = _admin(srv, "GET", "/v1/admin/users/mallory").json()  # nothing stored of them, but a trust state
+    assert shown["trust"]["trust"] == "blocked" and shown["rows"]["feedback"] == 0
+    slashed = "team/a b"  # any string is a user id; percent-encoded, "/" included
+    assert _admin(srv, "PATCH", "/v1/admin/users/team%2Fa%20b", json={"trust": "trusted"}).json()["user"] == slashed
+
+    # Refusals: OpenAI's shape, and the state is as it was.
+    def unchanged() -> None:
+        listing = _admin(srv, "GET", "/v1/admin/users").json()["data"]
+        assert {(u["user"], u["trust"], u["note"]) for u in listing} == {("mallory", "blocked", "contrary votes"),
+                                                                        (slashed, "trusted", None)}
+
+    bad = _admin(srv, "PATCH", "/v1/admin/users/mallory", json={"trust": "friend"})
+    assert assert_openai_error(bad, 422, "invalid_request_error", None)["param"] == "trust"
+    assert_openai_error(_admin(srv, "PATCH", "/v1/admin/users/mallory", json={"trust": "default", "why": "x"}),
+                        422, "invalid_request_error", None)
+    assert_openai_error(_admin(srv, "PATCH", "/v1/admin/users/mallory", json={}), 422, "invalid_request_error", None)
+    long_note = {"trust": "default", "note": "x" * 1001}
+    assert_openai_error(_admin(srv, "PATCH", "/v1/admin/users/mallory", json=long_note), 422, "invalid_request_error",
+                        None)
+    assert_openai_error(_admin(srv, "PATCH", "/v1/admin/users/" + "u" * 300, json={"trust": "blocked"}),
+                        422, "invalid_request_error", None)
+    huge = httpx.patch(f"{srv.url}/v1/admin/users/mallory", content=b'{"trust": "default", "note": "' + b"x" * 3_000_000
+                       + b'"}', headers={**bearer(ADMIN), "content-type": "application/json"}, timeout=30)
+    assert_openai_error(huge, 413, "invalid_request_error", "request_too_large")
+    assert_openai_error(_admin(srv, "GET", "/v1/admin/users?trust=friend"), 422, "invalid_request_error", None)
+    for headers, status in ((bearer(WEB), 403), ({}, 401)):
+        r = httpx.patch(f"{srv.url}/v1/admin/users/mallory", json={"trust": "default"}, headers=headers)
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+        assert httpx.get(f"{srv.url}/v1/admin/users", headers=headers).status_code == status
+    unchanged()
+
+    # Filters; back to default.
+    assert [u["user"] for u in _admin(srv, "GET", "/v1/admin/users?trust=trusted").json()["data"]] == [slashed]
+    assert _admin(srv, "GET", "/v1/admin/users?flagged=true").json()["data"] == []
+    assert _admin(srv, "PATCH", "/v1/admin/users/mallory", json={"trust": "default"}).json()["trust"] == "default"
+    assert _admin(srv, "GET", "/v1/admin/users/mallory").json()["trust"]["note"] is None
+
+
+def test_the_sdk_and_alignd_users_set_and_list_trust(srv: AppServer) -> None:
+    with Client(srv.url, api_key=ADMIN) as client:
+        entry = client.users.set_trust("sdk/user", "blocked", note="spam")
+        assert (entry.user, entry.trust, entry.note) == ("sdk/user", "blocked", "spam")
+        assert "sdk/user" in [u.user for u in client.users.list(trust="blocked").data]
+        assert client.users.get("sdk/user").trust.trust == "blocked"  # type: ignore[union-attr]
+        with pytest.raises(UnprocessableEntityError):
+            client.users.set_trust("sdk/user", "friend")  # type: ignore[arg-type]
+    with Client(srv.url, api_key=WEB) as client, pytest.raises(PermissionDeniedError):
+        client.users.list()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alignd.cli", "users", *args, "--url", srv.url,
+                               "--admin-key", ADMIN], capture_output=True, text=True, timeout=120, cwd=REPO)
+
+    done = cli("trust", "cli-user", "trusted", "--note", "staff")
+    assert done.returncode == 0 and "'cli-user': trusted" in done.stdout and "staff" in done.stdout, done
+    listed = cli("list", "--trust", "trusted")
+    assert listed.returncode == 0 and "'cli-user': trusted, not scored" in listed.stdout, listed
+    refused = cli("trust", "cli-user", "friend")
+    assert refused.returncode == 2 and "invalid choice" in refused.stderr  # argparse refuses before any call
+    shown = cli("show", "cli-user")
+    assert shown.returncode == 0 and "trusted" in shown.stdout, shown
+
+
+def test_alternating_thumbs_through_the_plugin_make_one_pair(srv: AppServer) -> None:
+    """A frontend's user alternates thumbs on two choices: each event after the first stores a pair, the run counts
+    one; the same events from another user count for them too."""
+    answer = httpx.post(f"{srv.url}/v1/chat/completions", headers=bearer(WEB), timeout=60, json={
+        "model": "alignd", "messages": [{"role": "user", "content": "Tell me about comets."}], "n": 2,
+        "max_tokens": 8}).json()
+    for user in ("flipper", "other"):
+        for choice, value in ((0, "up"), (1, "down"), (0, "up"), (1, "down"), (0, "up"), (1, "down")):
+            r = httpx.post(f"{srv.url}/v1/feedback", headers=bearer(WEB), timeout=30, json={
+                "completion_id": answer["id"], "kind": "thumbs", "choice": choice, "value": value, "user": user})
+            assert r.status_code == 201, r.text
+    store = srv.state.store
+    stored = srv.loop.run(store.count_feedback())
+    assert stored[0] >= 12 and stored[1] >= 10  # the plugin stored a pair for nearly every event
+    data = srv.loop.run(load_training_data(store, DataConfig(heldout_fraction=0.0)))
+    mine = [(who, [(p.chosen_choice, p.rejected_choice) for p in g])
+            for g, who in zip(data.train_pairs, data.users.train_group_owners, strict=True)]
+    assert sorted(mine) == [(("flipper", None), [(0, 1)]), (("other", None), [(0, 1)])]
+    assert sorted(x.choice for x in data.train_labels) == [0, 0, 1, 1]  # each user's latest verdict per choice
