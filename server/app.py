@@ -79,7 +79,8 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
 
 # Services a handler (a plugin's too) receives by naming a parameter after one of them (and ``chat``, which is a 503
 # until the engine is up).
-_PROVIDED = ("services", "settings", "feedback", "registry", "trainer", "router", "metrics", "plugins", "privacy")
+_PROVIDED = ("services", "settings", "feedback", "registry", "trainer", "canary", "router", "metrics", "plugins",
+             "privacy")
 
 
 def _service(name: str) -> Any:

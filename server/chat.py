@@ -95,7 +95,8 @@ class ChatService:
         """Check who may ask for what (``user``) and what depends on the running server (model, n cap, context
         left); nothing reaches the engine yet. ``principal`` is the caller (None: no key)."""
         user = acting_user(principal, request.user)
-        version = self.router.resolve(request.model)
+        # The canary's share is drawn per user (the end user, else the key's principal): sticky for the experiment.
+        version = self.router.resolve(request.model, user or (principal.name if principal is not None else None))
         if unsupported := request.unsupported_field():
             raise InvalidRequest(f"'{unsupported}' is not supported by this server.", param=unsupported,
                                  code="unsupported_parameter")
@@ -198,8 +199,16 @@ class ChatService:
         except (asyncio.CancelledError, GeneratorExit):
             self.metrics.client_disconnects.inc()
             raise
+        except Exception:  # the engine failed this version's request: its error rate (a canary's live test)
+            self._outcome(chat.policy_version, ok=False)
+            raise
         finally:
             await agen.aclose()
+        self._outcome(chat.policy_version, ok=True)
+
+    def _outcome(self, version: int, *, ok: bool) -> None:
+        self.router.tally.record(version, ok)
+        self.metrics.version_requests.labels(str(version), "ok" if ok else "error").inc()
 
     @staticmethod
     def _accumulate(states: list[_ChoiceState], step: GenerationStep) -> None:

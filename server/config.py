@@ -255,6 +255,32 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         int, Meta(ge=1, le=64, description="Replies each policy samples per held-out prompt at the gate, with the "
                   "same seeds for both.")
     ] = 2
+    canary_share: Annotated[
+        float, Meta(ge=0, lt=1, description="Share of the served name's users (sticky per user) a candidate that "
+                    "passed the gate answers while it is tested live against the promoted policy; 0 promotes it at "
+                    "once, without a live test.")
+    ] = 0.1
+    canary_confidence: Annotated[
+        float, Meta(gt=0.5, lt=1, description="1 - the live test's error rate: its always-valid bounds on the good, "
+                    "win and error rates are at this confidence.")
+    ] = 0.95
+    canary_max_s: Annotated[
+        float, Meta(gt=0, description="A canary without a significant result after this many seconds is rejected.")
+    ] = 86400.0
+    canary_max_requests: Annotated[
+        int, Meta(ge=1, description="A canary without a significant result after answering this many requests is "
+                  "rejected.")
+    ] = 10000
+    canary_check_s: Annotated[
+        float, Meta(gt=0, description="Seconds between checks of the live test.")
+    ] = 15.0
+    canary_min_completions: Annotated[
+        int, Meta(ge=1, description="Completions each side needs before error rates and latency are compared.")
+    ] = 30
+    canary_max_latency_ratio: Annotated[
+        float, Meta(gt=1, description="A canary slower per generated token than this many times the promoted policy "
+                    "is rejected.")
+    ] = 1.5
     judge_fraction: Annotated[
         float, Meta(ge=0, lt=1, description="Share of prompts whose feedback trains the gate's judge, a reward model "
                     "cross-fitted apart from PPO's; 0 makes PPO's own reward model the judge (not independent).")

@@ -28,6 +28,17 @@ class Metrics:
         self.in_flight = Gauge("alignd_requests_in_flight", "HTTP requests being served now.", registry=r)
         self.promoted_version = Gauge("alignd_promoted_policy_version", "Policy version that serves the model name.",
                                       registry=r)
+        self.canary_version = Gauge("alignd_canary_policy_version", "Policy version on canary (0: none).", registry=r)
+        self.canary_share = Gauge("alignd_canary_share", "Share of users the canary answers (0: none).", registry=r)
+        self.version_requests = Counter("alignd_policy_requests", "Chat requests for the served name by the policy "
+                                        "version that answered and outcome (ok, error).", ["version", "outcome"],
+                                        registry=r)
+        self.version_feedback = Gauge("alignd_canary_feedback", "The running experiment's users' labels (thumbs, "
+                                      "ratings) and side-by-side picks by version: good, bad, wins, losses.",
+                                      ["version", "signal"], registry=r)
+        self.canary_rate = Gauge("alignd_canary_rate", "The running experiment's rates by version with their "
+                                 "always-valid bounds: good_rate, win_rate (and _low, _high).", ["version", "figure"],
+                                 registry=r)
         self.engine_requests = Counter("alignd_engine_requests", "Chat requests handed to the engine.", registry=r)
         self.completions_stored = Counter("alignd_completions_stored", "Completions committed to the store.",
                                           registry=r)

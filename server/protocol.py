@@ -392,10 +392,11 @@ class KTOLine(msgspec.Struct, kw_only=True):
 
 # --- policies and training runs (operators) ----------------------------------------------------------------------
 
-PolicyStatus = Literal["candidate", "promoted", "rejected", "retired"]
+PolicyStatus = Literal["candidate", "canary", "promoted", "rejected", "retired"]
 """Version 0 is the frozen base model (promoted until a trained version is). ``candidate``: passed the gate and
-awaits promotion. ``promoted``: the one ``alignd`` serves (exactly one). ``rejected``: failed the gate (kept with
-its figures and reason; may still be promoted by hand). ``retired``: was promoted before."""
+awaits promotion. ``canary``: answers a share of users while it is tested live against the promoted policy (at
+most one). ``promoted``: the one ``alignd`` serves (exactly one). ``rejected``: failed the gate or the live test
+(kept with its figures and reason; may still be promoted by hand). ``retired``: was promoted before."""
 
 
 class Policy(msgspec.Struct, kw_only=True):
@@ -425,6 +426,32 @@ class PolicyList(msgspec.Struct, kw_only=True):
     data: list[Policy]
     promoted: int
     object: Literal["list"] = "list"
+
+
+CanaryShare = Annotated[float, Meta(gt=0, lt=1, description="Share of the served name's users, in (0, 1).")]
+
+
+class CanaryRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Body of ``POST /v1/policies/{version}/canary`` (optional): put a candidate on canary, or change the running
+    canary's share."""
+
+    share: CanaryShare | None = None
+    """Default: ``--canary-share``."""
+
+
+class PolicyEvaluation(msgspec.Struct, kw_only=True):
+    """``GET /v1/policies/{version}/evaluation``: the offline gate's figures and the live test's, with their
+    intervals."""
+
+    version: int
+    status: PolicyStatus
+    offline: dict[str, Any] | None
+    """The gate's decision: paired gain by the judge with its one-sided bounds, confidence, prompts and samples per
+    prompt, the judge, PPO's reward-model gain, the implicit-reward check, KL (None for the base)."""
+    live: dict[str, Any] | None
+    """The live test (canary): share, both versions' good, win and error rates with their always-valid bounds,
+    the verdict so far or the decision, and the figures over time (None if it was never on canary)."""
+    object: Literal["policy.evaluation"] = "policy.evaluation"
 
 
 class RollbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

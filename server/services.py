@@ -30,6 +30,7 @@ from alignd.keys import KeyRing
 from alignd.limits import ChatLimits
 from alignd.metrics import Metrics
 from alignd.models import resolve_model
+from alignd.policies.canary import CanaryConfig, CanaryExperiment
 from alignd.policies.registry import PolicyRegistry
 from alignd.policies.router import PolicyRouter
 from alignd.privacy import PrivacyService
@@ -58,6 +59,7 @@ class Services:
     router: PolicyRouter
     registry: PolicyRegistry
     trainer: TrainerSupervisor
+    canary: CanaryExperiment
     privacy: PrivacyService
     engine: Any = None
     """The serving engine (:class:`alignd.engine.vllm_engine.VLLMEngine`, or one a test passes in)."""
@@ -90,6 +92,7 @@ async def open_services(settings: Settings, *, engine: Any = None, store: Store 
         services = _assemble(settings, metrics, pm, opened, feedback)
         await services.keys.check_store()
         await services.trainer.open()
+        services._tasks.append(asyncio.create_task(services.canary.run(), name="alignd-canary"))
         if not opened.embedded and settings.store.policy_sync_s > 0:  # replicas share PostgreSQL
             services._tasks.append(asyncio.create_task(_follow_promotions(services), name="alignd-policy-sync"))
         if settings.store.retain_days is not None:  # every replica may run it: deleting twice finds nothing
@@ -138,6 +141,7 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                                 config=lambda request: trainer_config(t, request),
                                 threads=t.trainer_threads or default_threads(), trigger=trigger,
                                 run_timeout_s=t.run_timeout_s)
+    trainer.canary = canary = CanaryExperiment(registry, store, metrics, CanaryConfig.from_settings(t))
     server = settings.server
     if server.chat_max_concurrent and server.chat_max_concurrent * server.max_n >= settings.engine.max_num_seqs:
         log.warning("one caller may run %d chat requests of up to %d choices at once, as many sequences as the engine "
@@ -148,7 +152,7 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                         allowed_hosts=AllowedHosts(server.allowed_hosts, server.host),
                         chat_limits=ChatLimits(server.chat_requests_per_minute, server.chat_max_concurrent),
                         plugins=pm, store=store, feedback=feedback, router=router, registry=registry, trainer=trainer,
-                        privacy=PrivacyService(store, feedback, metrics, settings))
+                        canary=canary, privacy=PrivacyService(store, feedback, metrics, settings))
     return services
 
 

@@ -9,51 +9,29 @@ implicit-reward check on held-out user pairs must see it move towards the users'
 from __future__ import annotations
 
 from collections.abc import Iterator
-from itertools import combinations
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from alignd.demo.corpus import classify, generate_corpus, held_out_prompts, training_prompts
-from alignd.store.records import PreferencePair
+from alignd.demo.corpus import classify, held_out_prompts, training_prompts
 from alignd.trainer.config import GateConfig, RewardConfig, TrainerConfig
 from alignd.trainer.gate import Scorer, decide, evaluate
 from alignd.trainer.implicit_reward import implicit_reward_check
 from alignd.trainer.judge import JUDGE
 from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack
-from alignd.trainer.reward_model import PairGroup, fit_normalization, train_reward_model
+from alignd.trainer.reward_model import fit_normalization, train_reward_model
 from alignd.trainer.rollout import (
     Rollout,
     Sampling,
     VLLMRollouts,
-    collate_rollouts,
     encode_prompt,
-    policy_logprobs,
 )
 from tests.serverkit import LoopThread
+from tests.style_adapters import RANKING, fine_tune_towards, ranking_pairs, user
 
-RANKING = ("enthusiastic", "friendly", "formal", "concise")  # the planted preference, best first
 CURRENT = "current"
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def ranking_pairs(n_dialogues: int, seed: int) -> list[PairGroup]:
-    """One ranking event per prompt of the corpus sample: its replies ordered by :data:`RANKING`."""
-    grouped: dict[str, dict[str, str]] = {}
-    for dialogue in generate_corpus(n_dialogues, seed=seed):
-        grouped.setdefault(dialogue.prompt, {})[dialogue.style] = dialogue.reply
-    groups = []
-    for prompt, replies in grouped.items():
-        ranked = [style for style in RANKING if style in replies]
-        weight = 1 / max(1, len(ranked) * (len(ranked) - 1) // 2)
-        groups.append([PreferencePair(prompt=user(prompt), chosen=replies[a], rejected=replies[b], weight=weight)
-                       for a, b in combinations(ranked, 2)])
-    return groups
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -108,31 +86,10 @@ def test_a_candidate_identical_to_the_current_policy_is_rejected_in_19_of_20_see
     assert sum(abs(d.gain) < 1e-6 for d in decisions) >= 19, [d.gain for d in decisions]
 
 
-def _fine_tune_towards(stack: ModelStack, style: str, steps: int) -> None:
-    """Supervised steps of the policy adapter on the corpus's replies in ``style``: a candidate clearly better
-    under the planted ranking, made without the reward models the gate uses."""
-    tokenizer = stack.tokenizer
-    examples = [Rollout(encode_prompt(tokenizer, user(d.prompt), 128),
-                        [*tokenizer.encode(d.reply, add_special_tokens=False), tokenizer.eos_token_id], True)
-                for d in generate_corpus(400, seed=11) if d.style == style]
-    params = stack.role_parameters(POLICY)
-    optimizer = torch.optim.AdamW(params, lr=2e-3)
-    generator = torch.Generator().manual_seed(0)
-    for _ in range(steps):
-        batch = [examples[i] for i in torch.randint(len(examples), (8,), generator=generator).tolist()]
-        sequences, attention_mask, action_mask = collate_rollouts(batch, tokenizer.pad_token_id, stack.device)
-        with stack.use(POLICY):
-            logprobs = policy_logprobs(stack, sequences, attention_mask, action_mask.shape[1], 1.0)  # (8, R)
-            loss = -(logprobs * action_mask).sum() / action_mask.sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        optimizer.step()
-
-
 def test_a_clearly_better_candidate_passes_and_the_implicit_check_sees_it(judged: dict[str, Any]) -> None:
     stack: ModelStack = judged["stack"]
     stack.add_adapter(POLICY, judged["config"].lora)
-    _fine_tune_towards(stack, RANKING[0], steps=40)
+    fine_tune_towards(stack, RANKING[0], steps=40)
     gate = GateConfig(n_prompts=16, samples_per_prompt=2, max_new_tokens=48)
     evaluation = evaluate(stack, judged["backend"], judged["prompts"], POLICY, None, judged["judge"], gate, seed=0,
                           reward_model=judged["rm"])

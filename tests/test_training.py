@@ -33,7 +33,8 @@ from tests.store_reads import get_completion
 ADMIN, USER = "admin-secret", "user-secret"
 TRAINER = {"training_trigger": "manual", "ppo_iterations": 2, "rollout_batch_size": 8, "max_new_tokens": 24,
            "gate_margin": -100.0, "kl_budget": 1000.0, "trainer_threads": 1,
-           "reward_model_confidence": 0.0}  # machinery, not learning: a handful of pairs proves no reward model
+           "reward_model_confidence": 0.0,  # machinery, not learning: a handful of pairs proves no reward model
+           "canary_share": 0.0}  # a passing candidate is promoted at once (the live test: tests/test_canary.py)
 
 
 def admin(srv: AppServer, method: str, path: str, **kw: Any) -> httpx.Response:

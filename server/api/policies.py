@@ -1,4 +1,5 @@
-"""Operator endpoints for policy versions (admin key): list, promote, roll back."""
+"""Operator endpoints for policy versions (admin key): list, promote, roll back, evaluate, and the canary's live
+test (start or change its share, stop, promote, reject)."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ from alignd.api.openapi import ADMIN, documented
 from alignd.auth import admin_guard
 from alignd.config import Settings
 from alignd.decoding import decode
+from alignd.policies.canary import CanaryExperiment
 from alignd.policies.registry import PolicyRegistry
-from alignd.protocol import Policy, PolicyList, RollbackRequest
+from alignd.protocol import CanaryRequest, Policy, PolicyEvaluation, PolicyList, RollbackRequest
 
 # Path versions in the store's range (a 400 beyond it, which the schema states), as the bodies' PolicyVersion.
 Version = Annotated[int, Parameter(ge=0, le=2**31 - 1)]
@@ -43,3 +45,28 @@ class PolicyController(Controller):
         body = await read_body(request, settings.server.max_body_bytes)
         target = decode(body, RollbackRequest) if body.strip() else RollbackRequest()
         return await registry.rollback(target.version)
+
+    @get("/{version:int}/evaluation", **documented(errors=(*ADMIN, 400, 404)))
+    async def policy_evaluation(self, canary: NamedDependency[CanaryExperiment], version: Version
+                                ) -> PolicyEvaluation:
+        return await canary.evaluation(version)
+
+    @post("/{version:int}/canary", status_code=200,
+          **documented(body=CanaryRequest, body_optional=True, errors=(*ADMIN, 400, 404, 409, 422)))
+    async def start_canary(self, request: Request[Any, Any, Any], canary: NamedDependency[CanaryExperiment],
+                           settings: NamedDependency[Settings], version: Version) -> Policy:
+        body = await read_body(request, settings.server.max_body_bytes)
+        asked = decode(body, CanaryRequest) if body.strip() else CanaryRequest()
+        return await canary.start(version, asked.share)
+
+    @post("/{version:int}/canary/promote", status_code=200, **documented(errors=(*ADMIN, 400, 404, 409, 422)))
+    async def promote_canary(self, canary: NamedDependency[CanaryExperiment], version: Version) -> Policy:
+        return await canary.promote(version)
+
+    @post("/{version:int}/canary/reject", status_code=200, **documented(errors=(*ADMIN, 400, 404, 409)))
+    async def reject_canary(self, canary: NamedDependency[CanaryExperiment], version: Version) -> Policy:
+        return await canary.reject(version)
+
+    @post("/{version:int}/canary/stop", status_code=200, **documented(errors=(*ADMIN, 400, 404, 409)))
+    async def stop_canary(self, canary: NamedDependency[CanaryExperiment], version: Version) -> Policy:
+        return await canary.stop(version)

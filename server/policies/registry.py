@@ -20,7 +20,7 @@ from typing import Any
 
 from alignd.errors import Conflict, NotFound, Unprocessable
 from alignd.metrics import Metrics
-from alignd.policies.router import PolicyRouter
+from alignd.policies.router import Canary, PolicyRouter, Tally
 from alignd.protocol import Policy, PolicyList
 from alignd.store import PolicyRow, Store
 
@@ -117,6 +117,28 @@ class PolicyRegistry:
                 version = 0
         self.router.promoted = version
         self.metrics.promoted_version.set(version)
+        await self._resume_canary()
+
+    async def _resume_canary(self) -> None:
+        """Route the canary the database records (after a restart, or another replica's), if it loads; one that does
+        not is logged and left unrouted (its experiment resumes once it loads, e.g. after a restart)."""
+        row = await self.store.canary_policy()
+        if row is None or row.version == self.router.promoted:
+            self.router.canary = None
+            return
+        share = float((row.metrics.get("canary") or {}).get("share", 0.0))
+        if self.router.canary is not None and self.router.canary.version == row.version:
+            self.router.canary.share = share
+            return
+        try:
+            if row.version not in self.engine.loaded_versions:
+                await self._load(row)
+        except Unprocessable as e:
+            log.error("cannot load the canary policy %d, not routing to it: %s", row.version, e.message)
+            return
+        self._loaded[row.version] = time.monotonic()
+        self.router.canary, self.router.tally = Canary(row.version, share), Tally()
+        log.info("canary %d resumed at share %.3f", row.version, share)
 
     # --- reads ------------------------------------------------------------------------------------------------
 
@@ -174,6 +196,15 @@ class PolicyRegistry:
             # The database first: if the write fails, nothing was switched (and replicas agree with us).
             await self.store.set_promoted(version, datetime.now(UTC), reason)
             await self._route(version)
+            canary = self.router.canary
+            if canary is not None:  # promoting the canary ends its test; promoting another version ends it too
+                if canary.version == version:
+                    self.router.canary = None
+                    self.metrics.canary_version.set(0)
+                    self.metrics.canary_share.set(0)
+                else:
+                    await self._stop_canary(canary.version, "candidate",
+                                            f"stopped: version {version} was promoted meanwhile")
             self.metrics.policy_swap_seconds.observe(time.perf_counter() - started)
             log.info("policy %d promoted (%s)", version, reason or "by request")
             return self._wire(await self._row(version))
@@ -183,6 +214,8 @@ class PolicyRegistry:
         this replica switched. Holding the lock keeps our own promote's route-then-write from looking foreign."""
         async with self._lock:
             version = await self.store.promoted_version()
+            if self.ready:
+                await self._resume_canary()  # another replica's canary starts, changes share or ends here too
             if not self.ready or version is None or version == self.router.promoted:
                 return False
             if version and version not in self.engine.loaded_versions:
@@ -203,6 +236,70 @@ class PolicyRegistry:
         self.metrics.promoted_version.set(version)
         self.metrics.policy_swaps.inc()
         await self._evict()
+
+    # --- canary -----------------------------------------------------------------------------------------------
+
+    async def start_canary(self, version: int, share: float, reason: str, figures: dict[str, Any]) -> Policy:
+        """Send ``share`` of the served name's users to candidate ``version`` (loaded first: a failed load changes
+        nothing), or change the share of the running canary. Another running canary is stopped first (back to
+        ``candidate``). ``figures`` start the experiment's record (kept in the row's ``metrics.canary``)."""
+        async with self._lock:
+            row = await self._row(version)
+            if row.status not in ("candidate", "canary"):
+                raise Conflict(f"Policy {version} is {row.status}; only a candidate can go on canary.",
+                               param="version", code="not_a_candidate")
+            if self.engine is None:
+                raise Conflict("The engine is still loading; retry shortly.", code="engine_not_ready")
+            if version not in self.engine.loaded_versions:
+                await self._load(row)
+            running = self.router.canary
+            if running is not None and running.version != version:
+                await self._stop_canary(running.version, "candidate", f"stopped: version {version} went on canary")
+            record = {**(row.metrics.get("canary") or {}), **figures, "share": share} if row.status == "canary" \
+                else {**figures, "share": share}
+            await self.store.update_policy(version, status="canary", metrics={**row.metrics, "canary": record},
+                                           reason=reason)
+            if running is None or running.version != version:
+                self.router.tally = Tally()
+            self.router.canary = Canary(version, share)
+            self._loaded[version] = time.monotonic()
+            self.metrics.canary_version.set(version)
+            self.metrics.canary_share.set(share)
+            log.info("policy %d on canary at share %.3f (%s)", version, share, reason)
+            return self._wire(await self._row(version))
+
+    def canary_version(self, version: int) -> Canary:
+        """The running canary, which must be ``version`` (an operator acting on the canary names it)."""
+        canary = self.router.canary
+        if canary is None:
+            raise Conflict("No canary is running.", param="version", code="no_canary")
+        if canary.version != version:
+            raise Conflict(f"Policy {version} is not the canary; version {canary.version} is.", param="version",
+                           code="not_the_canary")
+        return canary
+
+    async def end_canary(self, version: int, outcome: str, reason: str, figures: dict[str, Any]) -> Policy:
+        """End the canary ``version``: ``promoted`` (it takes all traffic), ``rejected`` (it serves nothing more) or
+        ``stopped`` (back to ``candidate``); ``figures`` are the experiment's final record."""
+        async with self._lock:
+            self.canary_version(version)
+            row = await self._row(version)
+            await self.store.update_policy(version, metrics={**row.metrics, "canary": {
+                **(row.metrics.get("canary") or {}), **figures, "outcome": outcome}})
+            if outcome != "promoted":
+                await self._stop_canary(version, "rejected" if outcome == "rejected" else "candidate", reason)
+        if outcome == "promoted":
+            return await self.promote(version, reason=reason)
+        return await self.get(version)
+
+    async def _stop_canary(self, version: int, status: str, reason: str) -> None:
+        """No more requests to canary ``version``; its row becomes ``status`` (call under the lock)."""
+        await self.store.update_policy(version, status=status, reason=reason)
+        if self.router.canary is not None and self.router.canary.version == version:
+            self.router.canary = None
+        self.metrics.canary_version.set(0)
+        self.metrics.canary_share.set(0)
+        log.info("canary %d ended: %s", version, reason)
 
     async def rollback(self, version: int | None = None) -> Policy:
         """Promote ``version``, or without one the version promoted before the current one."""

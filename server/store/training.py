@@ -24,7 +24,7 @@ class PolicyRow(msgspec.Struct, kw_only=True):
 
     version: int
     status: str
-    """candidate | promoted | rejected | retired (version 0, the base, starts promoted)"""
+    """candidate | canary | promoted | rejected | retired (version 0, the base, starts promoted)"""
     parent: int | None
     run_id: str | None
     adapter_path: str | None
@@ -83,6 +83,49 @@ class TrainingQueries:
             if reason is not None:
                 values["reason"] = reason
             await conn.execute(update(policies).where(policies.c.version == version).values(**values))
+
+    async def update_policy(self, version: int, *, status: str | None = None, metrics: dict[str, Any] | None = None,
+                            reason: str | None = None) -> None:
+        """Change a version's status, metrics (replaced whole) or reason; only the fields given."""
+        self._check_open()
+        values: dict[str, Any] = {k: v for k, v in (("status", status), ("metrics", metrics), ("reason", reason))
+                                  if v is not None}
+        if values:
+            async with self._write_engine.begin() as conn:
+                await conn.execute(update(policies).where(policies.c.version == version).values(**values))
+
+    async def canary_policy(self) -> PolicyRow | None:
+        """The version on canary, if any (at most one: the registry ends one before it starts another)."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(select(policies).where(policies.c.status == "canary")
+                                      .order_by(policies.c.version.desc()))).first()
+        return _row(PolicyRow, row) if row is not None else None
+
+    async def version_outcomes(self, versions: Sequence[int], since: datetime) -> dict[int, dict[str, float]]:
+        """Per version, what users made of its completions created since ``since``: ``completions``,
+        ``latency_ms`` and ``completion_tokens`` (sums), ``good`` and ``bad`` (labels: thumbs, ratings), and
+        ``side_by_side_wins`` / ``side_by_side_losses`` (picks between two versions' replies to one request)."""
+        self._check_open()
+        out = {v: {"completions": 0.0, "latency_ms": 0.0, "completion_tokens": 0.0, "good": 0.0, "bad": 0.0,
+                   "side_by_side_wins": 0.0, "side_by_side_losses": 0.0} for v in versions}
+        async with self._engine.connect() as conn:
+            served = await conn.execute(
+                select(completions.c.policy_version, func.count(), func.sum(completions.c.latency_ms),
+                       func.sum(completions.c.completion_tokens))
+                .where(completions.c.policy_version.in_(list(versions)), completions.c.created >= since)
+                .group_by(completions.c.policy_version))
+            for version, count, latency, tokens in served:
+                out[version].update(completions=float(count), latency_ms=float(latency or 0),
+                                    completion_tokens=float(tokens or 0))
+            judged = await conn.execute(
+                select(labels.c.policy_version, labels.c.good, func.count())
+                .join(completions, completions.c.id == labels.c.completion_id)
+                .where(labels.c.policy_version.in_(list(versions)), completions.c.created >= since)
+                .group_by(labels.c.policy_version, labels.c.good))
+            for version, good, count in judged:
+                out[version]["good" if good else "bad"] += float(count)
+        return out
 
     async def promoted_version(self) -> int | None:
         """The version the database says is promoted (None before the base is recorded)."""

@@ -29,6 +29,7 @@ from typing import Any
 from alignd.engine.rollouts import adapter_replies
 from alignd.errors import AlignError, Conflict, NotFound, Unavailable
 from alignd.metrics import Metrics
+from alignd.policies.canary import CanaryExperiment
 from alignd.policies.registry import PolicyRegistry
 from alignd.policies.router import RESERVED_VERSIONS
 from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
@@ -89,6 +90,8 @@ class TrainerSupervisor:
                  trigger: TriggerPolicy, run_timeout_s: float | None) -> None:
         self.store = store
         self.registry = registry
+        self.canary: CanaryExperiment | None = None
+        """Where a candidate that passed the gate goes for its live test (None: promoted at once)."""
         self.metrics = metrics
         self.base_model = base_model
         self.database_url = database_url
@@ -348,6 +351,9 @@ class TrainerSupervisor:
         if self.registry.router.promoted != row.parent:  # an operator promoted another version meanwhile
             return False, None
         try:
+            if self.canary is not None and self.canary.config.share > 0:  # a live test decides, not the run
+                await self.canary.start(policy.version, reason=f"passed the gate in {row.id}: on canary")
+                return False, None
             await self.registry.promote(policy.version, reason=f"passed the gate in {row.id}")
         except AlignError as e:
             return False, f"promotion failed: {e.message}"
