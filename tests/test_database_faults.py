@@ -274,6 +274,15 @@ async def _terminate_while_writing(admin_url: str, database: str) -> int:
         await admin.close()
 
 
+# Operator endpoints that read or write the database: each a 503 while it is down.
+OPERATOR_CALLS = [("GET", "/v1/feedback", None), ("GET", "/v1/feedback/stats", None),
+                  ("GET", "/v1/feedback/export", None), ("GET", "/v1/training/runs", None),
+                  ("POST", "/v1/training/runs", {}), ("GET", "/v1/policies/1", None),
+                  ("GET", "/v1/admin/keys", None), ("POST", "/v1/admin/keys", {"name": "ops", "role": "user"}),
+                  ("GET", "/v1/admin/users/someone", None), ("DELETE", "/v1/admin/users/someone", None),
+                  ("POST", "/v1/admin/retention", {"older_than_days": 30})]
+
+
 def test_postgres_connections_terminated_mid_write(pg_app: tuple[AppServer, str],
                                                    own_postgres: pgserver.PostgresServer) -> None:
     app, database = pg_app
@@ -311,6 +320,11 @@ def test_postgres_stopped_and_restarted_under_load(pg_app: tuple[AppServer, str]
             # caller.
             assert (down.status_code, down.json(), down.headers.get("retry-after")) == (
                 503, {"status": "database_unavailable"}, "5")
+            operators = Tally()
+            with httpx.Client(base_url=app.url, headers=ADMIN, timeout=60) as client:
+                for method, path, body in OPERATOR_CALLS:
+                    operators.refused(client.request(method, path, json=body), f"{method} {path}")
+            assert not operators.unexpected, operators.unexpected
         finally:
             own_postgres.resume()
         before = tally.acknowledged

@@ -57,7 +57,7 @@ class FeedbackController(Controller):
     async def export_feedback(self, request: Request[Any, Any, Any],
                               feedback: NamedDependency[FeedbackService]) -> Stream:
         query = _query(request, ExportQuery)
-        return Stream(feedback.export(query), media_type="application/x-ndjson",
+        return Stream(await feedback.export(query), media_type="application/x-ndjson",
                       headers={"Content-Disposition": f'attachment; filename="alignd-{query.format}.jsonl"'})
 
     @get("/stats", guards=[admin_guard], **documented(query=FeedbackStatsQuery, errors=(*ADMIN, 422)))

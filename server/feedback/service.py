@@ -331,7 +331,20 @@ class FeedbackService:
                                    for start, counts in sorted(buckets.items())])
 
     async def export(self, query: ExportQuery) -> AsyncIterator[bytes]:
-        """JSONL in the requested format, a page of lines at a time (memory stays constant)."""
+        """JSONL in the requested format, a page of lines at a time (memory stays constant). The first page is read
+        before this returns: a database that fails at once is an error response (503), not a 200 cut short."""
+        pages = self._export_pages(query)
+        first = await anext(pages, None)
+
+        async def all_pages() -> AsyncIterator[bytes]:
+            if first is not None:
+                yield first
+            async for page in pages:
+                yield page
+
+        return all_pages()
+
+    async def _export_pages(self, query: ExportQuery) -> AsyncIterator[bytes]:
         encoder = msgspec.json.Encoder()
         since = _aware(query.since)
         lines: AsyncIterator[Iterable[msgspec.Struct]]
