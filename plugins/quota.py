@@ -6,6 +6,8 @@ The buckets live in this process: with several replicas, each allows the quota.
 
 from __future__ import annotations
 
+import threading
+
 from alignd import Feedback, PluginContext, Rejection, hookimpl
 from alignd.limits import TokenBuckets  # one bucket per user here
 
@@ -16,6 +18,7 @@ NAME = "quota"
 def startup(context: PluginContext) -> None:
     if context.settings.plugins.feedback_per_minute:
         context.state[NAME] = TokenBuckets(context.settings.plugins.feedback_per_minute)
+        context.state[f"{NAME}.lock"] = threading.Lock()  # filter_feedback runs in several threads at once
 
 
 @hookimpl
@@ -23,7 +26,8 @@ def filter_feedback(feedback: Feedback, context: PluginContext) -> Rejection | N
     buckets: TokenBuckets | None = context.state.get(NAME)
     if buckets is None or feedback.user is None:
         return None
-    wait = buckets.take(feedback.user)
+    with context.state[f"{NAME}.lock"]:
+        wait = buckets.take(feedback.user)
     if not wait:
         return None
     return Rejection(reason=f"User {feedback.user!r} sent more than {int(buckets.capacity)} feedback events in a "

@@ -166,6 +166,11 @@ class PluginSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     load_entry_points: Annotated[
         bool, Meta(description="Load the plugins installed packages declare (entry-point group 'alignd').")
     ] = True
+    hook_timeout_s: Annotated[
+        float, Meta(gt=0, description="Seconds the request-path plugin calls of one feedback event (prepare_feedback, "
+                    "the kind's converter, filter_feedback, run off the event loop) may take together; past it the "
+                    "event is refused with 503 (plugin_timeout) and nothing is stored.")
+    ] = 5.0
     sink_timeout_s: Annotated[
         float, Meta(gt=0, description="Seconds one sink plugin call may take before it is abandoned (and counted).")
     ] = 10.0

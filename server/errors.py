@@ -118,3 +118,17 @@ class EngineFailure(AlignError):
     status = 500
     type = "server_error"
     default_code = "engine_error"
+
+
+class PluginFailed(AlignError):
+    """A feedback plugin raised on the request path (``prepare_feedback``, a converter, ``filter_feedback``): the
+    event is refused, nothing is stored. The message names the plugin and the hook; the log has the traceback."""
+
+    default_code = "plugin_failed"
+
+
+class PluginTimeout(Unavailable):
+    """The feedback plugins' request-path calls outlasted ``hook_timeout_s``: the event is refused, nothing is
+    stored, and the same request may be sent again."""
+
+    default_code = "plugin_timeout"

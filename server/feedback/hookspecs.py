@@ -45,8 +45,10 @@ def prepare_feedback(feedback: Feedback, completion: CompletionRecord) -> None:
     ``filter_feedback``. Change ``feedback`` in place (``feedback.comment``, fields of ``feedback.payload``); the
     converter and storage see the result.
 
-    Returns nothing. Not firstresult: every implementation runs. It must be fast and must not block: it runs on the
-    request path.
+    Returns nothing. Not firstresult: every implementation runs. It runs on the request path, off the event loop, in
+    one of a few worker threads (several events' calls may overlap: guard shared state with a lock). An
+    implementation that raises refuses the event (500 ``plugin_failed``; the others still run); the event's plugin
+    calls together get ``hook_timeout_s``, past which it is refused (503 ``plugin_timeout``). Nothing is stored then.
     """
 
 
@@ -73,8 +75,9 @@ def filter_feedback(feedback: Feedback, completion: CompletionRecord, context: P
     that status (a 429 with ``Retry-After`` when ``retry_after`` is set), and the rejection is counted in
     ``alignd_feedback_rejected_total{reason=code}``.
 
-    firstresult: the first implementation that returns a rejection wins and the others are not called. It must be
-    fast and must not block: it runs on the request path.
+    firstresult: the first implementation that returns a rejection wins and the others are not called. It runs like
+    ``prepare_feedback``: in a worker thread (guard shared state), within ``hook_timeout_s`` (else 503
+    ``plugin_timeout``); one that raises refuses the event (500 ``plugin_failed``) after the others have run.
     """
 
 

@@ -4,7 +4,8 @@ with its training signal (acknowledged only after the commit), hand it to sinks,
 Order of a submission: common fields → who it acts for (``user``, 403) → kind → the kind's payload → completion
 (404) and whether the caller may judge it (403; see :mod:`alignd.principals`) → idempotency replay →
 ``prepare_feedback`` → the kind's converter (validation, 422) → ``filter_feedback`` (422/429) → group commit →
-201 → ``on_feedback`` sinks in the background.
+201 → ``on_feedback`` sinks in the background. The three plugin steps run off the event loop, time-boxed
+(:mod:`alignd.feedback.calls`: 500 ``plugin_failed``, 503 ``plugin_timeout``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,17 @@ import pluggy
 
 from alignd.config import Settings
 from alignd.decoding import convert
-from alignd.errors import AlignError, Conflict, InvalidFeedback, NotFound, RateLimited, Unprocessable
+from alignd.errors import (
+    AlignError,
+    Conflict,
+    InvalidFeedback,
+    NotFound,
+    PluginFailed,
+    PluginTimeout,
+    RateLimited,
+    Unprocessable,
+)
+from alignd.feedback.calls import CallTrace, PluginCalls
 from alignd.feedback.manager import PluginError, call_impl, collect_feedback_kinds, hook_impls, maybe_await
 from alignd.feedback.redaction import Redactor
 from alignd.feedback.sinks import SinkDispatcher
@@ -103,6 +114,7 @@ class FeedbackService:
         self._histories: OrderedDict[tuple[str, str], list[Feedback]] | None = (
             OrderedDict() if store.embedded else None)
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+        self.calls = PluginCalls(settings.plugins.hook_timeout_s)
 
     # --- lifecycle -------------------------------------------------------------------------------------------
 
@@ -117,6 +129,7 @@ class FeedbackService:
     async def close(self) -> None:
         """Let sinks finish (up to ``sink_timeout_s``), then run every plugin's ``shutdown``."""
         timeout = self.context.settings.plugins.sink_timeout_s
+        self.calls.close()
         await self.sinks.close(timeout)
         for impl in hook_impls(self.pm.hook.shutdown):
             try:
@@ -142,7 +155,7 @@ class FeedbackService:
         """
         try:
             return await self._submit(body, idempotency_key, principal)
-        except (Unprocessable, RateLimited) as exc:
+        except (Unprocessable, RateLimited, PluginFailed, PluginTimeout) as exc:
             self.metrics.feedback_rejected.labels(exc.code or "invalid_request").inc()
             raise
 
@@ -171,12 +184,8 @@ class FeedbackService:
                                 payload=payload, user=user or completion.user, comment=request.comment,
                                 tags=list(request.tags), idempotency_key=key, created=datetime.now(UTC),
                                 history=history, principal=principal.name if principal is not None else None)
-            self.pm.hook.prepare_feedback(feedback=feedback, completion=completion)
-            signal = kind.convert(feedback, completion)
-            if not isinstance(signal, Signal):
-                raise TypeError(f"the converter of feedback kind {kind.name!r} (plugin {kind.plugin!r}) returned "
-                                f"{type(signal).__name__}, not a Signal")
-            rejection = self.pm.hook.filter_feedback(feedback=feedback, completion=completion, context=self.context)
+            signal, rejection = await self.calls.run(
+                lambda trace: self._judge(trace, kind, feedback, completion))
             if rejection is not None:
                 raise _rejected(rejection)
             record = _record(feedback, completion, signal, request_hash)
@@ -203,6 +212,28 @@ class FeedbackService:
         return Submitted(FeedbackCreated(id=feedback.id, completion_id=completion.id, kind=kind.name,
                                          created=iso(feedback.created), pairs=len(signal.pairs),
                                          labels=len(signal.labels)), replayed=False)
+
+    def _judge(self, trace: CallTrace, kind: FeedbackKind, feedback: Feedback,
+               completion: CompletionRecord) -> tuple[Signal, Rejection | None]:
+        """In a plugin thread: ``prepare_feedback``, the converter, ``filter_feedback`` (implementations looked up
+        per event: plugins registered at run time count). A raising call does not stop the hook's other
+        implementations; the event is then refused."""
+        for impl in hook_impls(self.pm.hook.prepare_feedback):
+            trace.call(impl.plugin_name, "prepare_feedback", call_impl, impl, feedback=feedback, completion=completion)
+        trace.check()
+        signal = trace.call(kind.plugin, f"the converter of kind {kind.name!r}", kind.convert, feedback, completion)
+        trace.check()
+        if not isinstance(signal, Signal):
+            raise PluginFailed(f"The feedback was not stored: the converter of kind {kind.name!r} (plugin "
+                               f"{kind.plugin!r}) returned {type(signal).__name__}, not a Signal.")
+        rejection = None
+        for impl in hook_impls(self.pm.hook.filter_feedback):  # firstresult: the first rejection wins
+            rejection = trace.call(impl.plugin_name, "filter_feedback", call_impl, impl, feedback=feedback,
+                                   completion=completion, context=self.context)
+            if rejection is not None:
+                break
+        trace.check()
+        return signal, rejection
 
     async def _replay(self, key: str, request_hash: str, principal: Principal | None) -> Submitted | None:
         stored = await self.store.feedback_by_key(key)
