@@ -368,8 +368,11 @@ class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
             return self._probe[1]
         if self._probing is None:
             self._probing = asyncio.get_running_loop().create_task(self._run_probe())
-        probing = self._probing
-        return await asyncio.shield(probing)
+        try:
+            # The caller's answer comes in time; a cancelled query's cleanup (closing its connection) may take longer.
+            return await asyncio.wait_for(asyncio.shield(self._probing), _PROBE_TIMEOUT_S)
+        except TimeoutError:
+            return "timeout"
 
     async def _run_probe(self) -> Outage | None:
         try:
