@@ -160,6 +160,13 @@ class ServerProcess:
         except psutil.NoSuchProcess:
             pass
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (its engine's processes are its descendants)."""
+        if self._proc is None:
+            raise ServerError(f"{self.spec.name} was not started")
+        return self._proc.pid
+
     def log_tail(self, lines: int = 40) -> str:
         """The last lines of the server's output."""
         try:
