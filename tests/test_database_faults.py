@@ -23,6 +23,7 @@ from pathlib import Path
 
 import asyncpg
 import httpx
+import psutil
 import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -335,6 +336,29 @@ def test_postgres_stopped_and_restarted_under_load(pg_app: tuple[AppServer, str]
     assert tally.codes() == {"database_unavailable"}
     recovered(app.url, tally)
     check_nothing_acknowledged_lost(tally, read_stored(database), exact=False)
+
+
+def _postgres_processes(server: pgserver.PostgresServer) -> list[psutil.Process]:
+    postmaster = psutil.Process(int((server.data_dir / "postmaster.pid").read_text().split()[0]))
+    return [postmaster, *postmaster.children(recursive=True)]
+
+
+def test_postgres_hung(pg_app: tuple[AppServer, str], own_postgres: pgserver.PostgresServer) -> None:
+    """A database that answers nothing (every PostgreSQL process frozen): /ready says so within its probe's time
+    instead of hanging with it, and all is well once the database answers again."""
+    app, _ = pg_app
+    wait_ready(app.url)
+    frozen = _postgres_processes(own_postgres)
+    for process in frozen:
+        process.suspend()
+    try:
+        time.sleep(1.5)  # past the probe's cache
+        down = ready(app.url)
+        assert (down.status_code, down.json()) == (503, {"status": "database_unavailable"})
+    finally:
+        for process in frozen:
+            process.resume()
+    recovered(app.url, Tally())
 
 
 # --- SQLite on a full disk ---------------------------------------------------------------------------------------
