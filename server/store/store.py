@@ -42,6 +42,7 @@ from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, migrate
 from alignd.store.records import CompletionRecord, FeedbackRecord
 from alignd.store.tables import choices, completions
 from alignd.store.training import TrainingQueries
+from alignd.store.users import UserQueries
 
 __all__ = ["RecordRejectedError", "Store", "StoreClosedError", "StoreError", "StoreStats"]
 
@@ -235,7 +236,7 @@ def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
     ]
 
 
-class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries):
+class Store(FeedbackQueries, TrainingQueries, KeyQueries, DeletionQueries, UserQueries):
     """Durable storage for completions, feedback, the registry's rows and API keys; one per process, shared by all
     requests. Rows are deleted by retention and per-user deletion only (:mod:`alignd.store.deletion`).
 
