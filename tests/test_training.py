@@ -239,7 +239,7 @@ def test_a_rejected_candidate_is_kept_and_a_corrupt_adapter_is_refused(trained: 
     assert rejected["status"] == "succeeded" and rejected["promoted"] is False, rejected["error"]
     assert rejected["parent"] == 1 and rejected["candidate"] == 2
     policy = admin(srv, "GET", "/v1/policies/2").json()
-    assert policy["status"] == "rejected" and "below the margin" in policy["reason"]
+    assert policy["status"] == "rejected" and "not above the margin" in policy["reason"]
     assert policy["parent"] == 1 and policy["loaded"] is False and "reward" in policy["metrics"]
     assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
     # Corrupt its weights: promoting it is refused, and version 1 keeps serving.

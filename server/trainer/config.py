@@ -161,6 +161,9 @@ class GateConfig:
     passes at most ``1 - confidence`` of the time)."""
     n_prompts: int = 64
     """Most distinct held-out prompts both policies answer (fewer when fewer are held out): the test's sample size."""
+    min_prompts: int = 16
+    """With fewer held-out prompts than this, PPO's own prompts top the gate's up to it (the decision says how many
+    were held out): below about five, no bound at 95% exists at all."""
     samples_per_prompt: int = _SETTINGS.gate_samples_per_prompt
     """Replies each policy samples per prompt, with the same seeds for both: more average out sampling noise within
     a prompt (the test's unit stays the prompt)."""

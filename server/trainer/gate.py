@@ -98,6 +98,8 @@ class GateDecision:
     confidence: float = 0.95
     prompts: int = 0
     """Distinct prompts both policies answered (the test's sample size)."""
+    heldout_prompts: int | None = None
+    """How many of them were held out from PPO (the rest topped up from PPO's own while few are held out)."""
     samples_per_prompt: int = 1
     judge: str = "reward model"
     """What scored the replies: ``cross-fitted judge``, or ``reward model`` (PPO's own: not independent)."""
@@ -214,7 +216,8 @@ def evaluate(
 
 
 def decide(evaluation: GateEvaluation, config: GateConfig, judge: str = "reward model",
-           implicit_reward: dict[str, Any] | None = None, seed: int = 0) -> GateDecision:
+           implicit_reward: dict[str, Any] | None = None, seed: int = 0, heldout_prompts: int | None = None
+           ) -> GateDecision:
     """Promote only if the lower confidence bound of the mean paired gain is above ``config.margin`` and the
     candidate's KL to the base is within ``config.kl_budget``."""
     d = evaluation.differences
@@ -236,6 +239,7 @@ def decide(evaluation: GateEvaluation, config: GateConfig, judge: str = "reward 
         promote=not failures, reason=reason, candidate=evaluation.candidate, current=evaluation.current,
         margin=config.margin, kl_budget=config.kl_budget, length_controlled_gain=evaluation.length_controlled_gain,
         gain=gain, gain_lower=lower, gain_upper=upper, confidence=config.confidence, prompts=len(d),
+        heldout_prompts=heldout_prompts,
         samples_per_prompt=config.samples_per_prompt, judge=judge, reward_model_gain=evaluation.reward_model_gain,
         implicit_reward=implicit_reward or {})
 

@@ -115,8 +115,9 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
             "model judge its own candidate")
     counts = {**data.counts(), **split.counts(), "gate_prompts_held_out": bool(data.gate_prompts),
               "length_cap": cap}
-    if not data.gate_prompts:  # too few distinct prompts for the hash to hold any out: say so in the figures
-        log.warning("no held-out prompts yet: the gate judges on training prompts")
+    if len(data.gate_prompts) < config.gate.min_prompts:  # few distinct prompts yet: say so in the figures
+        log.warning("%d held-out prompts: the gate tops them up to %d with training prompts", len(data.gate_prompts),
+                    config.gate.min_prompts)
     reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
 
     # 2. Reward model on the frozen base (the policy adapter starts from the parent's).
@@ -160,7 +161,7 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     reporter.report("normalize", PHASE_START["normalize"], {"reward_model": _rm_figures(rm, by_kind)})
     backend: RolloutBackend = RemoteRollouts(link, run_dir)
     ppo_ids = _prompt_ids(stack, data.ppo_prompts or data.gate_prompts, config.ppo.max_prompt_tokens)
-    gate_ids = _prompt_ids(stack, data.gate_prompts or data.ppo_prompts, config.ppo.max_prompt_tokens)
+    gate_ids = _prompt_ids(stack, data.gate_prompts, config.ppo.max_prompt_tokens)
     sampling = Sampling(temperature=config.ppo.temperature, max_new_tokens=config.ppo.max_new_tokens)
     reference = backend.generate(stack, _sample(ppo_ids, config.reward.normalization_samples, rng), None, sampling)
     rm.normalization = fit_normalization(stack, reference)
@@ -187,13 +188,13 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     parent = CURRENT if job.parent_adapter is not None else None
     rm_scorer = Scorer(REWARD, rm.normalization)
     judge_scorer = rm_scorer if judge is None else Scorer(JUDGE, judge.normalization)
-    gate_prompts = rng.sample(gate_ids, min(config.gate.n_prompts, len(gate_ids)))
+    gate_prompts = _gate_prompts(gate_ids, ppo_ids, config.gate.n_prompts, config.gate.min_prompts, rng)
     evaluation = evaluate(stack, backend, gate_prompts, POLICY, parent, judge_scorer, config.gate, seed=config.seed,
                           reward_model=None if judge is None else rm_scorer)
     implicit = implicit_reward_check(stack, data.heldout_pairs, POLICY, parent, config.reward.max_prompt_tokens,
                                      config.reward.max_reply_tokens, config.gate.confidence, data.truncated_replies)
     decision = decide(evaluation, config.gate, "reward model" if judge is None else "cross-fitted judge", implicit,
-                      seed=config.seed)
+                      seed=config.seed, heldout_prompts=min(config.gate.n_prompts, len(gate_ids)))
     staged = stack.save_adapter(POLICY, run_dir / "candidate")
     save_decision(staged, decision)
     seconds["gate"] = time.monotonic() - tick
@@ -210,6 +211,19 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
                     {"gate": decision.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}})
     return RunResult(staged_adapter=str(staged), passed=decision.promote, reason=decision.reason, figures=figures,
                      new_pair_ids=data.new_pair_ids, new_label_ids=data.new_label_ids)
+
+
+def _gate_prompts(heldout: list[list[int]], training: list[list[int]], most: int, least: int, rng: random.Random
+                  ) -> list[list[int]]:
+    """Distinct prompts for the gate: held-out ones (up to ``most``), topped up to ``least`` with PPO's own when too
+    few are held out yet (a small deployment: one prompt in ten is held out), so that the paired test has prompts
+    enough to conclude at all; the decision reports how many were held out."""
+    chosen = rng.sample(heldout, min(most, len(heldout)))
+    if len(chosen) < least:
+        taken = {tuple(p) for p in chosen}
+        rest = [p for p in training if tuple(p) not in taken]
+        chosen += rng.sample(rest, min(least - len(chosen), len(rest)))
+    return chosen
 
 
 def _rm_figures(rm: Any, by_kind: dict[str, Any] | None = None) -> dict[str, Any]:
