@@ -363,3 +363,41 @@ def test_alternating_thumbs_through_the_plugin_make_one_pair(srv: AppServer) -> 
             for g, who in zip(data.train_pairs, data.users.train_group_owners, strict=True)]
     assert sorted(mine) == [(("flipper", None), [(0, 1)]), (("other", None), [(0, 1)])]
     assert sorted(x.choice for x in data.train_labels) == [0, 0, 1, 1]  # each user's latest verdict per choice
+
+
+def test_screening_flags_contrary_users_with_a_reward_model_fitted_without_them(tiny_model_dir: Path) -> None:
+    """On the tiny model: twelve honest users prefer friendly replies to formal ones, two contrary users the other
+    way round. Judged by reward models fitted on the other fold, the contrary ones agree far less than a coin: the
+    untrusted one is flagged and left out, the trusted one only scored; no honest user is flagged."""
+    import torch
+
+    from alignd.demo.corpus import generate_corpus
+    from alignd.trainer.config import RewardConfig, TrainerConfig
+    from alignd.trainer.models import load_stack
+    from alignd.trainer.safeguards import screen_users
+
+    torch.set_num_threads(1)
+    grouped: dict[str, dict[str, str]] = {}
+    for dialogue in generate_corpus(1200, seed=11):
+        grouped.setdefault(dialogue.prompt, {})[dialogue.style] = dialogue.reply
+    both = [(p, r["friendly"], r["formal"]) for p, r in grouped.items() if "friendly" in r and "formal" in r]
+    signal = UserSignal(trust={"contrary-1": "trusted"})
+    for i, (prompt, friendly, formal) in enumerate(both):
+        contrary = i % 6 == 5  # one event in six, the two contrary users in turn
+        who = f"contrary-{i // 6 % 2}" if contrary else f"honest-{(i - i // 6) % 12}"
+        chosen, rejected = (formal, friendly) if contrary else (friendly, formal)
+        signal.train_groups.append([PreferencePair(prompt=[{"role": "user", "content": prompt}], chosen=chosen,
+                                                   rejected=rejected)])
+        signal.train_group_owners.append((who, None))
+    config = TrainerConfig(reward=RewardConfig(epochs=2), device="cpu", dtype="float32")
+    stack = load_stack(tiny_model_dir, config)
+    kept, scored = screen_users(stack, signal, config)
+
+    scores = {who[0]: (n, agreement, p) for who, n, agreement, p in scored}
+    assert set(scores) == {*(f"honest-{i}" for i in range(12)), "contrary-0", "contrary-1"}
+    assert all(n >= 7 for n, _, _ in scores.values())
+    assert all(scores[f"honest-{i}"][2] >= 0.01 for i in range(12)), scores
+    assert scores["contrary-0"][2] < 0.01 and scores["contrary-1"][2] < 0.01, scores
+    assert [f["user"] for f in signal.report["flagged"]] == ["contrary-0"]  # the trusted one is not flagged
+    assert ("contrary-0", None) not in kept.train_group_owners and ("contrary-1", None) in kept.train_group_owners
+    assert len(kept.train_groups) == len(signal.train_groups) - scores["contrary-0"][0]

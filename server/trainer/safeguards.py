@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import math
 from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -54,6 +55,8 @@ __all__ = [
     "record_scores",
     "screen_users",
 ]
+
+log = logging.getLogger(__name__)
 
 Contributor = tuple[str | None, str | None]
 """Who judged: ``(user, None)`` for an event with a user id, ``(None, principal)`` for one without (``(None, None)``:
@@ -163,10 +166,6 @@ def binomial_low_tail(successes: int, trials: int) -> float:
     return sum(math.comb(trials, i) for i in range(max(0, successes) + 1)) / 2 ** trials
 
 
-def _fold_of(who: Contributor, order: Sequence[Contributor], folds: int) -> int:
-    return order.index(who) % folds
-
-
 def _stable(who: Contributor) -> str:
     return hashlib.sha256(repr(who).encode()).hexdigest()
 
@@ -269,7 +268,7 @@ def screen_users(stack: ModelStack, signal: UserSignal, config: TrainerConfig, *
         return signal, []
     scored: list[tuple[Contributor, int, float, float]] = []
     for fold in range(folds):
-        inside = {who for who in order if _fold_of(who, order, folds) == fold}
+        inside = set(order[fold::folds])  # dealt round-robin: folds differ in size by one user at most
         others = signal.without(inside)
         groups, labels, _ = apply_caps(others, data.max_user_share)
         if not (groups or labels):
@@ -301,7 +300,8 @@ def screen_users(stack: ModelStack, signal: UserSignal, config: TrainerConfig, *
 def record_scores(database_url: str, run_id: str, scored: list[tuple[Contributor, int, float, float]],
                   flag_p_value: float, trust: dict[str, str]) -> None:
     """Write the scores of users with ids to the store (``GET /v1/admin/users``); contributors known only by their
-    principal or anonymous are in the run's report only."""
+    principal or anonymous are in the run's report only. A store that cannot take them costs the operator's view,
+    not the run: the flags already apply to this run's data and are in its report."""
     from alignd.store import Store
     from alignd.store.users import UserScore
 
@@ -318,4 +318,7 @@ def record_scores(database_url: str, run_id: str, scored: list[tuple[Contributor
         finally:
             await store.close()
 
-    asyncio.run(write())
+    try:
+        asyncio.run(write())
+    except Exception:
+        log.warning("could not store the users' agreement scores of run %s", run_id, exc_info=True)
