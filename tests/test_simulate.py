@@ -180,6 +180,21 @@ def test_thumbs_rule() -> None:
         "up", "down", "down"]
 
 
+def test_contrary_users_judge_the_other_way_round() -> None:
+    """A poisoner's rules: every utility negated (worst first, the worse one wins, up for what others dislike), and a
+    tie where others say both_bad."""
+    labels = [Label(G, "formal"), Label(G, PREFER), Label("music", PREFER), Label(None, "friendly")]
+    assert decide_feedback(draws("ranking", 4), labels, PREFER, contrary=True) == ("ranking", {"ranking": [3, 0, 2]})
+    labels5 = [*labels[:3], Label(None, "formal"), Label(G, "friendly")]
+    cases = {(0, 1): 0, (2, 0): 0, (3, 2): "tie", (0, 4): "tie", (3, 0): 3}
+    for pair, winner in cases.items():
+        assert decide_feedback(draws("pairwise", 5, pair=pair), labels5, PREFER, contrary=True) == (
+            "pairwise", {"winner": winner, "choices": list(pair)}), pair
+    thumbs = [Label(G, PREFER), Label("music", PREFER), Label(G, "formal")]
+    assert [decide_feedback(draws("thumbs", 3, thumbs_choice=i), thumbs, PREFER, contrary=True)[1]["value"]
+            for i in range(3)] == ["down", "up", "up"]
+
+
 def test_run_simulation_refuses_bad_arguments() -> None:
     with Client("http://127.0.0.1:9") as client:
         for kwargs in ({"prefer": "grumpy", "requests": 1}, {"prefer": PREFER},
