@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
+import math
 import os
+import signal
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,12 +26,47 @@ def _draining_server_class() -> type:
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        """uvicorn re-raises SIGTERM/SIGINT once it has drained, so the process would die "killed by signal";
-        alignd has shut down cleanly by then, and exits with its own status (0, or 1 if the engine failed)."""
+        """A graceful stop that orchestrators can see. On the first SIGTERM (or Ctrl-C), at once: ``/ready`` answers
+        503 and a running training run is stopped (it is marked failed). The server keeps listening, so requests
+        in flight, streams included, finish and late arrivals from a load balancer that has not yet seen the 503 are
+        still served, until no request is in flight or ``--shutdown-grace-s`` has passed; then uvicorn closes the
+        connections (cutting what still runs) and the lifespan closes the services. A second signal stops at once.
+
+        uvicorn re-raises the signal once it has drained, so the process would die "killed by signal"; alignd has
+        shut down cleanly by then, and exits with its own status (0, or 1 if the engine failed)."""
+
+        def __init__(self, config: uvicorn.Config, app: Any, grace_s: float) -> None:
+            super().__init__(config)
+            self.alignd_app = app
+            self.grace_s = grace_s
+            self.drain_until: float | None = None
 
         def handle_exit(self, sig: int, frame: Any) -> None:
-            super().handle_exit(sig, frame)
+            services = getattr(self.alignd_app.state, "services", None)  # None until the lifespan has started
+            if self.drain_until is None and not self.should_exit and services is not None:
+                self.drain_until = time.monotonic() + (self.grace_s or math.inf)
+                services.stopping = True  # /ready: 503 from now on
+                try:  # a signal handler runs between two steps of the loop: hand the loop the work
+                    asyncio.get_running_loop().call_soon_threadsafe(services.trainer.begin_shutdown)
+                except RuntimeError:
+                    services.trainer.begin_shutdown()
+                logging.getLogger("alignd").info(
+                    "%s: not ready; draining %d request(s) in flight for up to %s", signal.Signals(sig).name,
+                    len(self.server_state.tasks), f"{self.grace_s:g} s" if self.grace_s else "ever")
+            else:
+                super().handle_exit(sig, frame)
             getattr(self, "_captured_signals", []).clear()
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_until is not None and not self.should_exit:
+                now = time.monotonic()
+                if not self.server_state.tasks or now >= self.drain_until:
+                    # uvicorn's own wait for the connections gets what is left of the grace.
+                    left = self.drain_until - now
+                    self.config.timeout_graceful_shutdown = (None if left == math.inf
+                                                             else max(1, math.ceil(left)))
+                    self.should_exit = True
+            return await super().on_tick(counter)
 
     return DrainingServer
 
@@ -67,7 +106,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
                             log_level=settings.server.log_level, lifespan="on", access_log=False)
-    server = _draining_server_class()(config)
+    server = _draining_server_class()(config, app, settings.server.shutdown_grace_s)
     server.run()
     services = getattr(app.state, "services", None)  # set by the lifespan
     return 1 if services is not None and services.engine_error else 0

@@ -1,21 +1,19 @@
-"""``alignd serve`` as a real process: readiness, then SIGTERM with a request in flight (it finishes, the process exits,
-no engine process is left behind)."""
+"""``alignd serve`` as a real process: SIGTERM while the engine starts leaves no engine process behind; an invalid
+configuration fails naming the key. (SIGTERM with a stream and a training run in flight, and the crashes:
+``tests/test_process_faults.py``.)"""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import httpx
 import psutil
-import pytest
 
 
 def _free_port() -> int:
@@ -39,56 +37,6 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 240) -
             pass
         time.sleep(0.25)
     raise AssertionError(f"not ready after {timeout} s")
-
-
-def test_sigterm_drains_in_flight_requests_and_leaves_no_process(demo_model_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "ALIGND_KV_CACHE_SPACE_GIB": "1", "ALIGND_MAX_MODEL_LEN": "512"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "alignd.cli", "serve", "--model", str(demo_model_dir), "--data-dir", str(tmp_path),
-         "--port", str(port), "--shutdown-grace-s", "60"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        statuses = _wait_ready(url, proc)
-        assert statuses[-1] == "ready"
-        tree = psutil.Process(proc.pid).children(recursive=True)
-        assert tree, "vLLM's engine core runs in a child process"
-
-        # A long streaming request is in flight when SIGTERM arrives.
-        events: list[str] = []
-        started = threading.Event()
-
-        def stream() -> None:
-            body = {"model": "alignd", "messages": [{"role": "user", "content": "Tell me about stars."}],
-                    "stream": True, "max_tokens": 400, "ignore_eos": True}
-            with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=120) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        events.append(line[6:])
-                        started.set()
-
-        reader = threading.Thread(target=stream)
-        reader.start()
-        assert started.wait(60)
-        proc.send_signal(signal.SIGTERM)
-        reader.join(120)
-        assert proc.wait(120) == 0
-        assert events[-1] == "[DONE]", "the in-flight stream must finish after SIGTERM"
-        chunks = [json.loads(e) for e in events[:-1]]
-        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-        assert text and chunks[-1]["choices"][0]["finish_reason"] == "length"
-
-        deadline = time.monotonic() + 30
-        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree):
-            assert time.monotonic() < deadline, f"left behind: {[p for p in tree if p.is_running()]}"
-            time.sleep(0.2)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{url}/health", timeout=2)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
 
 
 def test_sigterm_while_the_engine_starts_leaves_no_engine_process(demo_model_dir: Path, tmp_path: Path) -> None:

@@ -29,7 +29,10 @@ class HealthController(Controller):
     async def ready(self, services: NamedDependency[Services]) -> Response[Health]:
         engine = services.engine
         if engine is None or services.stopping:
-            return Response(Health(status="starting" if engine is None else "stopping"), status_code=503)
+            return Response(Health(status="stopping" if services.stopping else "starting"), status_code=503)
+        if services.registry.unavailable is not None:  # the promoted version's adapter is missing or corrupt
+            return Response(Health(status="policy_unavailable", detail=services.registry.unavailable),
+                            status_code=503)
         try:
             await engine.check_health()
         except Exception:

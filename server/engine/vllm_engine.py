@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from alignd.config import EngineSettings
+from alignd.engine.gpu import has_cuda, hide_triton_without_gpu
 from alignd.engine.types import ChoiceDelta, GenerationStep
 from alignd.errors import EngineFailure, InvalidRequest, NotFound
 from alignd.protocol import SamplingOptions
@@ -26,17 +27,12 @@ class PolicyLoadError(Exception):
     """An adapter could not be loaded; the engine keeps serving what it served before."""
 
 
-def _has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
 def engine_args(model: str, settings: EngineSettings) -> Any:
     """vLLM ``AsyncEngineArgs`` for a base model with LoRA policies, from our settings."""
+    hide_triton_without_gpu()  # before vLLM's first import
     from vllm.engine.arg_utils import AsyncEngineArgs
 
-    gpu = _has_cuda()
+    gpu = has_cuda()
     if not gpu and settings.kv_cache_space_gib:
         # vLLM's CPU backend reads the KV-cache size from the environment of its worker processes.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(settings.kv_cache_space_gib)
@@ -66,11 +62,26 @@ def _adapter_folder(adapter_dir: str | Path) -> Path:
     return adapter
 
 
+def _descendants() -> set[Any]:
+    import psutil
+
+    return set(psutil.Process().children(recursive=True))
+
+
+def _is_resource_tracker(process: Any) -> bool:
+    """multiprocessing's resource tracker (shared by the whole server): it exits by itself after the server."""
+    try:
+        return any("resource_tracker" in part for part in process.cmdline())
+    except Exception:
+        return True
+
+
 class VLLMEngine:
     """Generation, abort and policy (LoRA) management over one AsyncLLM."""
 
-    def __init__(self, llm: Any, tokenizer: Any, model: str, max_model_len: int) -> None:
+    def __init__(self, llm: Any, tokenizer: Any, model: str, max_model_len: int, reaper: Any = None) -> None:
         self._llm = llm
+        self._reaper = reaper  # alignd.engine.reaper.Reaper: the engine's processes die with the server
         self.tokenizer = tokenizer
         self.model = model
         self.max_model_len = max_model_len
@@ -81,10 +92,14 @@ class VLLMEngine:
     @classmethod
     async def start(cls, model: str, settings: EngineSettings) -> VLLMEngine:
         """Start the engine (tens of seconds on CPU) and load the tokenizer used for chat templates."""
+        hide_triton_without_gpu()  # before vLLM's first import
         from transformers import AutoTokenizer
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        from alignd.engine.reaper import start_reaper
+
         args = engine_args(model, settings)
+        before = _descendants()
         building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
         try:
             llm = await asyncio.shield(building)
@@ -94,7 +109,8 @@ class VLLMEngine:
             llm.shutdown()
             raise
         tokenizer = AutoTokenizer.from_pretrained(model)
-        return cls(llm, tokenizer, model, llm.model_config.max_model_len)
+        reaper = start_reaper([p for p in _descendants() - before if not _is_resource_tracker(p)])
+        return cls(llm, tokenizer, model, llm.model_config.max_model_len, reaper)
 
     # --- prompts ---------------------------------------------------------------------------------------------
 
@@ -230,5 +246,34 @@ class VLLMEngine:
         await self._llm.check_health()
 
     def shutdown(self) -> None:
-        """Stop the engine core process and free its resources."""
+        """Stop the engine core process and free its resources (from any thread but the engine's loop's, or from
+        that loop when no request runs)."""
+        self._stop_output_handler()
         self._llm.shutdown()
+        if self._reaper is not None:
+            self._reaper.stop()
+
+    def _stop_output_handler(self) -> None:
+        """Cancel AsyncLLM's output task and wait for it to end before the engine core stops: vLLM cancels it only
+        after stopping the core, and meanwhile the task finds the core gone and logs an ``EngineDeadError``
+        traceback on every clean shutdown."""
+        handler: asyncio.Task[Any] | None = getattr(self._llm, "output_handler", None)
+        if handler is None or handler.done():
+            return
+        loop = handler.get_loop()
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop or not loop.is_running():
+            handler.cancel()  # it cannot be awaited from here; it ends at the loop's next turn
+            return
+
+        async def cancel() -> None:
+            handler.cancel()
+            await asyncio.gather(handler, return_exceptions=True)
+
+        try:
+            asyncio.run_coroutine_threadsafe(cancel(), loop).result(timeout=5)
+        except Exception:  # the loop stopped meanwhile: vLLM's own shutdown cancels it
+            log.debug("could not wait for the engine's output task", exc_info=True)

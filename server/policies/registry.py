@@ -1,7 +1,8 @@
 """The policy registry: versions, their adapter folders, their status, and the hot-swap between them.
 
 The database is the source of truth (table ``policies``); each version > 0 is a PEFT adapter folder under
-``<data dir>/policies/<version>/`` (safetensors only) with a ``manifest.json`` (parent, run, figures, created, the
+``<data dir>/policies/<version>/`` (safetensors only; the row keeps the path relative to the data dir, so a data dir
+restored elsewhere still finds its adapters) with a ``manifest.json`` (parent, run, figures, created, the
 adapter's SHA-256). Promotion loads the adapter into the engine first and only then routes new requests to it, so a
 failed load changes nothing; requests already generating finish on the version they started with.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from alignd.errors import Conflict, NotFound, Unprocessable
+from alignd.faults import failpoint
 from alignd.metrics import Metrics
 from alignd.policies.router import Canary, PolicyRouter, Tally
 from alignd.protocol import Policy, PolicyList
@@ -88,6 +90,9 @@ class PolicyRegistry:
         self.engine: Any = None
         self.ready = False
         """True once the promoted version is loaded and routed (training may start from it)."""
+        self.unavailable: str | None = None
+        """Why the version the database says is promoted is not served (its adapter is missing or corrupt): the
+        server is then not ready until an operator promotes or rolls back to a version that loads."""
         self._lock = asyncio.Lock()
         self._loaded: dict[int, float] = {}  # version -> last promoted (monotonic), for eviction
 
@@ -95,7 +100,9 @@ class PolicyRegistry:
 
     async def bootstrap(self, engine: Any) -> None:
         """Record the base as version 0 once, then load and route to the promoted version (after a restart, the
-        version promoted before it; if its adapter cannot be loaded, the base serves and the error is logged)."""
+        version promoted before it). If its adapter cannot be loaded, the base answers pinned and unpinned requests
+        (``system_fingerprint`` says so), ``unavailable`` says why and ``/ready`` is 503 until an operator
+        promotes or rolls back: a silent fallback would serve the wrong policy behind a green probe."""
         async with self._lock:
             await self._bootstrap(engine)
         self.ready = True
@@ -113,7 +120,10 @@ class PolicyRegistry:
             try:
                 await self._load(await self._row(version))
             except Unprocessable as e:
-                log.error("cannot load the promoted policy %d, serving the base model: %s", version, e.message)
+                log.error("cannot load the promoted policy %d: not ready until a version that loads is promoted "
+                          "(POST /v1/policies/{version}/promote or /v1/policies/rollback): %s", version, e.message)
+                self.unavailable = (f"the promoted policy {version} cannot be loaded (see the server log); promote "
+                                    "or roll back to a version that loads")
                 version = 0
         self.router.promoted = version
         self.metrics.promoted_version.set(version)
@@ -177,7 +187,8 @@ class PolicyRegistry:
                 "version": version, "parent": parent, "run_id": run_id, "metrics": metrics,
                 "created": created.isoformat(), "gate": {"passed": passed, "reason": reason}})
             row = PolicyRow(version=version, status="candidate" if passed else "rejected", parent=parent,
-                            run_id=run_id, adapter_path=str(folder), metrics={**metrics, "sha256": sha},
+                            run_id=run_id, adapter_path=str(folder.relative_to(self.data_dir)),
+                            metrics={**metrics, "sha256": sha},
                             reason=reason, created=created, promoted_at=None)
             await self.store.insert_policy(row)
             return row
@@ -193,8 +204,10 @@ class PolicyRegistry:
             started = time.perf_counter()
             if version and version not in self.engine.loaded_versions:
                 await self._load(row)
+            failpoint("promote:loaded")  # tests: a crash with the adapter loaded, the database not yet written
             # The database first: if the write fails, nothing was switched (and replicas agree with us).
             await self.store.set_promoted(version, datetime.now(UTC), reason)
+            failpoint("promote:written")  # tests: a crash with the database written, requests not yet routed
             await self._route(version)
             canary = self.router.canary
             if canary is not None:  # promoting the canary ends its test; promoting another version ends it too
@@ -232,6 +245,7 @@ class PolicyRegistry:
     async def _route(self, version: int) -> None:
         """Send new requests to a loaded ``version`` (running ones finish on theirs), then free older slots."""
         self.router.promoted = version
+        self.unavailable = None
         self._loaded[version] = time.monotonic()
         self.metrics.promoted_version.set(version)
         self.metrics.policy_swaps.inc()
@@ -314,9 +328,9 @@ class PolicyRegistry:
     async def _load(self, row: PolicyRow) -> None:
         from alignd.engine.vllm_engine import PolicyLoadError  # the engine package imports vLLM lazily
 
-        if row.adapter_path is None:
+        folder = self.adapter_folder(row)
+        if folder is None:
             raise Unprocessable(f"Policy {row.version} has no adapter folder.", code="policy_load_failed")
-        folder = Path(row.adapter_path)
         try:
             await asyncio.to_thread(check_adapter, folder, self.max_rank, row.metrics.get("sha256"))
             await self.engine.load_policy(row.version, folder)
@@ -325,6 +339,21 @@ class PolicyRegistry:
             raise Unprocessable(f"Policy {row.version} could not be loaded, nothing changed: {e}",
                                 param="version", code="policy_load_failed") from e
         self._loaded[row.version] = time.monotonic()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.policies_dir.parent
+
+    def adapter_folder(self, row: PolicyRow) -> Path | None:
+        """Where ``row``'s adapter is: its stored path, relative to the data dir (or absolute, as rows written before
+        paths were relative are; one that no longer exists, as after moving the data dir, is looked for where this
+        registry keeps version folders)."""
+        if row.adapter_path is None:
+            return None
+        path = Path(row.adapter_path)
+        if not path.is_absolute():
+            return self.data_dir / path
+        return path if path.exists() else self.policies_dir / str(row.version)
 
     async def _evict(self) -> None:
         """Keep the promoted version and the most recently promoted others, ``keep_loaded`` in all."""

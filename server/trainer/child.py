@@ -7,18 +7,30 @@ Messages (the server's side is :mod:`alignd.trainer.supervisor`):
   replies with the serving engine (the adapter loaded under a reserved version users cannot reach);
 - ``("result", RunResult)`` or ``("error", message, traceback)``: the outcome.
 
+The process dies with the server: on Linux the kernel SIGKILLs it when the server's thread that started it ends
+(``PR_SET_PDEATHSIG``; the supervisor starts runs from its event loop's thread, which lives as long as the server),
+and on every platform a watcher thread SIGKILLs it within a second of the server's pid going away, so a server killed
+with SIGKILL never leaves a trainer holding the GPU.
+
 Light to import (torch and the training code load inside :func:`child_main`): the server imports it for the name.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import logging
+import os
+import signal
+import sys
+import threading
+import time
 import traceback
 from multiprocessing.connection import Connection
 from typing import Any
 
+from alignd.faults import failpoint
 from alignd.trainer.job import RunJob
 
 __all__ = ["RunLink", "child_main"]
@@ -32,6 +44,7 @@ class RunLink:
         self._calls = itertools.count()
 
     def report(self, phase: str, progress: float, metrics: dict[str, Any] | None = None) -> None:
+        failpoint(f"trainer:{phase}")  # tests: a crash as the run enters this phase
         self.conn.send(("progress", phase, progress, metrics or {}))
 
     def call(self, method: str, payload: dict[str, Any]) -> Any:
@@ -45,9 +58,39 @@ class RunLink:
         return value
 
 
-def child_main(conn: Connection, job: RunJob) -> None:
-    """Entry point of the trainer process: run, then send the result or the error."""
+PR_SET_PDEATHSIG = 1
+PARENT_POLL_S = 0.5
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """SIGKILL this process when ``parent_pid`` (the server) goes away: at once through the kernel on Linux, and
+    within ``PARENT_POLL_S`` through a watcher thread everywhere (an exited parent's children are re-parented)."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+                logging.getLogger(__name__).warning("prctl(PR_SET_PDEATHSIG) failed: errno %d", ctypes.get_errno())
+        except (OSError, AttributeError):
+            pass  # the watcher below still holds
+    if os.getppid() != parent_pid:  # the server died before the kernel was told
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(PARENT_POLL_S)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="alignd-parent-watch", daemon=True).start()
+
+
+def child_main(conn: Connection, job: RunJob, parent_pid: int | None = None) -> None:
+    """Entry point of the trainer process: run, then send the result or the error. ``parent_pid``: the server's."""
+    if parent_pid is not None:
+        die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s trainer: %(message)s")
+    from alignd.engine.gpu import hide_triton_without_gpu
+
+    hide_triton_without_gpu()  # before torch's dynamo (through transformers) would import it
     import torch
 
     from alignd.trainer.run import run_training

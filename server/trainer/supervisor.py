@@ -28,6 +28,7 @@ from typing import Any
 
 from alignd.engine.rollouts import adapter_replies
 from alignd.errors import AlignError, Conflict, NotFound, Unavailable
+from alignd.faults import failpoint
 from alignd.metrics import Metrics
 from alignd.policies.canary import CanaryExperiment
 from alignd.policies.registry import PolicyRegistry
@@ -107,6 +108,8 @@ class TrainerSupervisor:
         self._versions = itertools.count()
         self._start_lock = asyncio.Lock()
         self._auto: asyncio.Task[None] | None = None
+        self.stopping = False
+        """True once the server is shutting down: no run starts."""
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
@@ -120,15 +123,29 @@ class TrainerSupervisor:
         if self.trigger.auto:
             self._auto = asyncio.create_task(self._auto_trigger(), name="alignd-training-trigger")
 
-    async def close(self) -> None:
-        """Stop the auto trigger and any running run (marked failed: the server is stopping)."""
+    def begin_shutdown(self) -> None:
+        """The server is stopping (SIGTERM): start no run, and stop the running one now rather than after the
+        drain (it is marked failed once its process has exited)."""
+        self.stopping = True
         if self._auto is not None:
             self._auto.cancel()
+        if self.current is not None:
+            self._stop(self.current, "the server stopped during the run")
+
+    async def close(self) -> None:
+        """Stop the auto trigger and any running run (marked failed: the server is stopping)."""
+        self.begin_shutdown()
+        if self._auto is not None:
             await asyncio.gather(self._auto, return_exceptions=True)
         active = self.current
-        if active is not None:
-            self._stop(active, "the server stopped during the run")
-            if active.task is not None:
+        if active is not None and active.task is not None:
+            # Bounded: the process gets STOP_GRACE_S, the outcome write a few tries (a run whose write never
+            # lands is failed as an orphan by the next start).
+            done, _ = await asyncio.wait({active.task}, timeout=STOP_GRACE_S + SETTLE_AT_SHUTDOWN_S + 15)
+            if not done:
+                log.error("training run %s did not settle at shutdown; the next start marks it failed",
+                          active.row.id)
+                active.task.cancel()
                 await asyncio.gather(active.task, return_exceptions=True)
 
     # --- runs -------------------------------------------------------------------------------------------------
@@ -148,8 +165,13 @@ class TrainerSupervisor:
             if self.current is not None:
                 raise Conflict(f"Training run {self.current.row.id} is in progress; one run at a time.",
                                code="run_in_progress")
+            if self.stopping:
+                raise Unavailable("The server is shutting down.", code="shutting_down")
             if not self.registry.ready:
                 raise Unavailable("The model is still loading; retry shortly.", headers={"Retry-After": "5"})
+            if self.registry.unavailable is not None:
+                raise Conflict(f"Not training from a policy that is not served: {self.registry.unavailable}.",
+                               code="policy_unavailable")
             _, pairs, labels = await self.store.count_feedback()
             if pairs + labels == 0:
                 raise Conflict("Nothing to train on yet: no feedback has produced preference pairs or labels.",
@@ -157,7 +179,8 @@ class TrainerSupervisor:
             config = self.config(request)
             parent = self.registry.router.promoted
             parent_row = await self.store.get_policy(parent)
-            parent_adapter = parent_row.adapter_path if parent_row is not None else None
+            adapter = self.registry.adapter_folder(parent_row) if parent_row is not None else None
+            parent_adapter = str(adapter) if adapter is not None else None
             now = datetime.now(UTC)
             row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="running", phase="starting", progress=0.0,
                          trigger=trigger, parent=parent, candidate=None, promoted=False,
@@ -169,7 +192,9 @@ class TrainerSupervisor:
                          run_dir=str(self.runs_dir / row.id), parent=parent, parent_adapter=parent_adapter,
                          config=config, previous_reward_model=reward_model, kl_coef=kl_coef, threads=self.threads)
             try:
-                active = await asyncio.to_thread(self._spawn, row, job, request.promote)
+                # On the event loop's thread, which lives as long as the server: the process's parent-death signal
+                # (Linux) fires when the thread that started it ends. Starting it takes milliseconds (a small job).
+                active = self._spawn(row, job, request.promote)
             except BaseException as e:
                 await asyncio.shield(self.store.update_run(row.id, status="failed", finished=datetime.now(UTC),
                                                            error=f"the trainer process did not start: {e!r}"))
@@ -183,7 +208,7 @@ class TrainerSupervisor:
     def _spawn(self, row: RunRow, job: RunJob, promote: bool) -> _ActiveRun:
         ctx = multiprocessing.get_context("spawn")
         parent_conn, child_conn = ctx.Pipe()
-        process = ctx.Process(target=child_main, args=(child_conn, job), name=f"alignd-trainer-{row.id}",
+        process = ctx.Process(target=child_main, args=(child_conn, job, os.getpid()), name=f"alignd-trainer-{row.id}",
                               daemon=True)
         try:
             process.start()
@@ -324,7 +349,10 @@ class TrainerSupervisor:
             status = active.cancelled
         elif error is None:
             error = f"the trainer process ended without a result ({_exit_reason(active.process.exitcode)})"
-        for attempt in range(5):  # the outcome must be recorded: retry through a brief database outage
+        # The outcome must be recorded, or the run would show "running" for good: retry through a database outage
+        # for as long as the server runs (no other run starts meanwhile), a few times once it is stopping.
+        attempt, stopping_since = 0, None
+        while True:
             try:
                 await self.store.update_run(row.id, status=status,
                                             phase="done" if status == "succeeded" else row.phase,
@@ -333,8 +361,15 @@ class TrainerSupervisor:
                                             metrics=active.metrics, finished=datetime.now(UTC))
                 break
             except Exception:
-                log.exception("could not record the outcome of run %s (attempt %d)", row.id, attempt + 1)
-                await asyncio.sleep(2**attempt)
+                attempt += 1
+                log.exception("could not record the outcome of run %s (attempt %d)", row.id, attempt)
+                if self.stopping:
+                    stopping_since = stopping_since or time.monotonic()
+                    if time.monotonic() - stopping_since > SETTLE_AT_SHUTDOWN_S:
+                        log.error("giving up on recording the outcome of run %s: the next start marks it failed",
+                                  row.id)
+                        break
+                await asyncio.sleep(min(2.0 ** (attempt - 1), 30.0))
         self.metrics.training_runs.labels(status).inc()
         log.info("training run %s %s%s", row.id, status, f": {error}" if error else "")
 
@@ -346,6 +381,7 @@ class TrainerSupervisor:
                                               reason=result["reason"])
         outcome["version"] = policy.version
         await self.store.mark_used(row.id, result["new_pair_ids"], result["new_label_ids"])
+        failpoint("promote:registered")  # tests: a crash between registration and promotion
         if not (result["passed"] and active.promote):
             return False, None
         if self.registry.router.promoted != row.parent:  # an operator promoted another version meanwhile
@@ -369,7 +405,7 @@ class TrainerSupervisor:
                     await self.start(TrainingRunRequest(), trigger="auto")
             except asyncio.CancelledError:
                 raise
-            except Conflict:
+            except (Conflict, Unavailable):
                 pass
             except Exception:
                 log.exception("the automatic training trigger failed; retrying later")
@@ -400,6 +436,8 @@ imports no torch, so not the class)."""
 _WOKEN = object()
 STOP_GRACE_S = 15.0
 """Seconds a trainer process gets to exit after SIGTERM before it is killed."""
+SETTLE_AT_SHUTDOWN_S = 10.0
+"""Seconds a stopping server keeps retrying a run's outcome write before leaving it to the next start."""
 
 
 async def _next_message(inbox: asyncio.Queue[Any], wake: asyncio.Event, wait_s: float | None) -> Any:
