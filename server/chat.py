@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,7 +18,7 @@ from typing import Protocol
 
 import msgspec
 
-from alignd.engine.types import GenerationStep
+from alignd.engine.types import ChoiceDelta, GenerationStep
 from alignd.errors import AlignError, DatabaseUnavailable, InvalidRequest
 from alignd.messages import plain_messages
 from alignd.metrics import Metrics
@@ -67,8 +68,18 @@ class PreparedChat:
     """The end user it is for (see :func:`alignd.principals.acting_user`)."""
     principal: str | None = None
     """The name of the principal whose key asked (None: no key)."""
+    choice_versions: list[int] | None = None
+    """A blind side-by-side: the policy version of each choice (the canary's and the promoted one's, in random
+    order); None when one version writes every choice."""
     started: float = field(default_factory=time.perf_counter)
     created: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+    def fingerprint(self) -> str:
+        """The ``system_fingerprint``: the version that wrote the choices; a side-by-side names both, in version order
+        (which choice is whose stays hidden: the comparison is blind)."""
+        if self.choice_versions:
+            return "+".join(fingerprint(v) for v in sorted(set(self.choice_versions)))
+        return fingerprint(self.policy_version)
 
 
 @dataclass
@@ -97,6 +108,11 @@ class ChatService:
         user = acting_user(principal, request.user)
         # The canary's share is drawn per user (the end user, else the key's principal): sticky for the experiment.
         version = self.router.resolve(request.model, user or (principal.name if principal is not None else None))
+        pair = self.router.side_by_side(request.model) if request.n > 1 else None
+        choice_versions = None
+        if pair is not None:  # a blind side-by-side: half the choices each, in an order the client cannot know
+            version, choice_versions = pair[1], [pair[i % 2] for i in range(request.n)]
+            random.shuffle(choice_versions)
         if unsupported := request.unsupported_field():
             raise InvalidRequest(f"'{unsupported}' is not supported by this server.", param=unsupported,
                                  code="unsupported_parameter")
@@ -124,7 +140,8 @@ class ChatService:
                                  "that may be generated.", param="min_tokens")
         return PreparedChat(request=request, completion_id=f"chatcmpl-{uuid.uuid4().hex}", policy_version=version,
                             prompt_token_ids=prompt, options=request.to_sampling(asked or context_left), user=user,
-                            principal=principal.name if principal is not None else None)
+                            principal=principal.name if principal is not None else None,
+                            choice_versions=choice_versions)
 
     # --- generation ------------------------------------------------------------------------------------------
 
@@ -143,7 +160,7 @@ class ChatService:
             id=chat.completion_id,
             created=int(chat.created.timestamp()),
             model=chat.request.model,
-            system_fingerprint=fingerprint(chat.policy_version),
+            system_fingerprint=chat.fingerprint(),
             choices=[Choice(index=i, message=AssistantMessage(content="".join(s.text)), finish_reason=s.finish_reason)
                      for i, s in enumerate(states)],
             usage=usage,
@@ -153,7 +170,7 @@ class ChatService:
         """Server-sent events: a role chunk per choice, content deltas, finish reasons, optional usage, [DONE]."""
         states = [_ChoiceState() for _ in range(chat.request.n)]
         base = {"id": chat.completion_id, "created": int(chat.created.timestamp()), "model": chat.request.model,
-                "system_fingerprint": fingerprint(chat.policy_version)}
+                "system_fingerprint": chat.fingerprint()}
         include_usage = bool(chat.request.stream_options and chat.request.stream_options.include_usage)
         completed = False
         try:
@@ -188,8 +205,9 @@ class ChatService:
     async def _generate(self, chat: PreparedChat, *, stream: bool) -> AsyncIterator[GenerationStep]:
         first = True
         self.metrics.engine_requests.inc()
-        agen = self.engine.generate(chat.prompt_token_ids, chat.options, chat.completion_id, chat.policy_version,
-                                    stream=stream)
+        agen = (self.engine.generate(chat.prompt_token_ids, chat.options, chat.completion_id, chat.policy_version,
+                                     stream=stream)
+                if chat.choice_versions is None else _side_by_side(self.engine, chat, stream))
         try:
             async for step in agen:
                 if first and any(c.token_ids for c in step.choices):
@@ -200,15 +218,16 @@ class ChatService:
             self.metrics.client_disconnects.inc()
             raise
         except Exception:  # the engine failed this version's request: its error rate (a canary's live test)
-            self._outcome(chat.policy_version, ok=False)
+            self._outcome(chat, ok=False)
             raise
         finally:
             await agen.aclose()
-        self._outcome(chat.policy_version, ok=True)
+        self._outcome(chat, ok=True)
 
-    def _outcome(self, version: int, *, ok: bool) -> None:
-        self.router.tally.record(version, ok)
-        self.metrics.version_requests.labels(str(version), "ok" if ok else "error").inc()
+    def _outcome(self, chat: PreparedChat, *, ok: bool) -> None:
+        for version in sorted(set(chat.choice_versions or [chat.policy_version])):
+            self.router.tally.record(version, ok)
+            self.metrics.version_requests.labels(str(version), "ok" if ok else "error").inc()
 
     @staticmethod
     def _accumulate(states: list[_ChoiceState], step: GenerationStep) -> None:
@@ -233,7 +252,8 @@ class ChatService:
             model=req.model,
             policy_version=chat.policy_version,
             messages=[msgspec.to_builtins(m) for m in req.messages],
-            params=msgspec.to_builtins(req.params_record()),
+            params={**msgspec.to_builtins(req.params_record()),
+                    **({"side_by_side": chat.choice_versions} if chat.choice_versions else {})},
             user=chat.user,
             metadata=req.metadata,
             prompt_tokens=len(chat.prompt_token_ids),
@@ -284,3 +304,43 @@ def _sse_error(error: AlignError) -> bytes:
     body = ErrorResponse(error=ErrorDetail(message=error.message, type=error.type, param=error.param,
                                            code=error.code))
     return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
+async def _side_by_side(engine: ChatEngine, chat: PreparedChat, stream: bool) -> AsyncIterator[GenerationStep]:
+    """The steps of a blind side-by-side as one request's: each version generates its choices (one engine request
+    each, ``n`` of them) and their indices are mapped to the positions ``chat.choice_versions`` gave them."""
+    positions: dict[int, list[int]] = {}
+    for position, version in enumerate(chat.choice_versions or []):
+        positions.setdefault(version, []).append(position)
+    queue: asyncio.Queue[list[ChoiceDelta] | BaseException | None] = asyncio.Queue()
+
+    async def pump(version: int, where: list[int], suffix: int) -> None:
+        options = msgspec.structs.replace(chat.options, n=len(where))
+        agen = engine.generate(chat.prompt_token_ids, options, f"{chat.completion_id}-{suffix}", version,
+                               stream=stream)
+        try:
+            async for step in agen:
+                await queue.put([ChoiceDelta(index=where[c.index], text=c.text, token_ids=c.token_ids,
+                                             finish_reason=c.finish_reason) for c in step.choices])
+            await queue.put(None)
+        except Exception as e:  # handed to the consumer, which raises it
+            await queue.put(e)
+        finally:
+            await agen.aclose()
+
+    tasks = [asyncio.ensure_future(pump(v, where, i)) for i, (v, where) in enumerate(sorted(positions.items()))]
+    try:
+        running = len(tasks)
+        while running:
+            item = await queue.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield GenerationStep(choices=item, finished=False)
+        yield GenerationStep(choices=[], finished=True)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

@@ -265,6 +265,11 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                     "passed the gate answers while it is tested live against the promoted policy; 0 promotes it at "
                     "once, without a live test.")
     ] = 0.1
+    canary_side_by_side: Annotated[
+        bool, Meta(description="While a canary runs, requests for several choices (the web chat's Compare mode, "
+                   "n > 1) get half their choices from it and half from the promoted version, in random order: the "
+                   "user's pick is the canary's win or loss.")
+    ] = False
     canary_confidence: Annotated[
         float, Meta(gt=0.5, lt=1, description="1 - the live test's error rate: its always-valid bounds on the good, "
                     "win and error rates are at this confidence.")

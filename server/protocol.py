@@ -437,6 +437,10 @@ class CanaryRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     share: CanaryShare | None = None
     """Default: ``--canary-share``."""
+    side_by_side: bool | None = None
+    """Requests for several choices (the web chat's Compare mode, ``n`` > 1) get half their choices from the canary
+    and half from the promoted version, in random order; the user's pick is the canary's win or loss. Default:
+    ``--canary-side-by-side``."""
 
 
 class PolicyEvaluation(msgspec.Struct, kw_only=True):

@@ -4,23 +4,29 @@ request throughout. Also the operator calls and the bad inputs (OpenAI-shaped 4x
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 import torch
+from sqlalchemy import select
 
 from alignd.app import create_app
 from alignd.demo.corpus import classify, training_prompts
+from alignd.store.tables import completions
 from alignd.trainer.config import TrainerConfig
 from alignd.trainer.models import POLICY, load_stack
 from tests.engine_fixtures import test_settings as settings_for
 from tests.serverkit import AppServer, LoopThread
+from tests.store_reads import get_completion
 from tests.style_adapters import RANKING, fine_tune_towards
 
 ADMIN, USER = "admin-secret", "user-secret"
@@ -111,6 +117,17 @@ class Users:
         return sent
 
 
+async def _routed(srv: AppServer, before: datetime) -> dict[str, set[int]]:
+    """Each user's policy versions over the completions routed before ``before``."""
+    async with srv.state.store.engine.connect() as conn:
+        rows = await conn.execute(select(completions.c.user, completions.c.policy_version)
+                                  .where(completions.c.created < before))
+        out: dict[str, set[int]] = {}
+        for who, version in rows:
+            out.setdefault(who, set()).add(version)
+        return out
+
+
 def status(srv: AppServer, version: int) -> str:
     return admin(srv, "GET", f"/v1/policies/{version}").json()["status"]
 
@@ -129,9 +146,13 @@ def test_users_who_prefer_the_canary_get_it_promoted(live: Callable[..., AppServ
     sent = users.until(lambda: status(srv, version) != "canary")
     assert status(srv, version) == "promoted", (sent, admin(srv, "GET", f"/v1/policies/{version}/evaluation").json())
     assert set(users.statuses) <= {200, 201}, users.statuses  # no failed request throughout
-    # Sticky: during the experiment each user got one version (after the flip, only the new one).
-    mixed = [who for who, prints in users.seen.items() if len(prints) > 1]
-    assert len(mixed) <= 2, users.seen  # at most the users who were mid-request at the flip
+    # Sticky: each user was routed to one version for the whole experiment (routing happens as a request arrives,
+    # which is the completion's ``created``), the users split about evenly at a share of 0.5.
+    promoted_at = datetime.fromisoformat(admin(srv, "GET", f"/v1/policies/{version}").json()["promoted_at"])
+    routed = srv.loop.run(_routed(srv, promoted_at))
+    assert all(len(versions) == 1 for versions in routed.values()), routed
+    on_canary = sum(versions == {version} for versions in routed.values())
+    assert 0.2 * len(routed) <= on_canary <= 0.8 * len(routed), routed
     evaluation = admin(srv, "GET", f"/v1/policies/{version}/evaluation").json()
     live_figures = evaluation["live"]
     assert live_figures["decision"]["outcome"] == "promoted" and live_figures["decision"]["automatic"]
@@ -230,3 +251,112 @@ def test_a_restart_resumes_the_experiment_from_the_database(
         assert status(again, version) == "canary"
     finally:
         again.stop()
+
+
+def test_blind_side_by_side_picks_decide_the_canary(live: Callable[..., AppServer], enthusiastic_adapter: Path,
+                                                    tmp_path: Path) -> None:
+    """With side-by-side on, a request for two choices gets one from each version in random order (the response
+    names both versions, not which is which); users pick the enthusiastic reply, so the canary's win rate rises until
+    it is promoted. A side_by_side pick on an ordinary completion is refused and stores nothing."""
+    srv = live(canary_share=0.05)
+    version = register(srv, enthusiastic_adapter, tmp_path)
+    started = admin(srv, "POST", f"/v1/policies/{version}/canary", json={"share": 0.05, "side_by_side": True})
+    assert started.status_code == 200, started.text
+    headers = {"Authorization": f"Bearer {USER}"}
+    prompts = [p.text for p in training_prompts(64, seed=6)]
+    orders: list[tuple[str, str]] = []
+    shares: dict[int, list[bool]] = {}
+
+    def pick(i: int) -> int:
+        body = {"model": "alignd", "messages": [{"role": "user", "content": prompts[i % len(prompts)]}],
+                "max_tokens": 48, "temperature": 1.0, "n": 2, "user": f"picker-{i}", "stream": i % 3 == 0}
+        if body["stream"]:
+            with httpx.stream("POST", f"{srv.url}/v1/chat/completions", json=body, headers=headers,
+                              timeout=60) as r:
+                assert r.status_code == 200
+                texts, fingerprint, cid = ["", ""], None, None
+                for line in r.iter_lines():
+                    if line.startswith("data: {"):
+                        chunk = msgspec.json.decode(line[6:])
+                        cid, fingerprint = chunk["id"], chunk["system_fingerprint"]
+                        for c in chunk["choices"]:
+                            texts[c["index"]] += c["delta"].get("content") or ""
+        else:
+            r = httpx.post(f"{srv.url}/v1/chat/completions", json=body, headers=headers, timeout=60)
+            assert r.status_code == 200, r.text
+            out = r.json()
+            texts = [c["message"]["content"] for c in out["choices"]]
+            fingerprint, cid = out["system_fingerprint"], out["id"]
+        if fingerprint != f"policy-0+policy-{version}":  # the experiment ended while this request ran
+            assert fingerprint == f"policy-{version}" and status(srv, version) == "promoted", fingerprint
+            return 0
+        stored = srv.loop.run(get_completion(srv.state.store, cid))
+        orders.append(tuple(f"policy-{v}" for v in stored.params["side_by_side"]))
+        styles = [is_enthusiastic(t) for t in texts]
+        for v, style in zip(stored.params["side_by_side"], styles, strict=True):
+            shares.setdefault(v, []).append(style)
+        winner = 0 if styles[0] and not styles[1] else 1 if styles[1] and not styles[0] else "tie"
+        fb = httpx.post(f"{srv.url}/v1/feedback", headers=headers, timeout=60,
+                        json={"completion_id": cid, "kind": "side_by_side" if i % 2 else "pairwise", "winner": winner})
+        assert fb.status_code == 201, fb.text
+        return 1
+
+    sent = 0
+    with ThreadPoolExecutor(4) as pool:
+        while status(srv, version) == "canary" and sent < 400:
+            sent += sum(pool.map(pick, range(sent, sent + 12)))
+    live_figures = admin(srv, "GET", f"/v1/policies/{version}/evaluation").json()["live"]
+    print(f"side-by-side: {sent} picks:", {k: live_figures["canary"][k] for k in ("wins", "losses", "win_interval")},
+          {v: sum(x) / len(x) for v, x in shares.items()})
+    assert status(srv, version) == "promoted", live_figures
+    assert live_figures["canary"]["wins"] > live_figures["canary"]["losses"]
+    assert "win rate conclusively higher" in live_figures["decision"]["reason"]
+    assert {o[0] for o in orders} == {"policy-0", f"policy-{version}"}  # both orders occurred: blind
+
+    # A side_by_side pick on an ordinary completion (the canary is over): a 422 that stores nothing.
+    plain = httpx.post(f"{srv.url}/v1/chat/completions", headers=headers, timeout=60,
+                       json={"model": "alignd", "messages": [{"role": "user", "content": "Hi"}], "n": 2,
+                             "temperature": 1.0, "max_tokens": 8}).json()
+    assert plain["system_fingerprint"] == f"policy-{version}"
+    refused = httpx.post(f"{srv.url}/v1/feedback", headers=headers, timeout=60,
+                         json={"completion_id": plain["id"], "kind": "side_by_side", "winner": 0})
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "not_side_by_side", refused.text
+    listed = admin(srv, "GET", "/v1/feedback", params={"completion_id": plain["id"]}).json()
+    assert listed["data"] == []
+
+
+def test_base_requests_batched_with_adapter_requests_get_no_adapter(
+        engine: Any, engine_loop: LoopThread, enthusiastic_adapter: Path) -> None:
+    """vLLM's CPU LoRA ops applied the last adapter slot to tokens without LoRA (index -1) in a mixed batch: with both
+    slots taken, the base answered like the adapter. alignd.engine.cpu_lora (a vLLM plugin) masks them; here base and
+    adapter requests for the same prompts run in the same batches and the base keeps its own style mix."""
+    from alignd.protocol import SamplingOptions
+
+    prompts = [engine.render_prompt([{"role": "user", "content": p.text}]) for p in training_prompts(48, seed=4)]
+    options = SamplingOptions(n=1, max_tokens=48, temperature=1.0)
+
+    async def share(version: int, tag: str) -> float:
+        async def one(i: int, prompt: list[int]) -> str:
+            final = None
+            async for step in engine.generate(prompt, options, f"{tag}-{i}", version):
+                final = step
+            return final.choices[0].text
+
+        texts = await asyncio.gather(*[one(i, p) for i, p in enumerate(prompts)])
+        return sum(is_enthusiastic(t) for t in texts) / len(texts)
+
+    async def mixed() -> tuple[float, float, float]:
+        alone = await share(0, "base-alone")
+        await engine.load_policy(901, enthusiastic_adapter)
+        await engine.load_policy(902, enthusiastic_adapter)  # every slot taken
+        try:
+            base, adapter = await asyncio.gather(share(0, "base-mixed"), share(901, "adapter-mixed"))
+        finally:
+            await engine.unload_policy(901)
+            await engine.unload_policy(902)
+        return alone, base, adapter
+
+    alone, base, adapter = engine_loop.run(mixed())
+    print(f"enthusiastic share: base alone {alone:.2f}, base in mixed batches {base:.2f}, adapter {adapter:.2f}")
+    assert adapter >= 0.8  # the adapter does write the style
+    assert base <= alone + 0.25 and base <= 0.5, (alone, base, adapter)  # unfixed: base ~0.9, like the adapter

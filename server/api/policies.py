@@ -57,7 +57,7 @@ class PolicyController(Controller):
                            settings: NamedDependency[Settings], version: Version) -> Policy:
         body = await read_body(request, settings.server.max_body_bytes)
         asked = decode(body, CanaryRequest) if body.strip() else CanaryRequest()
-        return await canary.start(version, asked.share)
+        return await canary.start(version, asked.share, side_by_side=asked.side_by_side)
 
     @post("/{version:int}/canary/promote", status_code=200, **documented(errors=(*ADMIN, 400, 404, 409, 422)))
     async def promote_canary(self, canary: NamedDependency[CanaryExperiment], version: Version) -> Policy:

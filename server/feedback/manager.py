@@ -52,6 +52,7 @@ BUILTIN_PLUGINS: tuple[str, ...] = (
     "alignd.plugins.thumbs",
     "alignd.plugins.ranking",
     "alignd.plugins.pairwise",
+    "alignd.plugins.side_by_side",
     "alignd.plugins.rating",
     "alignd.plugins.edit",
     "alignd.plugins.pii_redact",

@@ -56,13 +56,16 @@ class CanaryConfig:
     """Completions each side needs before error rates and latency are compared."""
     max_latency_ratio: float = 1.5
     """A canary slower than this many times the promoted policy, per generated token, is rejected."""
+    side_by_side: bool = False
+    """Whether a canary's requests for several choices are blind side-by-sides of it and the promoted version."""
 
     @classmethod
     def from_settings(cls, settings: TrainerSettings) -> CanaryConfig:
         return cls(share=settings.canary_share, confidence=settings.canary_confidence, max_s=settings.canary_max_s,
                    max_requests=settings.canary_max_requests, check_s=settings.canary_check_s,
                    min_completions=settings.canary_min_completions,
-                   max_latency_ratio=settings.canary_max_latency_ratio)
+                   max_latency_ratio=settings.canary_max_latency_ratio,
+                   side_by_side=settings.canary_side_by_side)
 
 
 @dataclass
@@ -163,11 +166,13 @@ class CanaryExperiment:
 
     # --- operator and trainer calls ---------------------------------------------------------------------------
 
-    async def start(self, version: int, share: float | None = None, reason: str = "put on canary by an operator"
-                    ) -> Policy:
+    async def start(self, version: int, share: float | None = None, reason: str = "put on canary by an operator",
+                    side_by_side: bool | None = None) -> Policy:
         """Put candidate ``version`` on canary at ``share`` (default: ``--canary-share``), or change the running
-        canary's share."""
+        canary's share; ``side_by_side`` (default: ``--canary-side-by-side``) makes requests for several choices
+        blind comparisons of the canary and the promoted version."""
         share = self.config.share if share is None else share
+        side_by_side = self.config.side_by_side if side_by_side is None else side_by_side
         if not 0 < share < 1:
             raise Conflict(f"--canary-share is {share}: a canary needs a share in (0, 1).", param="share",
                            code="canary_disabled")
@@ -178,7 +183,7 @@ class CanaryExperiment:
             if fresh:
                 figures = {"started": datetime.now(UTC).isoformat(), "parent": self.registry.router.promoted,
                            "requests": {}, "errors": {}, "history": [], "decision": None}
-            policy = await self.registry.start_canary(version, share, reason, figures)
+            policy = await self.registry.start_canary(version, share, reason, figures, side_by_side)
             if fresh:
                 self._base = (version, {"requests": {}, "errors": {}})
             return policy

@@ -136,9 +136,10 @@ class PolicyRegistry:
         if row is None or row.version == self.router.promoted:
             self.router.canary = None
             return
-        share = float((row.metrics.get("canary") or {}).get("share", 0.0))
+        record = row.metrics.get("canary") or {}
+        share, side_by_side = float(record.get("share", 0.0)), bool(record.get("side_by_side", False))
         if self.router.canary is not None and self.router.canary.version == row.version:
-            self.router.canary.share = share
+            self.router.canary.share, self.router.canary.side_by_side = share, side_by_side
             return
         try:
             if row.version not in self.engine.loaded_versions:
@@ -147,7 +148,7 @@ class PolicyRegistry:
             log.error("cannot load the canary policy %d, not routing to it: %s", row.version, e.message)
             return
         self._loaded[row.version] = time.monotonic()
-        self.router.canary, self.router.tally = Canary(row.version, share), Tally()
+        self.router.canary, self.router.tally = Canary(row.version, share, side_by_side), Tally()
         log.info("canary %d resumed at share %.3f", row.version, share)
 
     # --- reads ------------------------------------------------------------------------------------------------
@@ -253,10 +254,12 @@ class PolicyRegistry:
 
     # --- canary -----------------------------------------------------------------------------------------------
 
-    async def start_canary(self, version: int, share: float, reason: str, figures: dict[str, Any]) -> Policy:
+    async def start_canary(self, version: int, share: float, reason: str, figures: dict[str, Any],
+                           side_by_side: bool = False) -> Policy:
         """Send ``share`` of the served name's users to candidate ``version`` (loaded first: a failed load changes
         nothing), or change the share of the running canary. Another running canary is stopped first (back to
-        ``candidate``). ``figures`` start the experiment's record (kept in the row's ``metrics.canary``)."""
+        ``candidate``). ``figures`` start the experiment's record (kept in the row's ``metrics.canary``);
+        ``side_by_side`` makes requests for several choices blind comparisons of the two."""
         async with self._lock:
             row = await self._row(version)
             if row.status not in ("candidate", "canary"):
@@ -269,13 +272,13 @@ class PolicyRegistry:
             running = self.router.canary
             if running is not None and running.version != version:
                 await self._stop_canary(running.version, "candidate", f"stopped: version {version} went on canary")
-            record = {**(row.metrics.get("canary") or {}), **figures, "share": share} if row.status == "canary" \
-                else {**figures, "share": share}
+            earlier = (row.metrics.get("canary") or {}) if row.status == "canary" else {}
+            record = {**earlier, **figures, "share": share, "side_by_side": side_by_side}
             await self.store.update_policy(version, status="canary", metrics={**row.metrics, "canary": record},
                                            reason=reason)
             if running is None or running.version != version:
                 self.router.tally = Tally()
-            self.router.canary = Canary(version, share)
+            self.router.canary = Canary(version, share, side_by_side)
             self._loaded[version] = time.monotonic()
             self.metrics.canary_version.set(version)
             self.metrics.canary_share.set(share)

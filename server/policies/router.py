@@ -21,6 +21,8 @@ class Canary:
     version: int
     share: float
     """Share of users (by a stable hash of who they are) routed to it, in (0, 1)."""
+    side_by_side: bool = False
+    """Requests for several choices get half from the canary, half from the promoted version, in random order."""
 
 
 @dataclass
@@ -70,6 +72,13 @@ class PolicyRouter:
             return int(version)
         raise NotFound(f"The model '{model}' does not exist; see GET /v1/models.", param="model",
                        code="model_not_found")
+
+    def side_by_side(self, model: str) -> tuple[int, int] | None:
+        """``(canary, promoted)`` when a request for ``model`` with several choices is to be a blind side-by-side."""
+        canary = self.canary
+        if model != self.served_name or canary is None or not canary.side_by_side or canary.version == self.promoted:
+            return None
+        return canary.version, self.promoted
 
     def model_names(self) -> list[str]:
         """The served name, then each loaded version pinned."""

@@ -54,6 +54,14 @@ class RunRow(msgspec.Struct, kw_only=True):
     finished: datetime | None
 
 
+def _choice_version(version: int | None, choice: int | None, params: Any) -> int | None:
+    """The version that wrote choice ``choice`` of a completion: its side-by-side's entry, else ``version``."""
+    versions = params.get("side_by_side") if isinstance(params, dict) else None
+    if isinstance(versions, list) and choice is not None and 0 <= choice < len(versions):
+        return int(versions[choice])
+    return version
+
+
 def _row(struct: type[Any], row: Any) -> Any:
     return struct(**dict(row._mapping))
 
@@ -118,13 +126,26 @@ class TrainingQueries:
             for version, count, latency, tokens in served:
                 out[version].update(completions=float(count), latency_ms=float(latency or 0),
                                     completion_tokens=float(tokens or 0))
+            # A side-by-side's choices come from two versions (``params.side_by_side``): each label and pick counts
+            # for the version of its choice.
             judged = await conn.execute(
-                select(labels.c.policy_version, labels.c.good, func.count())
+                select(labels.c.policy_version, labels.c.good, labels.c.choice, completions.c.params)
                 .join(completions, completions.c.id == labels.c.completion_id)
-                .where(labels.c.policy_version.in_(list(versions)), completions.c.created >= since)
-                .group_by(labels.c.policy_version, labels.c.good))
-            for version, good, count in judged:
-                out[version]["good" if good else "bad"] += float(count)
+                .where(completions.c.policy_version.in_(list(versions)), completions.c.created >= since))
+            for version, good, choice, params in judged:
+                version = _choice_version(version, choice, params)
+                if version in out:
+                    out[version]["good" if good else "bad"] += 1.0
+            picked = await conn.execute(
+                select(preference_pairs.c.chosen_choice, preference_pairs.c.rejected_choice, completions.c.params)
+                .join(completions, completions.c.id == preference_pairs.c.completion_id)
+                .where(completions.c.policy_version.in_(list(versions)), completions.c.created >= since,
+                       preference_pairs.c.chosen_choice.is_not(None), preference_pairs.c.rejected_choice.is_not(None)))
+            for chosen, rejected, params in picked:
+                winner, loser = _choice_version(None, chosen, params), _choice_version(None, rejected, params)
+                if winner is not None and loser is not None and winner != loser and {winner, loser} <= set(out):
+                    out[winner]["side_by_side_wins"] += 1.0
+                    out[loser]["side_by_side_losses"] += 1.0
         return out
 
     async def promoted_version(self) -> int | None:
