@@ -100,7 +100,8 @@ def test_every_setting_has_a_description() -> None:
 
 # [trainer] settings the server uses itself (when to start a run, how long it may take, its threads): not the run's.
 _SERVER_SIDE = {"training_trigger", "min_new_pairs", "min_new_labels", "min_interval_s", "run_timeout_s",
-                "trainer_threads"}
+                "trainer_threads", "canary_share", "canary_side_by_side", "canary_confidence", "canary_max_s",
+                "canary_max_requests", "canary_check_s", "canary_min_completions", "canary_max_latency_ratio"}
 
 
 def test_the_trainer_defaults_are_the_settings_defaults() -> None:
