@@ -43,6 +43,7 @@ from alignd.protocol import (
     ErrorResponse,
     FeedbackCreated,
     Policy,
+    PolicyEvaluation,
     PolicyList,
     PrincipalRole,
     RetentionRun,
@@ -504,6 +505,10 @@ class Feedback:
         return self.create(completion_id, "edit", text=text, choice=choice, **common)
 
 
+def _canary_body(share: float | None, side_by_side: bool | None) -> dict[str, Any]:
+    return {k: v for k, v in (("share", share), ("side_by_side", side_by_side)) if v is not None}
+
+
 class Policies:
     """Policy versions (admin key)."""
 
@@ -524,6 +529,28 @@ class Policies:
         """Restore ``version``, or the previously promoted one."""
         body = None if version is None else {"version": version}
         return self._client._call("POST", "/v1/policies/rollback", Policy, body)
+
+    def evaluation(self, version: int) -> PolicyEvaluation:
+        """The offline gate's figures and the live test's (canary), with their intervals."""
+        return self._client._call("GET", f"/v1/policies/{int(version)}/evaluation", PolicyEvaluation)
+
+    def start_canary(self, version: int, share: float | None = None, side_by_side: bool | None = None) -> Policy:
+        """Put candidate ``version`` on canary (or change the running canary's share); the server's defaults
+        for what is left out."""
+        return self._client._call("POST", f"/v1/policies/{int(version)}/canary", Policy,
+                                  _canary_body(share, side_by_side))
+
+    def promote_canary(self, version: int) -> Policy:
+        """End the canary ``version`` by promoting it (409 if it is not the canary)."""
+        return self._client._call("POST", f"/v1/policies/{int(version)}/canary/promote", Policy)
+
+    def reject_canary(self, version: int) -> Policy:
+        """End the canary ``version`` by rejecting it: it serves nothing more."""
+        return self._client._call("POST", f"/v1/policies/{int(version)}/canary/reject", Policy)
+
+    def stop_canary(self, version: int) -> Policy:
+        """End the canary ``version`` without a verdict: back to candidate."""
+        return self._client._call("POST", f"/v1/policies/{int(version)}/canary/stop", Policy)
 
 
 class Training:
@@ -798,6 +825,23 @@ class AsyncPolicies:
     async def rollback(self, version: int | None = None) -> Policy:
         body = None if version is None else {"version": version}
         return await self._client._call("POST", "/v1/policies/rollback", Policy, body)
+
+    async def evaluation(self, version: int) -> PolicyEvaluation:
+        return await self._client._call("GET", f"/v1/policies/{int(version)}/evaluation", PolicyEvaluation)
+
+    async def start_canary(self, version: int, share: float | None = None, side_by_side: bool | None = None
+                           ) -> Policy:
+        return await self._client._call("POST", f"/v1/policies/{int(version)}/canary", Policy,
+                                        _canary_body(share, side_by_side))
+
+    async def promote_canary(self, version: int) -> Policy:
+        return await self._client._call("POST", f"/v1/policies/{int(version)}/canary/promote", Policy)
+
+    async def reject_canary(self, version: int) -> Policy:
+        return await self._client._call("POST", f"/v1/policies/{int(version)}/canary/reject", Policy)
+
+    async def stop_canary(self, version: int) -> Policy:
+        return await self._client._call("POST", f"/v1/policies/{int(version)}/canary/stop", Policy)
 
 
 class AsyncTraining:

@@ -233,6 +233,38 @@ def build_parser() -> argparse.ArgumentParser:
                             help="Admin key (env ALIGND_ADMIN_KEY).")
     keys.set_defaults(func=cmd_keys)
 
+    policies = sub.add_parser(
+        "policies", help="List policy versions, promote or roll back, read an evaluation, run a canary (admin key).",
+        description="Policy versions of a running server. A candidate that passed the offline gate goes on canary "
+                    "(--canary-share of users) until the live test promotes or rejects it; an operator can start, "
+                    "re-share, stop, promote or reject a canary at any time. See docs/training.md.")
+    policies_sub = policies.add_subparsers(dest="policies_command", required=True, metavar="ACTION")
+    policy_actions = [policies_sub.add_parser("list", help="Every version, newest first.")]
+    for name, help_ in (("promote", "Serve VERSION as the model name from now on."),
+                        ("evaluation", "The offline gate's figures and the live test's, with their bounds."),
+                        ("canary", "Put candidate VERSION on canary, or change the running canary's share."),
+                        ("canary-promote", "End the canary VERSION: promote it."),
+                        ("canary-reject", "End the canary VERSION: reject it (it serves nothing more)."),
+                        ("canary-stop", "End the canary VERSION without a verdict (back to candidate).")):
+        action = policies_sub.add_parser(name, help=help_)
+        action.add_argument("version", type=int, help="The policy version.")
+        policy_actions.append(action)
+        if name == "canary":
+            action.add_argument("--share", type=float, default=None,
+                                help="Share of users in (0, 1) (default: the server's --canary-share).")
+            action.add_argument("--side-by-side", dest="side_by_side", action=argparse.BooleanOptionalAction,
+                                default=None, help="Requests for several choices are blind side-by-sides.")
+    rollback = policies_sub.add_parser("rollback", help="Restore VERSION, or the previously promoted one.")
+    rollback.add_argument("version", type=int, nargs="?", default=None, help="The policy version.")
+    policy_actions.append(rollback)
+    for action in policy_actions:
+        action.add_argument("--url", default=os.environ.get("ALIGND_URL", "http://127.0.0.1:8000"),
+                            help="The alignd server (env ALIGND_URL; default http://127.0.0.1:8000).")
+        action.add_argument("--admin-key", dest="admin_key", default=_first_key("ALIGND_ADMIN_KEY"),
+                            help="Admin key (env ALIGND_ADMIN_KEY).")
+        action.add_argument("--json", action="store_true", help="Print JSON instead of text.")
+    policies.set_defaults(func=cmd_policies)
+
     users = sub.add_parser(
         "users", help="Show or delete what a running server stores of an end user; trust or block one (admin key).",
         description="An end user is the 'user' of chat and feedback requests (a user key's principal name). "
@@ -353,6 +385,23 @@ def cmd_keys(args: argparse.Namespace) -> int:
         return keys.add_key(url=args.url, admin_key=args.admin_key, name=args.name, role=args.role,
                             as_json=args.json)
     return keys.revoke_key(url=args.url, admin_key=args.admin_key, key_id=args.id)
+
+
+def cmd_policies(args: argparse.Namespace) -> int:
+    """Policy versions: list, promote, roll back, evaluation, canary."""
+    from alignd.clients import policies
+
+    common = {"url": args.url, "admin_key": args.admin_key, "as_json": args.json}
+    if args.policies_command == "list":
+        return policies.list_policies(**common)
+    if args.policies_command == "evaluation":
+        return policies.evaluation(version=args.version, **common)
+    if args.policies_command == "canary" and args.share is not None and not 0 < args.share < 1:
+        print("alignd policies: --share must be in (0, 1)", file=sys.stderr)
+        return 2
+    return policies.act(action=args.policies_command, version=args.version,
+                        share=getattr(args, "share", None), side_by_side=getattr(args, "side_by_side", None),
+                        **common)
 
 
 def cmd_users(args: argparse.Namespace) -> int:

@@ -5,7 +5,10 @@ request throughout. Also the operator calls and the bad inputs (OpenAI-shaped 4x
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -360,3 +363,34 @@ def test_base_requests_batched_with_adapter_requests_get_no_adapter(
     print(f"enthusiastic share: base alone {alone:.2f}, base in mixed batches {base:.2f}, adapter {adapter:.2f}")
     assert adapter >= 0.8  # the adapter does write the style
     assert base <= alone + 0.25 and base <= 0.5, (alone, base, adapter)  # unfixed: base ~0.9, like the adapter
+
+
+def test_the_sdk_and_the_cli_run_a_canary(live: Callable[..., AppServer], enthusiastic_adapter: Path,
+                                          tmp_path: Path) -> None:
+    from alignd.clients import AligndError, Client
+
+    srv = live(canary_check_s=3600)
+    version = register(srv, enthusiastic_adapter, tmp_path)
+    with Client(srv.url, api_key=ADMIN) as client:
+        assert client.policies.start_canary(version, 0.25, side_by_side=True).status == "canary"
+        assert srv.state.router.canary.share == 0.25 and srv.state.router.canary.side_by_side
+        evaluation = client.policies.evaluation(version)
+        assert evaluation.status == "canary" and evaluation.live["share"] == 0.25
+        other = register(srv, enthusiastic_adapter, tmp_path)
+        with pytest.raises(AligndError) as refused:
+            client.policies.promote_canary(other)
+        assert refused.value.status == 409 and status(srv, version) == "canary"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "alignd.cli", "policies", *args, "--url", srv.url,
+                               "--admin-key", ADMIN], capture_output=True, text=True, timeout=120)
+
+    shown = cli("evaluation", str(version))
+    assert shown.returncode == 0 and "live test: share 0.25" in shown.stdout, shown.stdout + shown.stderr
+    assert cli("canary-reject", str(version + 5)).returncode == 1
+    assert cli("canary", str(version), "--share", "1.5").returncode == 2
+    stopped = cli("canary-stop", str(version), "--json")
+    assert stopped.returncode == 0 and json.loads(stopped.stdout)["status"] == "candidate"
+    listed = cli("list")
+    assert listed.returncode == 0 and f"{version:>7}  candidate" in listed.stdout, listed.stdout
+    assert cli("canary-promote", str(other)).returncode == 1  # no canary now: refused
