@@ -451,7 +451,12 @@ def test_dashboard(tab: Tab, web: AppServer, tmp_path: Path) -> None:
     page.locator("#training-note >> text=already in progress").wait_for()
     page.locator(f"#runs tr[data-run='{run_id}'] .status.succeeded").wait_for(timeout=600_000)
     run = httpx.get(f"{web.url}/v1/training/runs/{run_id}", headers=ADMIN).json()
-    assert run["status"] == "succeeded" and run["promoted"], run
+    # It passed the gate: it is the canary, tested live on a share of users, and the live-test panel shows it.
+    assert run["status"] == "succeeded" and not run["promoted"] and run["candidate"], run
+    page.locator(f"#policies tr[data-version='{run['candidate']}'] .status >> text=canary").wait_for()
+    page.locator(f"#canary tr[data-canary='{run['candidate']}']").wait_for()
+    assert page.locator(f"#canary tr[data-canary='{run['candidate']}'] td").nth(1).inner_text() == "10.0%"
+    assert "answers 10.0% of users" in page.inner_text("#canary-note")
     # One point per PPO iteration on the reward and KL plots, one per run on the accuracy plot.
     iterations = len(run["metrics"]["ppo"])
     assert iterations == TRAINER["ppo_iterations"]
@@ -459,8 +464,14 @@ def test_dashboard(tab: Tab, web: AppServer, tmp_path: Path) -> None:
     assert page.locator("#plot-kl circle.point").count() == iterations
     assert page.locator("#plot-reward polyline").count() == 1
     assert page.locator("#plot-rm circle.point").count() == 3  # the accuracy and its interval's two ends
-    page.locator(f"#policies tr[data-version='{run['candidate']}'] .status >> text=promoted").wait_for()
     screenshot(page, "screenshot-admin.png", tmp_path, full_page=True)
+    # The operator ends the live test by promoting it from the panel.
+    page.click("#canary-actions button.canary-promote")
+    page.locator(f"#canary-note >> text=Canary {run['candidate']}: promoted").wait_for()
+    page.locator(f"#policies tr[data-version='{run['candidate']}'] .status >> text=promoted").wait_for()
+    assert httpx.get(f"{web.url}/v1/policies", headers=ADMIN).json()["promoted"] == run["candidate"]
+    decision = page.locator(f"#canary tr[data-canary='{run['candidate']}'] td").nth(6).inner_text()
+    assert decision.startswith("promoted") and "promoted from canary by an operator" in decision, decision
 
     # Roll back to the base model, then promote the candidate again with its button.
     page.click("#rollback")

@@ -1,5 +1,6 @@
-// The alignd operator dashboard: policy versions (promote, roll back), training runs (start, cancel, progress and
-// per-iteration plots), feedback volume by kind, and plugins. Every call sends the admin key as a bearer token.
+// The alignd operator dashboard: policy versions (promote, roll back), the canary's live test (its figures over
+// time and its decision; promote, reject or stop it), training runs (start, cancel, progress and per-iteration plots),
+// feedback volume by kind, and plugins. Every call sends the admin key as a bearer token.
 // An endpoint this server lacks (an older version) leaves a plain note in its section; the others still work.
 import { ApiError, h, jsonStore, requestJSON } from "./api.js";
 import { lineChart, stackedBars } from "./chart.js";
@@ -80,6 +81,7 @@ async function loadPolicies() {
         onclick: () => promote(p.version) }, `Promote ${p.version}`))))));
     $("rollback").disabled = false;
     note("policies-note", `Serving version ${list.promoted}. ${list.data.length} version(s).`);
+    await loadCanary(list);
   } catch (err) {
     box.replaceChildren();
     $("rollback").disabled = true;
@@ -106,6 +108,74 @@ async function rollback() {
     note("policies-note", `Rolled back: version ${p.version} is served again.`, "ok");
   } catch (err) {
     note("policies-note", explain(err, "roll back"), "bad");
+  }
+}
+
+// --- the canary's live test -------------------------------------------------------------------------------------
+
+function pct(rate) {
+  return typeof rate === "number" ? `${(rate * 100).toFixed(1)}%` : "—";
+}
+
+function bounds(pair) {
+  return Array.isArray(pair) ? ` [${pct(pair[0])}, ${pct(pair[1])}]` : "";
+}
+
+/** The running canary's experiment (or the latest one that ended): share, rates with bounds, verdict, history. */
+async function loadCanary(list) {
+  const running = list.data.find((p) => p.status === "canary");
+  const latest = running || list.data.find((p) => p.metrics && p.metrics.canary);
+  $("canary-actions").replaceChildren();
+  if (!latest) {
+    $("canary").replaceChildren();
+    lineChart($("plot-canary"), { label: "Canary figures over time", series: [], xLabel: "seconds", emptyText: "No live test yet." });
+    note("canary-note", "No canary yet: a candidate that passes the gate is tested live on a share of users.");
+    return;
+  }
+  try {
+    const ev = await api(`v1/policies/${latest.version}/evaluation`);
+    const live = ev.live || {};
+    const canary = live.canary || {};
+    const promoted = live.promoted || {};
+    const decision = live.decision || live.verdict || {};
+    $("canary").replaceChildren(table(["Version", "Share", "Requests", "Good rate (canary)", "Good rate (promoted)",
+      "Side-by-side win rate", "Decision"], [h("tr", { "data-canary": String(latest.version) },
+      h("td", {}, h("strong", {}, String(latest.version))),
+      h("td", {}, pct(live.share)),
+      h("td", {}, String(canary.requests ?? "—")),
+      h("td", {}, pct(canary.good_rate) + bounds(canary.good_interval)),
+      h("td", {}, pct(promoted.good_rate) + bounds(promoted.good_interval)),
+      h("td", {}, canary.wins + canary.losses ? `${pct(canary.win_rate)}${bounds(canary.win_interval)} (${canary.wins}–${canary.losses})` : "—"),
+      h("td", {}, h("span", { className: `status ${ev.status}` }, live.decision ? live.decision.outcome : "running"),
+        ` ${decision.reason || ""}`))]));
+    const history = Array.isArray(live.history) ? live.history : [];
+    const series = (pick) => history.map((pt) => [pt.elapsed_s, pick(pt)]).filter(([, v]) => typeof v === "number");
+    lineChart($("plot-canary"), { label: "Canary figures over time", xLabel: "seconds since the start", emptyText: "No figures yet.",
+      series: [{ name: "good rate, canary", points: series((pt) => pt.good_rate) },
+        { name: "good rate, promoted", points: series((pt) => pt.promoted_good_rate) },
+        { name: "canary good rate, low", points: series((pt) => pt.good_interval && pt.good_interval[0]) },
+        { name: "win rate", points: series((pt) => pt.win_rate) },
+        { name: "win rate, low", points: series((pt) => pt.win_interval && pt.win_interval[0]) }] });
+    if (running) {
+      const act = (what, label) => h("button", { type: "button", className: `canary-${what}`,
+        onclick: () => endCanary(running.version, what) }, label);
+      $("canary-actions").replaceChildren(act("promote", "Promote now"), act("reject", "Reject"), act("stop", "Stop"));
+    }
+    note("canary-note", running ? `Version ${running.version} answers ${pct(live.share)} of users; the test decides by itself.`
+      : `The last live test (version ${latest.version}) ended: ${live.decision ? live.decision.outcome : ev.status}.`);
+  } catch (err) {
+    $("canary").replaceChildren();
+    note("canary-note", explain(err, "the live test"), "bad");
+  }
+}
+
+async function endCanary(version, what) {
+  try {
+    await api(`v1/policies/${version}/canary/${what}`, { method: "POST" });
+    await loadPolicies();
+    note("canary-note", `Canary ${version}: ${what === "promote" ? "promoted" : what === "reject" ? "rejected" : "stopped"}.`, "ok");
+  } catch (err) {
+    note("canary-note", explain(err, "the canary"), "bad");
   }
 }
 
