@@ -44,13 +44,31 @@ from bench.harness import ADMIN_KEY, demo_model, run_benchmark, running_alignd
 
 
 class Watcher(threading.Thread):
-    """Polls the policy registry: when each version was promoted, and its gate figures."""
+    """Polls the policy registry: when each version was promoted, and its gate figures; when each went on canary
+    and when (after how many events) its live test decided."""
 
     def __init__(self, admin: Client, started: float, events: list[int]) -> None:
         super().__init__(daemon=True)
         self.admin, self.started, self.events = admin, started, events
         self.promotions: list[dict[str, Any]] = []
+        self.canaries: dict[int, dict[str, Any]] = {}
         self.stop = threading.Event()
+
+    def _canaries(self, policies: Any) -> None:
+        now = round(time.monotonic() - self.started, 1)
+        for p in policies.data:
+            record = self.canaries.get(p.version)
+            if p.status == "canary" and record is None:
+                self.canaries[p.version] = {"version": p.version, "started_s": now, "started_events": self.events[0]}
+                print(f"  version {p.version} on canary at {now} s, {self.events[0]} feedback events", flush=True)
+            elif record is not None and "outcome" not in record and p.status != "canary":
+                decision = (p.metrics.get("canary") or {}).get("decision") or {}
+                record.update(outcome=decision.get("outcome", p.status), reason=decision.get("reason"),
+                              decided_s=now, decided_events=self.events[0],
+                              seconds_to_decision=round(now - record["started_s"], 1),
+                              events_to_decision=self.events[0] - record["started_events"])
+                print(f"  canary {p.version} {record['outcome']} after {record['seconds_to_decision']} s and "
+                      f"{record['events_to_decision']} events: {record['reason']}", flush=True)
 
     def run(self) -> None:
         seen = 0
@@ -59,6 +77,7 @@ class Watcher(threading.Thread):
                 policies = self.admin.policies.list()
             except Exception:  # keep watching through a hiccup
                 continue
+            self._canaries(policies)
             if policies.promoted != seen:
                 seen = policies.promoted
                 row = next(p for p in policies.data if p.version == seen)
@@ -145,6 +164,30 @@ def plot(path: Path, summary: dict[str, Any], goal: float) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     print(f"plot: {path}")
+
+
+def changed(parent: dict[str, Any] | None, child: dict[str, Any] | None) -> bool | None:
+    """Whether a promotion changed the measured trait: the two versions' served shares differ at 95% (a two-
+    proportion z-test); None without replies of both."""
+    if not parent or not child or not parent["replies"] or not child["replies"]:
+        return None
+    n1, n2 = parent["replies"], child["replies"]
+    pooled = (parent["share"] * n1 + child["share"] * n2) / (n1 + n2)
+    if pooled in (0.0, 1.0):
+        return False
+    z = (child["share"] - parent["share"]) / (pooled * (1 - pooled) * (1 / n1 + 1 / n2)) ** 0.5
+    return abs(z) > 1.96
+
+
+def decisions(summary: dict[str, Any]) -> dict[str, Any]:
+    """Per run, the offline gate's gain and bounds, the live test's outcome, time and events to it; how many
+    promotions changed the measured trait."""
+    shares = summary["share_by_version"]
+    parents = {r["candidate"]: r.get("parent") for r in summary["runs"] if r.get("candidate")}
+    promoted = [p["version"] for p in summary["promotions"] if p["version"]]
+    significant = [changed(shares.get(f"policy-{parents.get(v, 0)}"), shares.get(f"policy-{v}")) for v in promoted]
+    return {"promotions": len(promoted), "promotions_that_changed_the_trait": sum(1 for c in significant if c),
+            "promotions_not_measurable": sum(1 for c in significant if c is None)}
 
 
 def goal_share(prefer: str, base_share: float) -> float:
@@ -234,14 +277,28 @@ def main() -> int:
                                  for v in report.versions.values()},
             "model": str(model), "max_tokens": args.max_tokens, "server_args": server_args,
             "promotions": watcher.promotions, "heldout": heldout,
-            "runs": [{"id": r.id, "status": r.status, "candidate": r.candidate, "promoted": r.promoted,
+            "runs": [{"id": r.id, "status": r.status, "parent": r.parent, "candidate": r.candidate,
+                      "promoted": r.promoted,
                       "gate": (r.metrics.get("gate") or {}).get("reason"), "seconds": r.metrics.get("seconds"),
+                      "offline": {k: (r.metrics.get("gate") or {}).get(k) for k in (
+                          "promote", "gain", "gain_lower", "gain_upper", "confidence", "prompts", "heldout_prompts",
+                          "samples_per_prompt", "judge", "reward_model_gain", "implicit_reward")},
+                      "live": watcher.canaries.get(r.candidate) if r.candidate else None,
                       "rm_accuracy": (r.metrics.get("reward_model") or {}).get("heldout_accuracy"),
                       "ppo": [{k: it.get(k) for k in ("reward", "kl", "kl_coef", "response_length")}
                               for it in r.metrics.get("ppo") or []]}
                      for r in runs],
             "kl_budget": "see --kl-budget (default 8.0)",
         }
+        for version, record in watcher.canaries.items():  # the live figures each test ended (or stands) on
+            live = admin.policies.evaluation(version).live or {}
+            record["figures"] = {side: {k: (live.get(side) or {}).get(k) for k in (
+                "requests", "good", "bad", "good_rate", "good_interval", "wins", "losses", "win_rate", "win_interval")}
+                for side in ("canary", "promoted")}
+        summary["decisions"] = decisions(summary)
+        print(f"\npromotions: {summary['decisions']['promotions']}, of which "
+              f"{summary['decisions']['promotions_that_changed_the_trait']} changed the served trait share "
+              "significantly (95%)")
         print(json.dumps(summary, indent=2))
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2) + "\n")
