@@ -154,7 +154,8 @@ class RawHTTPClient:
     async def post(self, path: str, payload: bytes) -> int:
         """POST ``payload`` to ``path``; the status code (the body is read and dropped)."""
         reader, writer = self._idle.pop() if self._idle else await asyncio.open_connection(self.host, self.port)
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        # The real host and port: the server refuses a Host header it does not serve (--allowed-hosts).
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
                      f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
         head = await reader.readuntil(b"\r\n\r\n")
         length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
