@@ -103,7 +103,7 @@ class FeedbackService:
         self.store = store
         self.pm = pm
         self.metrics = metrics
-        self.context = PluginContext(settings, metrics)
+        self.context = PluginContext(settings, metrics, store=store)
         self.kinds: dict[str, FeedbackKind] = collect_feedback_kinds(pm) if kinds is None else kinds
         self.redactor = Redactor(pm.hook.redact_text)
         self.sinks = SinkDispatcher(pm.hook.on_feedback, metrics, timeout_s=settings.plugins.sink_timeout_s,

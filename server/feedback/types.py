@@ -149,6 +149,10 @@ class PluginContext:
     settings: Settings
     metrics: Metrics
     state: dict[str, Any] = field(default_factory=dict)
+    store: Any = None
+    """The app's :class:`alignd.store.Store` (``store.embedded`` False: replicas share it), for state every replica
+    must agree on, as the quota's counters; call it on the event loop (from a hook's thread:
+    ``asyncio.run_coroutine_threadsafe`` with the loop ``startup`` ran on)."""
 
 
 def completion_prompt(completion: CompletionRecord) -> list[dict[str, Any]]:

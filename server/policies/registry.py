@@ -1,10 +1,14 @@
 """The policy registry: versions, their adapter folders, their status, and the hot-swap between them.
 
-The database is the source of truth (table ``policies``); each version > 0 is a PEFT adapter folder under
-``<data dir>/policies/<version>/`` (safetensors only; the row keeps the path relative to the data dir, so a data dir
-restored elsewhere still finds its adapters) with a ``manifest.json`` (parent, run, figures, created, the
-adapter's SHA-256). Promotion loads the adapter into the engine first and only then routes new requests to it, so a
-failed load changes nothing; requests already generating finish on the version they started with.
+The database is the source of truth (table ``policies``), adapters included: each version > 0 is a PEFT adapter
+(safetensors only) whose files are rows of ``adapter_blobs`` keyed by their SHA-256, listed in the version's
+``adapter_files``, written in the transaction that allocates the version. Each process keeps a local copy under
+``<data dir>/policies/<version>/`` (the row keeps that path relative to the data dir), fetched from the database when
+missing and verified against the SHA-256s before every load, with a ``manifest.json`` (parent, run, figures,
+created, the files' SHA-256s) where it was registered. Versions registered before the blobs (no ``adapter_files``)
+are read from their folder only. Promotion loads the adapter into the engine first and only then routes new
+requests to it, so a failed load changes nothing; requests already generating finish on the version they started
+with.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import json
 import logging
 import shutil
 import time
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -45,11 +50,19 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def check_adapter(folder: Path, max_rank: int, sha256: str | None = None) -> None:
+def check_adapter(folder: Path, max_rank: int, sha256: str | None = None, files: dict[str, str] | None = None) -> None:
     """Refuse an adapter folder before vLLM sees it: config readable, rank within the engine's limit, weights in
-    safetensors (never pickle) that parse, and, when the manifest recorded one, the same SHA-256."""
+    safetensors (never pickle) that parse, and, when the registry recorded them, the same SHA-256s (``sha256`` of the
+    weights, ``files``: of each file by name)."""
     if not folder.is_dir():
         raise AdapterError(f"adapter folder {folder} does not exist")
+    for name, expected in (files or {}).items():
+        path = folder / _plain_name(name)
+        if not path.is_file():
+            raise AdapterError(f"{path} is missing")
+        if file_sha256(path) != expected:
+            raise AdapterError(f"{path} does not match the SHA-256 the registry recorded ({expected}): the file is "
+                               "corrupt")
     try:
         config = json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as e:
@@ -70,6 +83,13 @@ def check_adapter(folder: Path, max_rank: int, sha256: str | None = None) -> Non
                 f.get_slice(key).get_shape()
     except Exception as e:
         raise AdapterError(f"{weights} is not a readable safetensors file: {e}") from e
+
+
+def _plain_name(name: str) -> str:
+    """A file name of an adapter's manifest, refused when it would leave the folder."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name:
+        raise AdapterError(f"the adapter manifest names a file {name!r} that is not a plain file name")
+    return name
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -177,21 +197,21 @@ class PolicyRegistry:
 
     async def register(self, staged: Path, *, parent: int, run_id: str, metrics: dict[str, Any], passed: bool,
                        reason: str) -> PolicyRow:
-        """Move a trained adapter folder into the registry as the next version, ``candidate`` if it passed the
-        gate and ``rejected`` otherwise, with a manifest next to it."""
+        """Register a trained adapter folder as the next version (allocated by the database), ``candidate`` if it
+        passed the gate and ``rejected`` otherwise: its files go into the database with the row, in one
+        transaction, then the folder becomes this process's local copy, with a manifest next to it."""
         async with self._lock:
-            rows = await self.store.list_policies()
-            version = (rows[0].version if rows else 0) + 1
-            folder = self.policies_dir / str(version)
+            files, blobs = await asyncio.to_thread(_read_adapter, staged)
             created = datetime.now(UTC)
-            sha = await asyncio.to_thread(_install, staged, folder, {
-                "version": version, "parent": parent, "run_id": run_id, "metrics": metrics,
-                "created": created.isoformat(), "gate": {"passed": passed, "reason": reason}})
-            row = PolicyRow(version=version, status="candidate" if passed else "rejected", parent=parent,
-                            run_id=run_id, adapter_path=str(folder.relative_to(self.data_dir)),
-                            metrics={**metrics, "sha256": sha},
-                            reason=reason, created=created, promoted_at=None)
-            await self.store.insert_policy(row)
+            row = PolicyRow(version=0, status="candidate" if passed else "rejected", parent=parent, run_id=run_id,
+                            adapter_path=None, metrics={**metrics, "sha256": files[ADAPTER_WEIGHTS]}, reason=reason,
+                            created=created, promoted_at=None, adapter_files=files)
+            row = await self.store.register_policy(
+                row, blobs, lambda version: str((self.policies_dir / str(version)).relative_to(self.data_dir)))
+            await asyncio.to_thread(_install, staged, self.data_dir / (row.adapter_path or ""), {
+                "version": row.version, "parent": parent, "run_id": run_id, "metrics": metrics,
+                "created": created.isoformat(), "gate": {"passed": passed, "reason": reason}, "files": files,
+                "sha256": files[ADAPTER_WEIGHTS]})
             return row
 
     # --- hot-swap ---------------------------------------------------------------------------------------------
@@ -331,11 +351,12 @@ class PolicyRegistry:
     async def _load(self, row: PolicyRow) -> None:
         from alignd.engine.vllm_engine import PolicyLoadError  # the engine package imports vLLM lazily
 
-        folder = self.adapter_folder(row)
-        if folder is None:
+        if row.adapter_path is None:
             raise Unprocessable(f"Policy {row.version} has no adapter folder.", code="policy_load_failed")
         try:
-            await asyncio.to_thread(check_adapter, folder, self.max_rank, row.metrics.get("sha256"))
+            folder = await self.materialize(row)
+            assert folder is not None
+            await asyncio.to_thread(check_adapter, folder, self.max_rank, row.metrics.get("sha256"), row.adapter_files)
             await self.engine.load_policy(row.version, folder)
         except (AdapterError, PolicyLoadError) as e:
             self.metrics.policy_load_failures.inc()
@@ -358,6 +379,18 @@ class PolicyRegistry:
             return self.data_dir / path
         return path if path.exists() else self.policies_dir / str(row.version)
 
+    async def materialize(self, row: PolicyRow) -> Path | None:
+        """``row``'s adapter folder here, fetched from the database first when this process has no copy (each file
+        checked against its SHA-256 before anything is written). Raises :class:`AdapterError` naming the version
+        and file when the database lacks a file or holds different bytes; the caller still verifies the folder."""
+        folder = self.adapter_folder(row)
+        if folder is None or row.adapter_files is None or folder.is_dir():
+            return folder
+        blobs = await self.store.fetch_blobs(row.adapter_files.values())
+        await asyncio.to_thread(_write_copy, folder, row, blobs)
+        log.info("policy %d fetched from the database into %s", row.version, folder)
+        return folder
+
     async def _evict(self) -> None:
         """Keep the promoted version and the most recently promoted others, ``keep_loaded`` in all."""
         loaded = [v for v in self.engine.loaded_versions if v in self._loaded and v not in (0, self.router.promoted)]
@@ -367,14 +400,56 @@ class PolicyRegistry:
             self._loaded.pop(version, None)
 
 
-def _install(staged: Path, folder: Path, manifest: dict[str, Any]) -> str:
-    """Move the staged adapter to its version folder and write the manifest; returns the weights' SHA-256."""
+def _read_adapter(staged: Path) -> tuple[dict[str, str], dict[str, bytes]]:
+    """The staged adapter's files (pickles dropped: peft writes safetensors, never keep a pickle next to it) as
+    ``{name: SHA-256}`` and ``{SHA-256: bytes}``."""
+    for pickled in staged.glob("*.bin"):
+        pickled.unlink()
+    if not (staged / ADAPTER_WEIGHTS).is_file():
+        raise AdapterError(f"{staged} has no {ADAPTER_WEIGHTS}")
+    files: dict[str, str] = {}
+    blobs: dict[str, bytes] = {}
+    for path in sorted(p for p in staged.iterdir() if p.is_file() and p.name != MANIFEST):
+        data = path.read_bytes()
+        files[path.name] = sha = hashlib.sha256(data).hexdigest()
+        blobs[sha] = data
+    return files, blobs
+
+
+def _install(staged: Path, folder: Path, manifest: dict[str, Any]) -> None:
+    """Move the staged adapter to its version's folder (this process's copy) and write the manifest."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # a leftover of a registration that crashed before its row was written
+    if folder.exists():  # a copy of an earlier database's version of that number (the database allocated it to us)
         shutil.rmtree(folder)
     shutil.move(str(staged), str(folder))
-    for pickled in folder.glob("*.bin"):  # peft writes safetensors; never keep a pickle next to it
-        pickled.unlink()
-    sha = file_sha256(folder / ADAPTER_WEIGHTS)
-    (folder / MANIFEST).write_text(json.dumps({**manifest, "sha256": sha}, indent=2) + "\n")
-    return sha
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+
+def _write_copy(folder: Path, row: PolicyRow, blobs: dict[str, bytes]) -> None:
+    """Write ``row``'s files from the database's ``blobs`` into ``folder``, verified first; the folder appears whole
+    (renamed into place) or not at all."""
+    files = row.adapter_files or {}
+    for name, sha in files.items():
+        _plain_name(name)
+        data = blobs.get(sha)
+        if data is None:
+            raise AdapterError(f"policy {row.version}: {name} (SHA-256 {sha}) is not in the database's adapter_blobs")
+        if hashlib.sha256(data).hexdigest() != sha:
+            raise AdapterError(f"policy {row.version}: the database's copy of {name} does not match its SHA-256 "
+                               f"{sha}: the blob is corrupt")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = folder.parent / f".{folder.name}.{uuid.uuid4().hex[:8]}.partial"
+    partial.mkdir()
+    try:
+        for name, sha in files.items():
+            (partial / name).write_bytes(blobs[sha])
+        (partial / MANIFEST).write_text(json.dumps({"version": row.version, "parent": row.parent,
+                                                    "run_id": row.run_id, "files": files}, indent=2) + "\n")
+        try:
+            partial.rename(folder)
+        except OSError:
+            if not folder.is_dir():  # not another fetch of the same version that finished first
+                raise
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)

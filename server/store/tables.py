@@ -19,16 +19,19 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
     Text,
     TypeDecorator,
+    text,
 )
 
 __all__ = [
     "NULLABLE_JSON",
     "UTCDateTime",
+    "adapter_blobs",
     "api_keys",
     "choices",
     "completions",
@@ -38,6 +41,8 @@ __all__ = [
     "metadata",
     "policies",
     "preference_pairs",
+    "quota_counters",
+    "trainer_lease",
     "training_runs",
 ]
 
@@ -200,7 +205,44 @@ policies = Table(
     Column("reason", Text, nullable=True),
     Column("created", UTCDateTime, nullable=False),
     Column("promoted_at", UTCDateTime, nullable=True),
+    # {file name: SHA-256} of the adapter's files, each a row of adapter_blobs (None: an adapter registered before
+    # the blobs, found in its folder only).
+    Column("adapter_files", NULLABLE_JSON, nullable=True),
     Index(None, "status"),
+    # At most one promoted version, whatever writes race (both backends have partial unique indexes).
+    Index("uq_policies_promoted", "status", unique=True, sqlite_where=text("status = 'promoted'"),
+          postgresql_where=text("status = 'promoted'")),
+)
+
+#: Adapter files by content (SHA-256 of the bytes): every replica fetches a version's adapter from here.
+adapter_blobs = Table(
+    "adapter_blobs",
+    metadata,
+    Column("sha256", Text, primary_key=True),
+    Column("data", LargeBinary, nullable=False),  # bytea on PostgreSQL, BLOB on SQLite
+    Column("size", Integer, nullable=False),
+    Column("created", UTCDateTime, nullable=False),
+)
+
+#: The trainer lease: the one process allowed to run training holds this row until ``expires_at``.
+trainer_lease = Table(
+    "trainer_lease",
+    metadata,
+    Column("name", Text, primary_key=True),  # "trainer"
+    Column("holder", Text, nullable=False),  # the process's instance id
+    Column("expires_at", UTCDateTime, nullable=False),
+    Column("acquired", UTCDateTime, nullable=False),
+)
+
+#: Feedback quota counters shared by replicas: events per user (``key``) per fixed window (its start, epoch seconds).
+quota_counters = Table(
+    "quota_counters",
+    metadata,
+    Column("key", Text, nullable=False),
+    Column("window", Integer, nullable=False, autoincrement=False),
+    Column("count", Integer, nullable=False),
+    PrimaryKeyConstraint("key", "window"),
+    Index(None, "window"),
 )
 
 #: Training runs: phase and progress as the trainer reports them, figures, outcome.
@@ -220,6 +262,8 @@ training_runs = Table(
     Column("error", Text, nullable=True),
     Column("created", UTCDateTime, nullable=False),
     Column("finished", UTCDateTime, nullable=True),
+    Column("holder", Text, nullable=True),  # the instance id of the process running it (its lease holder)
+    Column("heartbeat", UTCDateTime, nullable=True),  # the holder's last heartbeat during the run
     Index(None, "status"),
     Index(None, "created"),
 )

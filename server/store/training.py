@@ -6,15 +6,25 @@ queue, which exists for the request path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 import msgspec
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alignd.store.tables import choices, completions, feedback, labels, policies, preference_pairs, training_runs
+from alignd.store.shared import LOCK_PROMOTE, LOCK_REGISTER, serialize
+from alignd.store.tables import (
+    adapter_blobs,
+    choices,
+    completions,
+    feedback,
+    labels,
+    policies,
+    preference_pairs,
+    training_runs,
+)
 
 __all__ = ["PolicyRow", "RunRow", "TrainingQueries"]
 
@@ -33,6 +43,8 @@ class PolicyRow(msgspec.Struct, kw_only=True):
     reason: str | None
     created: datetime
     promoted_at: datetime | None
+    adapter_files: dict[str, str] | None = None
+    """{file name: SHA-256} of the adapter's files in ``adapter_blobs`` (None: the folder is the only copy)."""
 
 
 class RunRow(msgspec.Struct, kw_only=True):
@@ -52,6 +64,9 @@ class RunRow(msgspec.Struct, kw_only=True):
     error: str | None
     created: datetime
     finished: datetime | None
+    holder: str | None = None
+    """The instance id of the process running it, which holds the trainer lease meanwhile."""
+    heartbeat: datetime | None = None
 
 
 def _choice_version(version: int | None, choice: int | None, params: Any) -> int | None:
@@ -81,10 +96,36 @@ class TrainingQueries:
         self._check_open()
         async with self._write_engine.begin() as conn:
             await conn.execute(insert(policies).values(**msgspec.structs.asdict(row)))
+
+    async def register_policy(self, row: PolicyRow, blobs: Mapping[str, bytes],
+                              adapter_path: Callable[[int], str]) -> PolicyRow:
+        """Insert ``row`` as the next version, allocated here (its ``version`` is ignored), with its adapter's files
+        (``blobs``, by SHA-256; those already stored are kept) in the same transaction: concurrent registrations get
+        distinct versions, and a version's row never exists without its files. ``adapter_path(version)`` is the
+        row's folder. Returns the row as inserted."""
+        self._check_open()
+        now = datetime.now(UTC)
+        async with self._write_engine.begin() as conn:
+            await serialize(conn, LOCK_REGISTER)  # reading the highest version, then inserting the next
+            stored = set((await conn.execute(select(adapter_blobs.c.sha256)
+                                              .where(adapter_blobs.c.sha256.in_(list(blobs))))).scalars())
+            for sha, data in blobs.items():
+                if sha not in stored:
+                    await conn.execute(insert(adapter_blobs).values(sha256=sha, data=data, size=len(data),
+                                                                    created=now))
+            top = (await conn.execute(select(func.max(policies.c.version)))).scalar()
+            version = (top or 0) + 1
+            row = msgspec.structs.replace(row, version=version, adapter_path=adapter_path(version))
+            await conn.execute(insert(policies).values(**msgspec.structs.asdict(row)))
+        return row
+
     async def set_promoted(self, version: int, when: datetime, reason: str | None = None) -> None:
-        """Make ``version`` the one promoted policy, in one transaction: the previous one becomes ``retired``."""
+        """Make ``version`` the one promoted policy, in one transaction: the previous one becomes ``retired``.
+        Concurrent promotions are serialized (the last one wins); the partial unique index ``uq_policies_promoted``
+        makes two promoted rows impossible whatever writes them."""
         self._check_open()
         async with self._write_engine.begin() as conn:
+            await serialize(conn, LOCK_PROMOTE)
             await conn.execute(update(policies).where(policies.c.status == "promoted", policies.c.version != version)
                                .values(status="retired"))
             values: dict[str, Any] = {"status": "promoted", "promoted_at": when}

@@ -4,7 +4,14 @@ Each run is a fresh process (``spawn``: no CUDA or vLLM state inherited), so a c
 never reaches serving. The process reports progress and asks for rollouts over one pipe (the messages are listed in
 :mod:`alignd.trainer.child`, the process's side). The supervisor answers rollout calls with the serving engine,
 registers the candidate, promotes it when it passed the gate, and marks the run failed whenever the process ends
-without a result (crash, kill, time limit). This module imports no torch: the server imports it.
+without a result (crash, kill, time limit).
+
+One trainer across replicas: a run starts only in the process holding the database's trainer lease (table
+``trainer_lease``), which it renews with a heartbeat every ``lease_s / 3`` while the run lasts (stamping the run's
+``heartbeat`` too) and gives up when the run is settled. A process whose renewal finds the lease taken stops its run.
+A run whose holder holds no live lease (its server died, or lost the database for longer than the lease) is marked
+failed by the next process to take the lease: every supervisor looks for such runs while it is idle. This module
+imports no torch: the server imports it.
 """
 
 from __future__ import annotations
@@ -88,7 +95,7 @@ class TrainerSupervisor:
 
     def __init__(self, store: Store, registry: PolicyRegistry, metrics: Metrics, *, base_model: Callable[[], str],
                  database_url: str, runs_dir: Path, config: Callable[[TrainingRunRequest], TrainerConfig], threads: int,
-                 trigger: TriggerPolicy, run_timeout_s: float | None) -> None:
+                 trigger: TriggerPolicy, run_timeout_s: float | None, lease_s: float = 30.0) -> None:
         self.store = store
         self.registry = registry
         self.canary: CanaryExperiment | None = None
@@ -102,9 +109,12 @@ class TrainerSupervisor:
         self.trigger = trigger
         self.run_timeout_s = run_timeout_s
         self.current: _ActiveRun | None = None
-        # Which server started a run: on start, only our own orphans are failed (other replicas' runs are alive).
-        # A stable id kept in the data dir, so a recreated container (new host name, same volume) is still "us".
-        self.owner = _instance_id(runs_dir.parent)
+        # Unique per process, not per data dir: two processes on one data dir (or a restart) are different holders.
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.lease_s = lease_s
+        """Seconds the trainer lease lasts unless renewed; a dead trainer's run is failed at most this much later
+        (plus a heartbeat period)."""
+        self._watch: asyncio.Task[None] | None = None
         self._versions = itertools.count()
         self._start_lock = asyncio.Lock()
         self._auto: asyncio.Task[None] | None = None
@@ -114,12 +124,15 @@ class TrainerSupervisor:
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
-        """Fail the runs a previous server left running (their process died with it); start the auto trigger."""
-        owner = None if self.store.embedded else self.owner  # one process owns a SQLite file: every orphan is ours
-        for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC),
-                                                         owner=owner):
-            log.warning("training run %s was orphaned by a server restart: marked failed", run_id)
-            self.metrics.training_runs.labels("failed").inc()
+        """Fail the runs a previous server left running (their process died with it); start the heartbeat and the
+        auto trigger."""
+        if self.store.embedded:  # one process owns a SQLite file: every run still running is an orphan
+            for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC)):
+                log.warning("training run %s was orphaned by a server restart: marked failed", run_id)
+                self.metrics.training_runs.labels("failed").inc()
+        else:
+            await self.sweep()
+        self._watch = asyncio.create_task(self._heartbeat(), name="alignd-trainer-heartbeat")
         if self.trigger.auto:
             self._auto = asyncio.create_task(self._auto_trigger(), name="alignd-training-trigger")
 
@@ -129,6 +142,8 @@ class TrainerSupervisor:
         self.stopping = True
         if self._auto is not None:
             self._auto.cancel()
+        if self._watch is not None and self.current is None:  # a running run keeps its lease until it settles
+            self._watch.cancel()
         if self.current is not None:
             self._stop(self.current, "the server stopped during the run")
 
@@ -147,6 +162,55 @@ class TrainerSupervisor:
                           active.row.id)
                 active.task.cancel()
                 await asyncio.gather(active.task, return_exceptions=True)
+        if self._watch is not None:
+            self._watch.cancel()
+            await asyncio.gather(self._watch, return_exceptions=True)
+
+    # --- the trainer lease ------------------------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        """Every ``lease_s / 3``: renew the lease while a run lasts (stopping the run if another process took the
+        lease), else look for runs whose trainer stopped heartbeating."""
+        while True:
+            await asyncio.sleep(self.lease_s / 3)
+            try:
+                active = self.current
+                if active is not None:
+                    if not await self.store.heartbeat(self.owner, self.lease_s, active.row.id):
+                        log.error("training run %s lost the trainer lease (not renewed in time; another process "
+                                  "took it): stopping it", active.row.id)
+                        self._stop(active, "this server lost the trainer lease (its heartbeat lapsed and another "
+                                           "process took it)")
+                elif not self.stopping:
+                    await self.sweep()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database may be briefly away: the next beat tries again
+                log.exception("the trainer heartbeat failed; retrying")
+
+    async def sweep(self) -> list[str]:
+        """Mark failed the runs whose trainer stopped heartbeating (their holder holds no live lease), taking the
+        lease to do so (and giving it back); returns their ids. Nothing happens while another process holds it."""
+        async with self._start_lock:
+            if self.current is not None or not await self.store.orphaned_runs():
+                return []
+            if await self.store.acquire_lease(self.owner, self.lease_s) is not None:
+                return []
+            try:
+                return await self._fail_orphans()
+            finally:
+                if self.current is None:
+                    await self.store.release_lease(self.owner)
+
+    async def _fail_orphans(self) -> list[str]:
+        """As the lease's holder: every other running run's trainer is gone."""
+        failed = await self.store.fail_orphaned_runs(
+            self.owner, f"its trainer stopped heartbeating (its server stopped or lost the database); marked failed "
+                        f"by {self.owner}, which took the trainer lease")
+        for run_id in failed:
+            log.warning("training run %s: its trainer stopped heartbeating; marked failed", run_id)
+            self.metrics.training_runs.labels("failed").inc()
+        return failed
 
     # --- runs -------------------------------------------------------------------------------------------------
 
@@ -177,16 +241,25 @@ class TrainerSupervisor:
                 raise Conflict("Nothing to train on yet: no feedback has produced preference pairs or labels.",
                                code="no_training_data")
             config = self.config(request)
-            parent = self.registry.router.promoted
-            parent_row = await self.store.get_policy(parent)
-            adapter = self.registry.adapter_folder(parent_row) if parent_row is not None else None
-            parent_adapter = str(adapter) if adapter is not None else None
-            now = datetime.now(UTC)
-            row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="running", phase="starting", progress=0.0,
-                         trigger=trigger, parent=parent, candidate=None, promoted=False,
-                         config={**dataclasses.asdict(config), "owner": self.owner}, metrics={}, error=None,
-                         created=now, finished=None)
-            await self.store.insert_run(row)
+            holder = await self.store.acquire_lease(self.owner, self.lease_s)
+            if holder is not None:
+                raise Conflict(f"Another server ({holder}) holds the trainer lease: one training run at a time across "
+                               "replicas.", code="run_in_progress")
+            try:
+                await self._fail_orphans()  # the lease was free or expired: a run still "running" has no trainer
+                parent = self.registry.router.promoted
+                parent_row = await self.store.get_policy(parent)
+                adapter = await self.registry.materialize(parent_row) if parent_row is not None else None
+                parent_adapter = str(adapter) if adapter is not None else None
+                now = datetime.now(UTC)
+                row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="running", phase="starting", progress=0.0,
+                             trigger=trigger, parent=parent, candidate=None, promoted=False,
+                             config={**dataclasses.asdict(config), "owner": self.owner}, metrics={}, error=None,
+                             created=now, finished=None, holder=self.owner, heartbeat=now)
+                await self.store.insert_run(row)
+            except BaseException:
+                await asyncio.shield(self.store.release_lease(self.owner))
+                raise
             reward_model, kl_coef = await self._carried_over()
             job = RunJob(run_id=row.id, base_model=self.base_model(), database_url=self.database_url,
                          run_dir=str(self.runs_dir / row.id), parent=parent, parent_adapter=parent_adapter,
@@ -198,6 +271,7 @@ class TrainerSupervisor:
             except BaseException as e:
                 await asyncio.shield(self.store.update_run(row.id, status="failed", finished=datetime.now(UTC),
                                                            error=f"the trainer process did not start: {e!r}"))
+                await asyncio.shield(self.store.release_lease(self.owner))
                 raise
             self.current = active
             active.task = asyncio.create_task(self._supervise(active), name=f"alignd-{row.id}")
@@ -288,6 +362,10 @@ class TrainerSupervisor:
             finally:
                 self.current = None
                 self.metrics.training_running.set(0)
+                try:  # a lease not given back expires (and an unsettled run is then failed by the next holder)
+                    await self.store.release_lease(self.owner)
+                except Exception:
+                    log.exception("could not give the trainer lease back; it expires in %.0f s", self.lease_s)
 
     async def _handle(self, active: _ActiveRun, message: tuple[Any, ...], calls: set[asyncio.Task[None]]) -> None:
         kind = message[0]
@@ -508,18 +586,6 @@ def _headline(metrics: dict[str, Any]) -> dict[str, float]:
         if isinstance(figures.get("accuracy"), int | float):
             out[f"reward_model_heldout_accuracy_{kind}"] = float(figures["accuracy"])
     return out
-
-
-def _instance_id(data_dir: Path) -> str:
-    """This server's id, created once in its data dir (host name for readability, a random part for uniqueness)."""
-    path = data_dir / "instance-id"
-    try:
-        return path.read_text().strip()
-    except FileNotFoundError:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        ident = f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
-        path.write_text(ident + "\n")
-        return ident
 
 
 def default_threads() -> int:
