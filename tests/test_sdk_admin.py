@@ -21,7 +21,8 @@ from tests.serverkit import AppServer
 ADMIN, USER = "sdk-admin-secret", "sdk-user-secret"
 TRAINER = {"training_trigger": "manual", "ppo_iterations": 2, "rollout_batch_size": 8, "max_new_tokens": 24,
            "gate_margin": -100.0, "kl_budget": 1000.0, "trainer_threads": 1,
-           "reward_model_confidence": 0.0}  # machinery, not learning: a handful of pairs proves no reward model
+           "reward_model_confidence": 0.0,  # machinery, not learning: a handful of pairs proves no reward model
+           "canary_share": 0.0}  # promoted at once (the canary's calls: tests/test_canary.py)
 
 
 @pytest.fixture(scope="module")
