@@ -327,6 +327,16 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                   "rest).")
     ] = 0
     trainer_seed: Annotated[int, Meta(description="Seed of the trainer (adapter init, data order, sampling).")] = 0
+    objective: Annotated[
+        str, Meta(pattern="^(ppo|grpo|rloo)$", description="How runs optimise the policy against the reward model: "
+                  "ppo (a critic and GAE), grpo (group-normalised advantages over --samples-per-prompt replies per "
+                  "prompt, KL as a loss term) or rloo (leave-one-out baseline, KL in the reward); a run request's "
+                  "objective overrides it.")
+    ] = "ppo"
+    samples_per_prompt: Annotated[
+        int, Meta(ge=2, le=64, description="grpo and rloo: replies sampled per prompt, each judged against the "
+                  "others of its group (an iteration answers rollout-batch-size / this many prompts).")
+    ] = 4
     max_user_share: Annotated[
         float, Meta(gt=0, le=1, description="Most of a run's training weight one end user may hold: larger users' "
                     "pairs (and labels) weigh less, so that each holds at most this share (with fewer than "

@@ -465,6 +465,9 @@ class RollbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
+Objective = Literal["ppo", "grpo", "rloo"]
+"""How a run optimises the policy against the reward model (``alignd.trainer.run.OPTIMIZERS``): ``ppo`` (critic and
+GAE), ``grpo`` or ``rloo`` (critic-free: several replies per prompt, each judged against its group)."""
 RunPhase = Literal["starting", "data", "reward_model", "normalize", "ppo", "gate", "register", "done"]
 
 
@@ -479,6 +482,8 @@ class TrainingRunRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=Tru
     """Wall-time budget of the PPO phase."""
     promote: bool = True
     """Promote the candidate when it passes the gate (False: keep it as a candidate)."""
+    objective: Objective | None = None
+    """The training objective of this run (default: the server's ``--objective``)."""
 
 
 class TrainingRun(msgspec.Struct, kw_only=True):

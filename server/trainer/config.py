@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from alignd.config import TrainerSettings
-from alignd.protocol import TrainingRunRequest
+from alignd.protocol import Objective, TrainingRunRequest
 
 __all__ = [
     "AdapterConfig",
     "AttentionName",
+    "CriticFreeConfig",
     "DTypeName",
     "DataConfig",
     "DeviceName",
@@ -148,6 +149,25 @@ class PPOConfig:
 
 
 @dataclass
+class CriticFreeConfig:
+    """GRPO and RLOO (:mod:`alignd.trainer.critic_free`): no critic; each prompt is answered ``samples_per_prompt``
+    times and each reply's advantage is its score against its group's. Everything else they share with PPO and read
+    from :class:`PPOConfig`: learning rate, epochs, minibatches, clip ε, temperature, lengths, the KL target and the
+    time limit; ``rollout_batch_size`` counts replies, so an iteration costs what a PPO iteration does."""
+
+    samples_per_prompt: int = _SETTINGS.samples_per_prompt
+    """k, replies per prompt (at least 2: the group is the baseline); an iteration answers ``rollout_batch_size / k``
+    prompts (at least one)."""
+    init_kl_coef: float = 0.05
+    """Initial β of the KL term (GRPO: the k3 estimate of KL(π || π_ref) per token in the loss; RLOO: the summed
+    per-token log-ratio subtracted from each reply's score); steered towards ``PPOConfig.target_kl`` like PPO's β,
+    but not carried over between runs (its scale differs from PPO's)."""
+    std_eps: float = 1e-4
+    """GRPO: added to a group's standard deviation before dividing, so a group whose replies scored alike gets
+    advantages of 0, not noise blown up."""
+
+
+@dataclass
 class GateConfig:
     """Promotion gate: the candidate must beat the current policy significantly, by the judge, and stay close to the
     base (see :mod:`alignd.trainer.gate`)."""
@@ -214,8 +234,12 @@ class TrainerConfig:
     """Adapter shape for every role."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward-model fitting."""
+    objective: Objective = _SETTINGS.objective  # type: ignore[assignment]
+    """How the policy is optimised against the reward model: ``ppo``, or critic-free ``grpo`` / ``rloo``."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
-    """Policy optimisation."""
+    """Policy optimisation (PPO's, and the settings every objective shares)."""
+    critic_free: CriticFreeConfig = field(default_factory=CriticFreeConfig)
+    """GRPO's and RLOO's own settings."""
     gate: GateConfig = field(default_factory=GateConfig)
     """Promotion gate."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -283,6 +307,8 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
         gradient_checkpointing=settings.trainer_gradient_checkpointing,
         seed=settings.trainer_seed,
     )
+    config.objective = request.objective or settings.objective  # type: ignore[assignment]
+    config.critic_free.samples_per_prompt = settings.samples_per_prompt
     ppo = config.ppo
     ppo.iterations = request.iterations or settings.ppo_iterations
     ppo.rollout_batch_size = request.rollout_batch_size or settings.rollout_batch_size

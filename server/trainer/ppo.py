@@ -40,6 +40,7 @@ __all__ = [
     "IterationStats",
     "PPOResult",
     "UpdateStats",
+    "forward_passes",
     "init_critic",
     "kl_penalized_rewards",
     "make_experience",
@@ -47,6 +48,7 @@ __all__ = [
     "make_optimizer",
     "ppo_update",
     "run_ppo",
+    "sample_prompts",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class UpdateStats:
 
 @dataclass
 class IterationStats:
-    """What one PPO iteration logs."""
+    """What one PPO iteration logs (the critic-free objectives log the same, and their own figures beside)."""
 
     iteration: int
     reward: float
@@ -83,10 +85,11 @@ class IterationStats:
     """How far the update moved the policy from the rollout policy."""
     clip_fraction: float
     policy_loss: float
-    value_loss: float
+    value_loss: float | None
+    """None for the critic-free objectives (no critic), like the two below."""
     policy_grad_norm: float
-    critic_grad_norm: float
-    explained_variance: float
+    critic_grad_norm: float | None
+    explained_variance: float | None
     """Of the returns by the rollout-time values."""
     eos_rate: float
     """Share of replies that ended with EOS."""
@@ -145,10 +148,11 @@ def kl_penalized_rewards(
 
 
 @torch.no_grad()
-def _forward_passes(
+def forward_passes(
     stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int, config: PPOConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(logprobs, entropy, ref_logprobs, full_kl)``, each (B, R), in chunks of ``forward_batch_size``."""
+    """``(logprobs, entropy, ref_logprobs, full_kl)``, each (B, R), in chunks of ``forward_batch_size`` (shared
+    with the critic-free objectives)."""
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, sequences.shape[0], config.forward_batch_size):
         seq = sequences[start : start + config.forward_batch_size]  # (b, P + R)
@@ -177,7 +181,7 @@ def make_experience(
     """Score the rollouts and turn them into PPO training data."""
     sequences, attention_mask, action_mask = collate_rollouts(rollouts, stack.tokenizer.pad_token_id, stack.device)
     response_len = action_mask.shape[1]
-    logprobs, entropy, ref_logprobs, full_kl = _forward_passes(stack, sequences, attention_mask, response_len, config)
+    logprobs, entropy, ref_logprobs, full_kl = forward_passes(stack, sequences, attention_mask, response_len, config)
     ended = torch.tensor([r.ended for r in rollouts], device=stack.device)  # (B,)
     # Scored as sampled: a reply cut at the cap ends without a stop token, which the reward model has seen on
     # truncated replies in training, so no penalty for length (in either direction) is added here.
@@ -269,7 +273,7 @@ def _accumulate(
 # --- the loop -------------------------------------------------------------------------------------------------
 
 
-def _sample_prompts(prompts: Sequence[list[int]], n: int, rng: random.Random) -> list[list[int]]:
+def sample_prompts(prompts: Sequence[list[int]], n: int, rng: random.Random) -> list[list[int]]:
     """``n`` distinct prompts when there are enough, otherwise drawn with replacement."""
     return rng.sample(list(prompts), n) if len(prompts) >= n else rng.choices(list(prompts), k=n)
 
@@ -340,7 +344,7 @@ def run_ppo(
         policy = stack.adapter_state(POLICY)  # what generates this iteration's rollouts
         # 1. Rollouts: the current policy answers a fresh sample of prompts.
         tick = time.monotonic()
-        rollouts = backend.generate(stack, _sample_prompts(prompts, ppo.rollout_batch_size, rng), POLICY, sampling)
+        rollouts = backend.generate(stack, sample_prompts(prompts, ppo.rollout_batch_size, rng), POLICY, sampling)
         seconds["rollout"] = time.monotonic() - tick
         # 2. Experience: log-probs, reference log-probs, values, scores, rewards, advantages.
         tick = time.monotonic()

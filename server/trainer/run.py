@@ -1,4 +1,5 @@
-"""One training run, start to candidate: data → reward model → normalisation → PPO → gate → staged adapter.
+"""One training run, start to candidate: data → reward model → normalisation → PPO (or the run's objective) → gate →
+staged adapter.
 
 Runs inside the trainer process (entered through :mod:`alignd.trainer.child`); talks to the server only through a
 :class:`Reporter` (phase, progress, figures) and the rollout link. Registration and promotion are the server's (it
@@ -18,13 +19,14 @@ from typing import Any, Protocol
 
 from alignd.store import Store
 from alignd.trainer.config import scale_batches_to_model, scale_to_model
+from alignd.trainer.critic_free import run_critic_free
 from alignd.trainer.data import TrainingData, leave_out_flagged, length_cap, load_training_data
 from alignd.trainer.gate import Scorer, decide, evaluate, save_decision
 from alignd.trainer.implicit_reward import implicit_reward_check
 from alignd.trainer.job import RunJob, RunResult
 from alignd.trainer.judge import JUDGE, JUDGE_FOLDER, previous_judge, split_for_judge
 from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack
-from alignd.trainer.ppo import IterationStats, run_ppo
+from alignd.trainer.ppo import IterationStats, PPOResult, run_ppo
 from alignd.trainer.reward_model import (
     RewardFigures,
     fit_normalization,
@@ -36,6 +38,17 @@ from alignd.trainer.rollout import RemoteRollouts, RolloutBackend, RolloutLink, 
 from alignd.trainer.safeguards import record_scores, screen_users
 
 log = logging.getLogger(__name__)
+
+Optimizer = Callable[..., PPOResult]
+"""``(stack, backend, prompts, normalization, config, on_iteration=, kl_coef=) -> PPOResult``: one objective's
+policy-optimisation phase."""
+
+OPTIMIZERS: dict[str, Optimizer] = {"ppo": run_ppo, "grpo": run_critic_free, "rloo": run_critic_free}
+"""The policy-optimisation phase of each ``--objective``; every one shares the run's data, reward model, rollouts,
+gate and registration."""
+
+CARRIES_KL_COEF = {"ppo"}
+"""Objectives whose final β the next run starts from (the critic-free ones start from their own each run)."""
 
 CURRENT = "current"
 """Adapter name of the policy the run started from, in the trainer's stack (for the gate)."""
@@ -173,14 +186,17 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm, by_kind),
                                                 "judge": None if judge is None else _rm_figures(judge)})
 
-    # 4. PPO against the reward model, rollouts from the serving engine.
+    # 4. Policy optimisation (PPO, or the run's objective) against the reward model, rollouts from the engine.
     tick = time.monotonic()
     history: list[dict[str, Any]] = []
-    ppo = run_ppo(stack, backend, ppo_ids, rm.normalization, config,
-                  on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history), kl_coef=job.kl_coef)
+    reporter.report("ppo", PHASE_START["ppo"], {"objective": config.objective})
+    ppo = OPTIMIZERS[config.objective](stack, backend, ppo_ids, rm.normalization, config,
+                                       on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history),
+                                       kl_coef=job.kl_coef)
     seconds["ppo"] = time.monotonic() - tick
-    # β carries over: the next run's controller starts where this one ended.
-    reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": ppo.kl_coef, "stopped": ppo.stopped}})
+    # PPO's β carries over: the next run's controller starts where this one ended (None: nothing to carry).
+    kl_coef = ppo.kl_coef if config.objective in CARRIES_KL_COEF else None
+    reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": kl_coef, "stopped": ppo.stopped}})
 
     # 5. Gate: candidate and current policy answer the same distinct held-out prompts with the same seeds, judged by
     # the cross-fitted judge; the implicit-reward check on held-out user pairs is reported beside it.
