@@ -227,16 +227,22 @@ def test_admin_endpoints_refuse_non_admin_keys(trained: dict[str, Any]) -> None:
 def test_a_rejected_candidate_is_kept_and_a_corrupt_adapter_is_refused(trained: dict[str, Any]) -> None:
     srv = trained["srv"]
     give_feedback(srv, n_prompts=6)
-    # A run whose gate cannot be passed: its candidate is kept as rejected, with its figures and the reason.
+    # A run whose gate cannot be passed: its candidate is kept as rejected, with its figures and the reason. It runs
+    # RLOO (any objective goes through the same gate and registry): the run names its objective and its figures.
     original = srv.state.trainer.config
     srv.state.trainer.config = _with_margin(original, 100.0)
     try:
-        run = admin(srv, "POST", "/v1/training/runs", json={"iterations": 1})
+        run = admin(srv, "POST", "/v1/training/runs", json={"iterations": 1, "objective": "rloo"})
         assert run.status_code == 202, run.text
+        assert run.json()["config"]["objective"] == "rloo"
         rejected = wait_run(srv, run.json()["id"])
     finally:
         srv.state.trainer.config = original
     assert rejected["status"] == "succeeded" and rejected["promoted"] is False, rejected["error"]
+    assert rejected["metrics"]["objective"] == "rloo" and rejected["metrics"]["kl_controller"]["kl_coef"] is None
+    [iteration] = rejected["metrics"]["ppo"]
+    assert iteration["objective"] == "rloo" and iteration["samples_per_prompt"] == 4
+    assert iteration["value_loss"] is None and isinstance(iteration["kl"], float)
     assert rejected["parent"] == 1 and rejected["candidate"] == 2
     policy = admin(srv, "GET", "/v1/policies/2").json()
     assert policy["status"] == "rejected" and "not above the margin" in policy["reason"]
@@ -249,6 +255,17 @@ def test_a_rejected_candidate_is_kept_and_a_corrupt_adapter_is_refused(trained: 
     assert refused.status_code == 422 and refused.json()["error"]["code"] == "policy_load_failed"
     assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
     assert admin(srv, "GET", "/v1/policies").json()["promoted"] == 1
+
+
+def test_an_unknown_objective_is_refused_before_anything_starts(trained: dict[str, Any]) -> None:
+    srv = trained["srv"]
+    before = admin(srv, "GET", "/v1/training/runs").json()["data"]
+    refused = admin(srv, "POST", "/v1/training/runs", json={"objective": "dpo"})
+    assert refused.status_code == 400, refused.text
+    error = refused.json()["error"]
+    assert error["param"] == "objective" and "'dpo'" in error["message"]
+    assert admin(srv, "GET", "/v1/training/runs").json()["data"] == before
+    assert srv.state.trainer.current is None
 
 
 def _with_margin(config: Callable[..., Any], margin: float) -> Callable[..., Any]:
