@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -394,3 +395,22 @@ def test_the_sdk_and_the_cli_run_a_canary(live: Callable[..., AppServer], enthus
     listed = cli("list")
     assert listed.returncode == 0 and f"{version:>7}  candidate" in listed.stdout, listed.stdout
     assert cli("canary-promote", str(other)).returncode == 1  # no canary now: refused
+
+
+def test_no_automatic_run_starts_while_a_canary_is_under_test(live: Callable[..., AppServer],
+                                                              enthusiastic_adapter: Path, tmp_path: Path) -> None:
+    """A new candidate would end the running live test before users decided it: the automatic trigger waits."""
+    srv = live(training_trigger="auto", min_new_pairs=10_000, min_new_labels=8, min_interval_s=0,
+               canary_check_s=3600, ppo_iterations=1, rollout_batch_size=8, trainer_threads=1)
+    version = register(srv, enthusiastic_adapter, tmp_path)
+    assert admin(srv, "POST", f"/v1/policies/{version}/canary", json={"share": 0.5}).status_code == 200
+    Users(srv, likes=is_enthusiastic).until(lambda: False, max_events=20)
+    time.sleep(7)  # longer than the trigger's poll (5 s): enough new labels, but a canary runs
+    assert admin(srv, "GET", "/v1/training/runs").json()["data"] == []
+    assert admin(srv, "POST", f"/v1/policies/{version}/canary/stop").status_code == 200
+    deadline = time.monotonic() + 60
+    while not (runs := admin(srv, "GET", "/v1/training/runs").json()["data"]):
+        assert time.monotonic() < deadline, "no automatic run started once the canary ended"
+        time.sleep(0.5)
+    assert runs[0]["trigger"] == "auto"
+    admin(srv, "POST", f"/v1/training/runs/{runs[0]['id']}/cancel")

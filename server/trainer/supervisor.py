@@ -479,7 +479,10 @@ class TrainerSupervisor:
         while True:
             await asyncio.sleep(self.trigger.poll_s)
             try:
-                if self.current is None and self.registry.ready and await self._due():
+                # While a canary is under its live test, the next candidate waits for the verdict: starting it
+                # would end that test before users could decide it (and train from a parent about to change).
+                if (self.current is None and self.registry.ready and self.registry.router.canary is None
+                        and await self._due()):
                     await self.start(TrainingRunRequest(), trigger="auto")
             except asyncio.CancelledError:
                 raise
