@@ -450,6 +450,7 @@ def test_dashboard(tab: Tab, web: AppServer, tmp_path: Path) -> None:
     page.click("#start-run-button")
     page.locator("#training-note >> text=already in progress").wait_for()
     page.locator(f"#runs tr[data-run='{run_id}'] .status.succeeded").wait_for(timeout=600_000)
+    assert page.inner_text(f"#runs tr[data-run='{run_id}'] td.objective") == "ppo"  # the server's default
     run = httpx.get(f"{web.url}/v1/training/runs/{run_id}", headers=ADMIN).json()
     # It passed the gate: it is the canary, tested live on a share of users, and the live-test panel shows it.
     assert run["status"] == "succeeded" and not run["promoted"] and run["candidate"], run

@@ -188,9 +188,10 @@ async function loadRuns() {
     const list = await api("v1/training/runs?limit=50");
     const runs = list.data;
     box.replaceChildren(runs.length === 0 ? h("p", { className: "note" }, "No training runs yet.") :
-      table(["Run", "Status", "Phase", "Progress", "Trigger", "From → to", "Started", "Finished", "Error", ""],
+      table(["Run", "Objective", "Status", "Phase", "Progress", "Trigger", "From → to", "Started", "Finished", "Error", ""],
         runs.map((r) => h("tr", { "data-run": r.id },
           h("td", {}, h("code", {}, r.id.slice(0, 16))),
+          h("td", { className: "objective" }, objectiveOf(r)),
           h("td", {}, h("span", { className: `status ${r.status}` }, r.status)),
           h("td", {}, r.phase),
           h("td", {}, h("progress", { max: "1", value: String(r.progress), "aria-label": `Progress of run ${r.id}` }),
@@ -256,19 +257,22 @@ async function cancelRun(id) {
   }
 }
 
+/** How a run optimised its policy (runs from before the objective was recorded were PPO). */
+const objectiveOf = (r) => (r.config && r.config.objective) || "ppo";
+
 /** Per-iteration reward and KL of the latest runs, and the reward model's held-out accuracy across runs. */
 function plotRuns(runs) {
   const withPPO = runs.filter((r) => Array.isArray(r.metrics && r.metrics.ppo) && r.metrics.ppo.length)
     .slice(0, RUNS_PLOTTED).reverse();
   const perIteration = (field) => withPPO.map((r) => ({
-    name: r.id.slice(0, 12),
+    name: `${r.id.slice(0, 12)} (${objectiveOf(r)})`,
     points: r.metrics.ppo.filter((it) => typeof it[field] === "number")
       .map((it, k) => [typeof it.iteration === "number" ? it.iteration : k, it[field]]),
   })).filter((ser) => ser.points.length);
   const emptyText = runs.length ? "No figures yet." : "No training runs yet.";
-  const drawn = lineChart($("plot-reward"), { label: "Mean reward per PPO iteration", series: perIteration("reward"),
+  const drawn = lineChart($("plot-reward"), { label: "Mean reward per iteration", series: perIteration("reward"),
     xLabel: "iteration", emptyText })
-    + lineChart($("plot-kl"), { label: "KL per PPO iteration", series: perIteration("kl"), xLabel: "iteration", emptyText });
+    + lineChart($("plot-kl"), { label: "KL per iteration", series: perIteration("kl"), xLabel: "iteration", emptyText });
   const chronological = [...runs].reverse();
   const rmFigure = (pick) => chronological.map((r, k) => [k + 1, r.metrics && r.metrics.reward_model && pick(r.metrics.reward_model)])
     .filter(([, a]) => typeof a === "number");
