@@ -257,10 +257,10 @@ def _export_params(format: str, since: datetime | str | None, policy: int | None
 
 
 def _training_body(iterations: int | None, rollout_batch_size: int | None, time_limit_s: float | None,
-                   promote: bool) -> dict[str, Any]:
+                   promote: bool, objective: str | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"promote": promote}
     for name, value in (("iterations", iterations), ("rollout_batch_size", rollout_batch_size),
-                        ("time_limit_s", time_limit_s)):
+                        ("time_limit_s", time_limit_s), ("objective", objective)):
         if value is not None:
             body[name] = value
     return body
@@ -560,9 +560,10 @@ class Training:
         self._client = client
 
     def start(self, iterations: int | None = None, rollout_batch_size: int | None = None,
-              time_limit_s: float | None = None, promote: bool = True) -> TrainingRun:
-        """Start a run now (``ConflictError`` with code ``run_in_progress`` while one runs)."""
-        body = _training_body(iterations, rollout_batch_size, time_limit_s, promote)
+              time_limit_s: float | None = None, promote: bool = True, objective: str | None = None) -> TrainingRun:
+        """Start a run now (``ConflictError`` with code ``run_in_progress`` while one runs); ``objective``:
+        ``ppo``, ``grpo`` or ``rloo`` (default: the server's ``--objective``)."""
+        body = _training_body(iterations, rollout_batch_size, time_limit_s, promote, objective)
         return self._client._call("POST", "/v1/training/runs", TrainingRun, body)
 
     def get(self, run_id: str) -> TrainingRun:
@@ -851,8 +852,9 @@ class AsyncTraining:
         self._client = client
 
     async def start(self, iterations: int | None = None, rollout_batch_size: int | None = None,
-                    time_limit_s: float | None = None, promote: bool = True) -> TrainingRun:
-        body = _training_body(iterations, rollout_batch_size, time_limit_s, promote)
+                    time_limit_s: float | None = None, promote: bool = True, objective: str | None = None
+                    ) -> TrainingRun:
+        body = _training_body(iterations, rollout_batch_size, time_limit_s, promote, objective)
         return await self._client._call("POST", "/v1/training/runs", TrainingRun, body)
 
     async def get(self, run_id: str) -> TrainingRun:

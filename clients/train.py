@@ -67,11 +67,11 @@ def summary(run: TrainingRun) -> str:
 
 
 def main(*, url: str, admin_key: str | None, iterations: int | None, rollout_batch_size: int | None,
-         time_limit_s: float | None, promote: bool, wait: bool) -> int:
+         time_limit_s: float | None, promote: bool, wait: bool, objective: str | None = None) -> int:
     with Client(url, api_key=admin_key) as client:
         try:
             run = client.training.start(iterations=iterations, rollout_batch_size=rollout_batch_size,
-                                        time_limit_s=time_limit_s, promote=promote)
+                                        time_limit_s=time_limit_s, promote=promote, objective=objective)
         except AligndError as e:
             print(f"alignd train: {e}", file=sys.stderr)
             return 2

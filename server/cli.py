@@ -321,6 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Prompts per PPO iteration (default: the server's).")
     train.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
                        help="Seconds of PPO at most (default: the server's).")
+    train.add_argument("--objective", choices=("ppo", "grpo", "rloo"), default=None,
+                       help="The run's training objective (default: the server's --objective).")
     train.add_argument("--no-promote", dest="promote", action="store_false",
                        help="Keep the candidate unpromoted even if it passes the gate.")
     train.add_argument("--detach", dest="wait", action="store_false", help="Print the run id and return at once.")
@@ -436,7 +438,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     return train_main(url=args.url, admin_key=args.admin_key, iterations=args.iterations,
                       rollout_batch_size=args.rollout_batch_size, time_limit_s=args.time_limit_s,
-                      promote=args.promote, wait=args.wait)
+                      promote=args.promote, wait=args.wait, objective=args.objective)
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:

@@ -299,7 +299,8 @@ def test_alignd_train_starts_a_run_and_follows_it(trained: dict[str, Any]) -> No
     srv = trained["srv"]
     give_feedback(srv, n_prompts=6)
     done = subprocess.run([sys.executable, "-m", "alignd.cli", "train", "--url", srv.url, "--admin-key", ADMIN,
-                           "--iterations", "1", "--no-promote"], capture_output=True, text=True, timeout=600)
+                           "--iterations", "1", "--no-promote", "--objective", "rloo"], capture_output=True, text=True,
+                          timeout=600)
     assert done.returncode == 0, done.stderr
     assert "succeeded" in done.stdout and "candidate: version" in done.stdout and "(promoted)" not in done.stdout
     # The progress lines (one per change, the run is not on a terminal): from the start to "100% done". Which
@@ -308,6 +309,7 @@ def test_alignd_train_starts_a_run_and_follows_it(trained: dict[str, Any]) -> No
     assert len(bars) >= 2 and "0% starting" in bars[0] and "100% done" in bars[-1]
     [latest, *_] = admin(srv, "GET", "/v1/training/runs?limit=1").json()["data"]
     assert latest["status"] == "succeeded" and latest["promoted"] is False
+    assert latest["config"]["objective"] == latest["metrics"]["objective"] == "rloo"
     assert admin(srv, "GET", f"/v1/policies/{latest['candidate']}").json()["status"] == "candidate"
     assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-1"
     refused = subprocess.run([sys.executable, "-m", "alignd.cli", "train", "--url", srv.url, "--admin-key", "nope"],
