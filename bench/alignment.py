@@ -137,7 +137,7 @@ def plot(path: Path, summary: dict[str, Any], goal: float) -> None:
     fig, axes = plt.subplots(1, 2 if iterations else 1, figsize=(11 if iterations else 7, 4), squeeze=False)
     ax = axes[0][0]
     served = sorted((int(k.removeprefix("policy-")), v["share"]) for k, v in summary["share_by_version"].items()
-                    if k.startswith("policy-"))
+                    if k.startswith("policy-") and "+" not in k)  # a side-by-side's replies are two versions'
     ax.plot([v for v, _ in served], [share for _, share in served], "o-", label=f"'{prefer}' share of served replies")
     final = promotions[-1]["version"] if promotions else 0
     for version, key in ((0, "base"), (final, "final")):
