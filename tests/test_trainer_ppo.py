@@ -12,7 +12,6 @@ import sys
 import threading
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import asdict
-from itertools import combinations
 from pathlib import Path
 
 import pytest
@@ -35,7 +34,6 @@ from alignd.trainer.gate import DECISION_FILE, Scorer, decide, evaluate, save_de
 from alignd.trainer.models import ADAPTER_WEIGHTS, POLICY, REWARD, ModelStack, load_stack
 from alignd.trainer.ppo import _accumulate, init_critic, make_experience, run_ppo
 from alignd.trainer.reward_model import (
-    PairGroup,
     RewardNormalization,
     fit_normalization,
     score_with_features,
@@ -51,9 +49,9 @@ from alignd.trainer.rollout import (
     make_rollout_backend,
     policy_logprobs,
 )
+from tests.style_adapters import ranking_pairs, user
 
 REPO = Path(__file__).resolve().parent.parent
-RANKING = ("enthusiastic", "friendly", "formal", "concise")  # the planted preference
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,23 +61,6 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def style_ranking_pairs(n_dialogues: int, seed: int) -> list[PairGroup]:
-    grouped: dict[str, dict[str, str]] = {}
-    for dialogue in generate_corpus(n_dialogues, seed=seed):
-        grouped.setdefault(dialogue.prompt, {})[dialogue.style] = dialogue.reply
-    groups = []
-    for prompt, replies in grouped.items():
-        ranked = [style for style in RANKING if style in replies]
-        weight = 1 / max(1, len(ranked) * (len(ranked) - 1) // 2)
-        groups.append([PreferencePair(prompt=user(prompt), chosen=replies[a], rejected=replies[b], weight=weight)
-                       for a, b in combinations(ranked, 2)])
-    return groups
 
 
 def prompt_ids(stack: ModelStack, texts: list[str]) -> list[list[int]]:
@@ -100,7 +81,7 @@ def config() -> TrainerConfig:
 def stack(tiny_model_dir: Path, config: TrainerConfig) -> ModelStack:
     """The tiny model with a reward model for the planted style ranking; the policy adapter is still fresh."""
     stack = load_stack(tiny_model_dir, config)
-    figures = train_reward_model(stack, style_ranking_pairs(400, seed=5), RewardConfig(epochs=2), config.lora)
+    figures = train_reward_model(stack, ranking_pairs(400, seed=5), RewardConfig(epochs=2), config.lora)
     assert figures.heldout_accuracy is not None and figures.heldout_accuracy >= 0.9
     return stack
 
@@ -407,7 +388,7 @@ def test_the_kl_controller_holds_kl_near_its_target_on_the_demo_model(demo_model
                            gate=GateConfig(kl_budget=100.0), device="cpu", dtype="float32")
     torch.set_num_threads(1)  # a fixed thread count: the same numbers every run
     stack = load_stack(demo_model_dir, config)
-    train_reward_model(stack, style_ranking_pairs(400, seed=5), RewardConfig(epochs=2), config.lora)
+    train_reward_model(stack, ranking_pairs(400, seed=5), RewardConfig(epochs=2), config.lora)
     torch.manual_seed(1)
     reference = HFRollouts().generate(stack, prompt_ids(stack, [p.text for p in training_prompts(64, seed=1)]),
                                       None, Sampling(1.0, 48))
