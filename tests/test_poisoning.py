@@ -90,8 +90,12 @@ def test_the_contrary_few_are_flagged_and_the_policy_moves_the_honest_way(poison
     listed = httpx.get(f"{srv.url}/v1/admin/users", params={"flagged": "true"}, headers=bearer(ADMIN)).json()["data"]
     assert {u["user"] for u in listed} == {"contrary-0", "contrary-1"}
     assert all(u["scored_run"] == run.id and u["judgements"] >= 7 and u["trust"] == "default" for u in listed)
-    honest = httpx.get(f"{srv.url}/v1/admin/users/sim-3", headers=bearer(ADMIN)).json()["trust"]
-    assert honest["flagged"] is False and honest["agreement"] > 0.5
+    # The honest users are scored too, none flagged, and as a group they agree with the consensus (one user's ~16
+    # judgements are too few to say so of each: sim-3 once scored 0.31 without being flagged).
+    honest = [httpx.get(f"{srv.url}/v1/admin/users/sim-{i}", headers=bearer(ADMIN)).json()["trust"] for i in range(16)]
+    scored = sorted(u["agreement"] for u in honest if u.get("agreement") is not None)
+    assert not any(u["flagged"] for u in honest) and len(scored) >= 12, honest
+    assert scored[len(scored) // 2] > 0.5, scored
 
 
 def test_one_user_sending_half_of_the_events_is_capped(poisoned: dict[str, Any]) -> None:

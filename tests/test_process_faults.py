@@ -95,8 +95,14 @@ class Serve:
         return r.json()["system_fingerprint"]
 
     def run(self, timeout: float = 600) -> dict[str, Any]:
-        """Start a training run; its row."""
-        r = self.request("POST", "/v1/training/runs")
+        """Start a training run; its row. A server SIGKILLed before this one (an earlier test, same database) may
+        still hold the trainer lease: it lapses within its 30 s, and the start is refused with 409 until then."""
+        deadline = time.monotonic() + 45
+        while True:
+            r = self.request("POST", "/v1/training/runs")
+            if r.status_code != 409 or "trainer lease" not in r.text or time.monotonic() > deadline:
+                break
+            time.sleep(2)
         assert r.status_code == 202, r.text
         return r.json()
 

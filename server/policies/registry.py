@@ -162,7 +162,7 @@ class PolicyRegistry:
             self.router.canary.share, self.router.canary.side_by_side = share, side_by_side
             return
         try:
-            if row.version not in self.engine.loaded_versions:
+            if not self._holds(row.version):
                 await self._load(row)
         except Unprocessable as e:
             log.error("cannot load the canary policy %d, not routing to it: %s", row.version, e.message)
@@ -180,8 +180,13 @@ class PolicyRegistry:
                            code="policy_not_found")
         return row
 
+    def _holds(self, version: int) -> bool:
+        """Whether this registry loaded ``version`` into the engine and the engine still has it (another app sharing
+        the engine, as tests' apps do, may hold a version of the same number from its own database)."""
+        return self.engine is not None and version in self._loaded and version in self.engine.loaded_versions
+
     def _wire(self, row: PolicyRow) -> Policy:
-        loaded = row.version == 0 or (self.engine is not None and row.version in self.engine.loaded_versions)
+        loaded = row.version == 0 or self._holds(row.version)
         return Policy(version=row.version, status=row.status, parent=row.parent, run_id=row.run_id,  # type: ignore[arg-type]
                       created=row.created.isoformat(), promoted_at=_iso(row.promoted_at), loaded=loaded,
                       metrics=row.metrics, reason=row.reason)
@@ -223,7 +228,7 @@ class PolicyRegistry:
             if self.engine is None:
                 raise Conflict("The engine is still loading; retry shortly.", code="engine_not_ready")
             started = time.perf_counter()
-            if version and version not in self.engine.loaded_versions:
+            if version and not self._holds(version):
                 await self._load(row)
             failpoint("promote:loaded")  # tests: a crash with the adapter loaded, the database not yet written
             # The database first: if the write fails, nothing was switched (and replicas agree with us).
@@ -252,7 +257,7 @@ class PolicyRegistry:
                 await self._resume_canary()  # another replica's canary starts, changes share or ends here too
             if not self.ready or version is None or version == self.router.promoted:
                 return False
-            if version and version not in self.engine.loaded_versions:
+            if version and not self._holds(version):
                 try:
                     await self._load(await self._row(version))
                 except Unprocessable as e:
@@ -287,7 +292,7 @@ class PolicyRegistry:
                                param="version", code="not_a_candidate")
             if self.engine is None:
                 raise Conflict("The engine is still loading; retry shortly.", code="engine_not_ready")
-            if version not in self.engine.loaded_versions:
+            if not self._holds(version):
                 await self._load(row)
             running = self.router.canary
             if running is not None and running.version != version:
