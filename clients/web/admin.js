@@ -19,10 +19,15 @@ function adminKey() {
 }
 
 async function api(path, options = {}) {
+  const key = adminKey();
   try {
-    return await requestJSON(path, { ...options, key: adminKey() });
+    return await requestJSON(path, { ...options, key });
   } catch (err) {
-    if (err instanceof ApiError && err.status === 401) showLogin(`That key was not accepted: ${err.plain.detail || err.plain.text}`);
+    // A refusal of a key the operator has since replaced (a late answer to the wrong key's load) must not hide the
+    // panels that the right key just opened.
+    if (err instanceof ApiError && err.status === 401 && key === adminKey()) {
+      showLogin(`That key was not accepted: ${err.plain.detail || err.plain.text}`);
+    }
     throw err;
   }
 }
