@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from importlib.metadata import version
 from typing import Any
 
@@ -28,7 +28,8 @@ from alignd.api.privacy import RetentionController, UserController
 from alignd.api.training import TrainingController
 from alignd.api.web import web_router
 from alignd.auth import user_guard
-from alignd.config import Settings
+from alignd.cluster import Role
+from alignd.config import ConfigError, Settings
 from alignd.errors import AlignError, DatabaseUnavailable
 from alignd.feedback.manager import AlignPluginManager, collect_routes, make_plugin_manager
 from alignd.protocol import ErrorDetail, ErrorResponse
@@ -40,9 +41,11 @@ log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings, *, engine: Any = None, store: Store | None = None,
-               plugins: AlignPluginManager | None = None) -> Litestar:
+               plugins: AlignPluginManager | None = None, role: Role | None = None) -> Litestar:
     """The app for ``settings``. An ``engine`` or ``store`` passed in is used as is and not closed by the app;
-    ``plugins`` (a plugin manager) replaces the one built from the settings."""
+    ``plugins`` (a plugin manager) replaces the one built from the settings. ``role="trainer"`` (``alignd trainer``)
+    serves only ``/health``, ``/ready`` and ``/metrics``. A start refused by a configuration check leaves its
+    message in ``app.state.startup_error``."""
     plugin_routes_added = False
 
     @asynccontextmanager
@@ -50,8 +53,14 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
         nonlocal plugin_routes_added
         # Plugins first: a broken or conflicting plugin stops the start before anything is opened.
         pm = plugins if plugins is not None else make_plugin_manager(settings)
-        plugin_routes = collect_routes(pm)
-        async with open_services(settings, engine=engine, store=store, plugins=pm) as services:
+        plugin_routes = collect_routes(pm) if role != "trainer" else []
+        async with AsyncExitStack() as stack:
+            try:
+                services = await stack.enter_async_context(
+                    open_services(settings, engine=engine, store=store, plugins=pm, role=role))
+            except ConfigError as e:  # the CLI prints it and exits 2
+                app.state.startup_error = str(e)
+                raise
             app.state.services = services
             app.state.feedback = services.feedback  # how plugin routes stored feedback before they could ask for it
             if not plugin_routes_added:  # Litestar refuses a route twice, should this app be started again
@@ -60,9 +69,11 @@ def create_app(settings: Settings, *, engine: Any = None, store: Store | None = 
                 plugin_routes_added = True
             yield
 
+    handlers: list[Any] = [HealthController] if role == "trainer" else [
+        ChatController, FeedbackController, PolicyController, TrainingController, PluginController, KeyController,
+        UserController, RetentionController, HealthController, web_router()]
     return Litestar(
-        route_handlers=[ChatController, FeedbackController, PolicyController, TrainingController, PluginController,
-                        KeyController, UserController, RetentionController, HealthController, web_router()],
+        route_handlers=handlers,
         dependencies={"chat": Provide(ready_chat, sync_to_thread=False),
                       **{name: Provide(_service(name), sync_to_thread=False) for name in _PROVIDED}},
         lifespan=[lifespan],

@@ -73,19 +73,31 @@ def _draining_server_class() -> type:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the server: build the demo model first if no model is configured, then serve."""
+    return _serve(args, trainer_process=False)
+
+
+def cmd_trainer(args: argparse.Namespace) -> int:
+    """Start the trainer process: training runs on the shared database, HTTP only for probes and metrics."""
+    return _serve(args, trainer_process=True)
+
+
+def _serve(args: argparse.Namespace, *, trainer_process: bool) -> int:
     import uvicorn
 
     from alignd.app import create_app
+    from alignd.cluster import check_role, role_of
     from alignd.feedback.manager import PluginError, collect_feedback_kinds, make_plugin_manager
     from alignd.models import resolve_model
 
     settings = _settings(args)
-    if refusal := _open_bind_refusal(settings):
+    role = role_of(settings, trainer_process)
+    check_role(settings, role)  # before the demo model is built or anything opened
+    if not trainer_process and (refusal := _open_bind_refusal(settings)):
         print(f"alignd: {refusal}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.server.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not _has_client_keys(settings):
+    if not trainer_process and not _has_client_keys(settings):
         logging.getLogger("alignd").warning(
             "no client keys (--api-key, --key NAME:user|frontend:KEY): /v1/*, /metrics and /schema are open to "
             "anyone who can reach %s:%d until a user or frontend key is added (POST /v1/admin/keys)",
@@ -102,12 +114,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model = resolve_model(settings.model, settings.data_path)
     if model != settings.model:
         settings = load_settings({**cli_values(args), "model": model}, config_file=getattr(args, "config", None))
-    app = create_app(settings, plugins=plugins)
+    app = create_app(settings, plugins=plugins, role=role)
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,
                             log_level=settings.server.log_level, lifespan="on", access_log=False)
     server = _draining_server_class()(config, app, settings.server.shutdown_grace_s)
     server.run()
+    if refused := getattr(app.state, "startup_error", None):  # a cluster check stopped the start
+        print(f"alignd: {refused}", file=sys.stderr)
+        return 2
     services = getattr(app.state, "services", None)  # set by the lifespan
     return 1 if services is not None and services.engine_error else 0
 
@@ -181,6 +196,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the OpenAI-compatible API. Options come from alignd.toml < ALIGND_* environment < flags.")
     add_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+
+    trainer = sub.add_parser(
+        "trainer", help="Run training for serving replicas (serve --trainer off) on the same PostgreSQL database.",
+        description="The trainer process of a cluster: no chat API; it holds the trainer lease (a second one waits "
+                    "as standby), runs the training runs replicas queue and automatic ones, generates rollouts "
+                    "with its own engine, and registers and promotes candidates in the database, where the "
+                    "replicas pick them up. HTTP on --host/--port: /health, /ready and /metrics only. Same options "
+                    "as serve (database, model, trainer); see docs/deploy.md.")
+    add_arguments(trainer)
+    trainer.set_defaults(func=cmd_trainer)
 
     demo = sub.add_parser("demo-model", help="Build the built-in demo model offline (cached).",
                           description="Generate the synthetic corpus, train a tokenizer and pretrain a small Llama.")

@@ -121,6 +121,12 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         float, Meta(ge=0, description="On SIGTERM, seconds in-flight requests get to finish before they are cut.")
     ] = 30.0
     log_level: Annotated[str, Meta(description="Log level: debug, info, warning, error.")] = "info"
+    trainer: Annotated[
+        str, Meta(pattern="^(on|off)$", description="on: this process also trains (one box). off: a serving "
+                  "replica (chat, feedback, policy sync) that never trains: POST /v1/training/runs queues the run "
+                  "for an `alignd trainer` process on the same PostgreSQL database (SQLite is refused). See "
+                  "docs/deploy.md.")
+    ] = "on"
 
 
 class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -133,9 +139,17 @@ class StoreSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = None
     batch_max: Annotated[int, Meta(ge=1, description="Most rows committed together in one group commit.")] = 256
     policy_sync_s: Annotated[
-        float, Meta(ge=0, description="PostgreSQL: seconds between checks for a version another replica promoted "
-                    "(this one then loads and serves it too; the policies folder must be shared). 0: never.")
+        float, Meta(ge=0, description="Seconds between polls of the database for promotions (the fallback on "
+                    "PostgreSQL, where LISTEN/NOTIFY brings them at once). 0: never poll.")
     ] = 5.0
+    heartbeat_s: Annotated[
+        float, Meta(gt=0, description="Seconds between two heartbeats of this process into the database (ready, "
+                    "loaded versions, served version); a replica is live while its last one is at most 3 periods old.")
+    ] = 5.0
+    promotion_timeout_s: Annotated[
+        float, Meta(gt=0, description="Seconds a promotion waits for every live replica to load it before the served "
+                    "name flips to it without the laggards, which then answer /ready 503 until they load it.")
+    ] = 120.0
     retain_days: Annotated[
         Annotated[int, Meta(ge=1)] | None,
         Meta(description="Delete completions older than this many days, with their choices, the feedback on them "
@@ -327,6 +341,18 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                   "rest).")
     ] = 0
     trainer_seed: Annotated[int, Meta(description="Seed of the trainer (adapter init, data order, sampling).")] = 0
+    trainer_processes: Annotated[
+        int, Meta(ge=1, le=64, description="Processes each training run runs as, data parallel: one per GPU (each "
+                  "takes cuda:<rank> of the GPUs CUDA_VISIBLE_DEVICES shows it, NCCL), or several on the CPU "
+                  "(gloo). Rank 0 talks to the server; gradients are summed over the ranks, so a step is the one a "
+                  "single process would take. 1: one process, as before.")
+    ] = 1
+    trainer_distributed: Annotated[
+        str, Meta(pattern="^(ddp|fsdp)$", description="How --trainer-processes share the model: ddp (each rank "
+                  "holds the whole base; gradients all-reduced). fsdp (FSDP2, the base sharded over the ranks, for a "
+                  "base that does not fit one GPU) is documented in docs/training.md but not implemented yet: "
+                  "refused at startup.")
+    ] = "ddp"
     objective: Annotated[
         str, Meta(pattern="^(ppo|grpo|rloo)$", description="How runs optimise the policy against the reward model: "
                   "ppo (a critic and GAE), grpo (group-normalised advantages over --samples-per-prompt replies per "

@@ -417,14 +417,64 @@ class Policy(msgspec.Struct, kw_only=True):
     """Gate figures: ``reward``, ``kl`` and the current policy's ones it was compared with."""
     reason: str | None
     """Why the gate rejected it, or why it was promoted by hand."""
+    loaded_on: list[str] | None = None
+    """Instance ids of the live replicas that have it loaded (see ``PolicyList.replicas``)."""
     object: Literal["policy"] = "policy"
 
 
+class Replica(msgspec.Struct, kw_only=True):
+    """A live replica (a serving process on the database), as its last heartbeat reported it."""
+
+    instance_id: str
+    """host-pid-random, per process."""
+    host: str
+    pid: int
+    role: str
+    ready: bool
+    """Whether it answers ``/ready`` with 200 (false while starting, or as a laggard of a promotion)."""
+    loaded: list[int]
+    """Versions it has loaded (0, the base, always)."""
+    serving: int | None
+    """The version its served name routes to."""
+    error: str | None
+    """Why its last load of the promoted version failed, if it did."""
+    started_at: str
+    last_seen: str
+    this: bool = False
+    """Whether it is the replica that answered this request."""
+
+
+class Promotion(msgspec.Struct, kw_only=True):
+    """The served name's two-phase promotion: ``desired`` (what was promoted) becomes ``served`` (what the served name
+    means) once every live, ready replica has loaded it, or after ``--promotion-timeout-s`` without the laggards."""
+
+    desired: int
+    served: int
+    pending: bool
+    """``desired`` is not served yet."""
+    desired_at: str | None
+    served_at: str | None
+    """When the last flip happened."""
+    deadline: str | None
+    """While pending: when it flips without the replicas still loading it."""
+    loaded_on: list[str]
+    """Live replicas that have ``desired`` loaded."""
+    waiting_for: list[str]
+    """While pending: live, ready replicas that have not loaded ``desired`` yet."""
+    laggards: dict[str, str]
+    """Replicas the last flip went ahead without, and why (they are not ready until they load it)."""
+    flipped_by: str | None
+    reason: str | None
+
+
 class PolicyList(msgspec.Struct, kw_only=True):
-    """``GET /v1/policies``: newest first."""
+    """``GET /v1/policies``: newest first, with the promotion's state and the live replicas."""
 
     data: list[Policy]
     promoted: int
+    """The version this replica serves as the served name."""
+    promotion: Promotion | None = None
+    replicas: list[Replica] = msgspec.field(default_factory=list)
     object: Literal["list"] = "list"
 
 
@@ -464,7 +514,8 @@ class RollbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     version: PolicyVersion | None = None
 
 
-RunStatus = Literal["running", "succeeded", "failed", "cancelled"]
+RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+"""``queued``: requested on a serving replica (``--trainer off``), waiting for the ``alignd trainer`` process."""
 Objective = Literal["ppo", "grpo", "rloo"]
 """How a run optimises the policy against the reward model (``alignd.trainer.run.OPTIMIZERS``): ``ppo`` (critic and
 GAE), ``grpo`` or ``rloo`` (critic-free: several replies per prompt, each judged against its group)."""

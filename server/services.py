@@ -1,12 +1,19 @@
 """What one alignd app is made of, and their lifetime: :func:`open_services` builds them in order, starts the engine
 in the background and tears everything down in reverse; handlers receive them through Litestar dependencies.
 
-Start-up order: plugins first (a broken or conflicting plugin stops the start before anything is opened), the store
-(schema migrated), the feedback service with every plugin's ``startup``, the key ring (configured keys checked against
-the stored ones), the router and registry, the trainer's supervisor, retention (with ``--retain-days``, a background
-pass now and every ``--retention-interval-s``), then the engine, in the background: the HTTP
-server answers as soon as this returns, with ``/ready`` and chat answering 503 until the engine is up, so that
-orchestrators can tell "alive" from "ready".
+One composition for the three roles (:mod:`alignd.cluster`): ``all`` (one box), ``serve`` (a replica that never
+trains: its training-run service is the database queue, :class:`alignd.trainer.queue.RunQueue`) and ``trainer``
+(``alignd trainer``: the supervisor holds the trainer lease and takes queued runs; the canary's live test is judged
+by the replicas that serve its traffic).
+
+Start-up order: plugins first (a broken or conflicting plugin stops the start before anything is opened), the role's
+database checked (a split role on SQLite is refused before it is opened), the store (schema migrated), the cluster
+checks (the base model the database records, the promoted adapter's SHA-256: a mismatch stops the start before
+anything is written), the feedback service with every plugin's ``startup``, the key ring (configured keys checked
+against the stored ones), the router and registry, the trainer's supervisor, retention (with ``--retain-days``, a
+background pass now and every ``--retention-interval-s``), then the engine, in the background: the HTTP server
+answers as soon as this returns, with ``/ready`` and chat answering 503 until the engine is up, so that orchestrators
+can tell "alive" from "ready".
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -23,6 +31,7 @@ from typing import Any
 
 from alignd.auth import AllowedHosts
 from alignd.chat import ChatService
+from alignd.cluster import Role, check_database, check_role, role_of
 from alignd.config import ConfigError, Settings
 from alignd.feedback.manager import AlignPluginManager, collect_feedback_kinds, make_plugin_manager
 from alignd.feedback.service import FeedbackService
@@ -36,6 +45,7 @@ from alignd.policies.router import PolicyRouter
 from alignd.privacy import PrivacyService
 from alignd.store import Store
 from alignd.trainer.config import trainer_config
+from alignd.trainer.queue import RunQueue
 from alignd.trainer.supervisor import TrainerSupervisor, TriggerPolicy, default_threads
 
 __all__ = ["Services", "open_services"]
@@ -58,9 +68,11 @@ class Services:
     feedback: FeedbackService
     router: PolicyRouter
     registry: PolicyRegistry
-    trainer: TrainerSupervisor
+    trainer: TrainerSupervisor | RunQueue
+    """Training runs: the supervisor (roles ``all`` and ``trainer``) or, on a serving replica, the queue."""
     canary: CanaryExperiment
     privacy: PrivacyService
+    role: Role = "all"
     engine: Any = None
     """The serving engine (:class:`alignd.engine.vllm_engine.VLLMEngine`, or one a test passes in)."""
     chat: ChatService | None = None
@@ -77,22 +89,26 @@ class Services:
 
 @asynccontextmanager
 async def open_services(settings: Settings, *, engine: Any = None, store: Store | None = None,
-                        plugins: AlignPluginManager | None = None) -> AsyncIterator[Services]:
+                        plugins: AlignPluginManager | None = None, role: Role | None = None) -> AsyncIterator[Services]:
     """The app's services for its lifetime. An ``engine`` or ``store`` passed in is used as is and not closed here;
-    ``plugins`` replaces the manager built from the settings."""
+    ``plugins`` replaces the manager built from the settings; ``role`` defaults to ``--trainer``'s (all or serve)."""
+    role = role or role_of(settings)
     pm = plugins if plugins is not None else make_plugin_manager(settings)
     kinds = collect_feedback_kinds(pm)
+    check_role(settings, role)
     metrics = Metrics()
     opened = store or await Store.open(settings.database_url, batch_max=settings.store.batch_max)
     feedback: FeedbackService | None = None
     services: Services | None = None
     try:
+        await check_database(opened, resolve_model(settings.model, settings.data_path), settings.data_path)
         feedback = FeedbackService(opened, pm, metrics, settings, kinds=kinds)
         await feedback.start()
-        services = _assemble(settings, metrics, pm, opened, feedback)
+        services = _assemble(settings, metrics, pm, opened, feedback, role)
         await services.keys.check_store()
         await services.trainer.open()
-        services._tasks.append(asyncio.create_task(services.canary.run(), name="alignd-canary"))
+        if role != "trainer":  # the replicas serving the canary's traffic judge it (they count its requests)
+            services._tasks.append(asyncio.create_task(services.canary.run(), name="alignd-canary"))
         if not opened.embedded and settings.store.policy_sync_s > 0:  # replicas share PostgreSQL
             services._tasks.append(asyncio.create_task(_follow_promotions(services), name="alignd-policy-sync"))
         if settings.store.retain_days is not None:  # every replica may run it: deleting twice finds nothing
@@ -119,11 +135,15 @@ async def open_services(settings: Settings, *, engine: Any = None, store: Store 
 
 
 def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, store: Store,
-              feedback: FeedbackService) -> Services:
+              feedback: FeedbackService, role: Role) -> Services:
     t = settings.trainer
     if t.lora_rank > settings.engine.max_lora_rank:
         raise ConfigError(f"trainer.lora_rank ({t.lora_rank}, --lora-rank) exceeds engine.max_lora_rank "
                           f"({settings.engine.max_lora_rank}, --max-lora-rank): the engine could not serve it")
+    if t.trainer_distributed == "fsdp":
+        raise ConfigError("trainer.trainer_distributed fsdp (--trainer-distributed) is not implemented yet: runs are "
+                          "data parallel with every rank holding the whole base (ddp). FSDP2 is for a base that does "
+                          "not fit one GPU; see docs/training.md, 'Several processes and GPUs'")
     services: Services | None = None
 
     def loaded_versions() -> list[int]:
@@ -135,13 +155,19 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                               keep_loaded=settings.engine.max_loras - 1)  # one slot for rollouts
     trigger = TriggerPolicy(auto=t.training_trigger == "auto", min_new_pairs=t.min_new_pairs,
                             min_new_labels=t.min_new_labels, min_interval_s=t.min_interval_s)
-    trainer = TrainerSupervisor(store, registry, metrics,
-                                base_model=lambda: resolve_model(settings.model, settings.data_path),
-                                database_url=settings.database_url, runs_dir=settings.data_path / "runs",
-                                config=lambda request: trainer_config(t, request),
-                                threads=t.trainer_threads or default_threads(), trigger=trigger,
-                                run_timeout_s=t.run_timeout_s)
-    trainer.canary = canary = CanaryExperiment(registry, store, metrics, CanaryConfig.from_settings(t))
+    canary = CanaryExperiment(registry, store, metrics, CanaryConfig.from_settings(t))
+    trainer: TrainerSupervisor | RunQueue
+    if role == "serve":
+        trainer = RunQueue(store, router, lambda request: trainer_config(t, request),
+                           instance=f"{socket.gethostname()}-{os.getpid()}")
+    else:
+        trainer = TrainerSupervisor(store, registry, metrics,
+                                    base_model=lambda: resolve_model(settings.model, settings.data_path),
+                                    database_url=settings.database_url, runs_dir=settings.data_path / "runs",
+                                    config=lambda request: trainer_config(t, request),
+                                    threads=t.trainer_threads or default_threads(), trigger=trigger,
+                                    run_timeout_s=t.run_timeout_s, hold_lease=role == "trainer")
+        trainer.canary = canary
     server = settings.server
     if server.chat_max_concurrent and server.chat_max_concurrent * server.max_n >= settings.engine.max_num_seqs:
         log.warning("one caller may run %d chat requests of up to %d choices at once, as many sequences as the engine "
@@ -152,7 +178,7 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
                         allowed_hosts=AllowedHosts(server.allowed_hosts, server.host),
                         chat_limits=ChatLimits(server.chat_requests_per_minute, server.chat_max_concurrent),
                         plugins=pm, store=store, feedback=feedback, router=router, registry=registry, trainer=trainer,
-                        canary=canary, privacy=PrivacyService(store, feedback, metrics, settings))
+                        canary=canary, privacy=PrivacyService(store, feedback, metrics, settings), role=role)
     return services
 
 

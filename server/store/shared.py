@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import delete, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from alignd.store.tables import adapter_blobs, quota_counters, trainer_lease, training_runs
+from alignd.store.tables import adapter_blobs, policies, quota_counters, trainer_lease, training_runs
 
 __all__ = ["LOCK_LEASE", "LOCK_REGISTER", "SharedQueries", "serialize"]
 
@@ -52,6 +53,28 @@ class SharedQueries:
             rows = await conn.execute(select(adapter_blobs.c.sha256, adapter_blobs.c.data)
                                       .where(adapter_blobs.c.sha256.in_(wanted)))
             return {r.sha256: bytes(r.data) for r in rows}
+
+    # --- the base model ---------------------------------------------------------------------------------------
+
+    async def record_base_model(self, identity: dict[str, Any]) -> dict[str, Any]:
+        """The base model's identity as the database records it (in version 0's ``metrics.base_model``): the one
+        recorded before, or ``identity``, recorded now when there was none (the first start). Nothing is written
+        when one is recorded already, whatever it says."""
+        self._check_open()
+        now = datetime.now(UTC)
+        async with self._write_engine.begin() as conn:
+            await serialize(conn, LOCK_REGISTER)  # two first starts: one inserts version 0
+            base = (await conn.execute(select(policies.c.metrics).where(policies.c.version == 0))).first()
+            if base is not None and (base.metrics or {}).get("base_model"):
+                return dict(base.metrics["base_model"])
+            if base is None:
+                await conn.execute(insert(policies).values(
+                    version=0, status="promoted", parent=None, run_id=None, adapter_path=None,
+                    metrics={"base_model": identity}, reason="the base model", created=now, promoted_at=now))
+            else:
+                await conn.execute(update(policies).where(policies.c.version == 0)
+                                   .values(metrics={**(base.metrics or {}), "base_model": identity}))
+        return identity
 
     # --- the trainer lease ------------------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ class RunRow(msgspec.Struct, kw_only=True):
 
     id: str
     status: str
-    """running | succeeded | failed | cancelled"""
+    """queued | running | succeeded | failed | cancelled"""
     phase: str
     progress: float
     trigger: str
@@ -234,6 +234,30 @@ class TrainingQueries:
             query = query.where(training_runs.c.status == status)
         async with self._engine.connect() as conn:
             return [_row(RunRow, r) for r in await conn.execute(query)]
+
+    async def oldest_queued_run(self) -> RunRow | None:
+        """The run waiting longest for the trainer process (runs are taken first in, first out)."""
+        self._check_open()
+        query = (select(training_runs).where(training_runs.c.status == "queued")
+                 .order_by(training_runs.c.created, training_runs.c.id).limit(1))
+        async with self._engine.connect() as conn:
+            row = (await conn.execute(query)).first()
+        return _row(RunRow, row) if row is not None else None
+
+    async def claim_queued_run(self, run_id: str, **values: Any) -> bool:
+        """Turn queued run ``run_id`` into ``values`` (its start); False when it is no longer queued (an operator
+        cancelled it meanwhile)."""
+        self._check_open()
+        async with self._write_engine.begin() as conn:
+            claimed = await conn.execute(update(training_runs)
+                                         .where(training_runs.c.id == run_id, training_runs.c.status == "queued")
+                                         .values(**values))
+        return claimed.rowcount == 1
+
+    async def end_queued_run(self, run_id: str, status: str, error: str, when: datetime) -> bool:
+        """Settle a run that never started (``cancelled`` by an operator, or ``failed``); False when it is not
+        queued."""
+        return await self.claim_queued_run(run_id, status=status, error=error, finished=when)
 
     async def fail_running_runs(self, error: str, when: datetime, owner: str | None = None) -> list[str]:
         """Mark runs still ``running`` as failed (their process is gone); returns their ids. With ``owner``, only

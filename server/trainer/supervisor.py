@@ -10,8 +10,12 @@ One trainer across replicas: a run starts only in the process holding the databa
 ``trainer_lease``), which it renews with a heartbeat every ``lease_s / 3`` while the run lasts (stamping the run's
 ``heartbeat`` too) and gives up when the run is settled. A process whose renewal finds the lease taken stops its run.
 A run whose holder holds no live lease (its server died, or lost the database for longer than the lease) is marked
-failed by the next process to take the lease: every supervisor looks for such runs while it is idle. This module
-imports no torch: the server imports it.
+failed by the next process to take the lease: every supervisor looks for such runs while it is idle.
+
+In the ``alignd trainer`` process (``hold_lease``) the supervisor holds the lease for as long as it runs, idle or
+not, so that a second trainer process stays standby (it retries every ``lease_s / 3`` and takes over within a lease
+of the first one's death); as the holder it takes the runs serving replicas queued (first in, first out) and starts
+automatic ones. This module imports no torch: the server imports it.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import msgspec
 
 from alignd.engine.rollouts import adapter_replies
 from alignd.errors import AlignError, Conflict, NotFound, Unavailable
@@ -95,7 +101,8 @@ class TrainerSupervisor:
 
     def __init__(self, store: Store, registry: PolicyRegistry, metrics: Metrics, *, base_model: Callable[[], str],
                  database_url: str, runs_dir: Path, config: Callable[[TrainingRunRequest], TrainerConfig], threads: int,
-                 trigger: TriggerPolicy, run_timeout_s: float | None, lease_s: float = 30.0) -> None:
+                 trigger: TriggerPolicy, run_timeout_s: float | None, lease_s: float = 30.0,
+                 hold_lease: bool = False) -> None:
         self.store = store
         self.registry = registry
         self.canary: CanaryExperiment | None = None
@@ -120,12 +127,21 @@ class TrainerSupervisor:
         self._auto: asyncio.Task[None] | None = None
         self.stopping = False
         """True once the server is shutting down: no run starts."""
+        self.hold_lease = hold_lease
+        """Hold the trainer lease while idle too, and take queued runs (the ``alignd trainer`` process)."""
+        self.holding: bool | None = None
+        """Whether this process held the lease at its last renewal (``hold_lease`` only; False: standby; None: not
+        known yet)."""
 
     # --- lifecycle --------------------------------------------------------------------------------------------
 
     async def open(self) -> None:
         """Fail the runs a previous server left running (their process died with it); start the heartbeat and the
         auto trigger."""
+        if self.hold_lease:  # the lease comes first: runs, orphans and the queue are the holder's business
+            self._watch = asyncio.create_task(self._hold(), name="alignd-trainer-lease")
+            self._auto = asyncio.create_task(self._auto_trigger(), name="alignd-training-trigger")
+            return
         if self.store.embedded:  # one process owns a SQLite file: every run still running is an orphan
             for run_id in await self.store.fail_running_runs("the server stopped during the run", datetime.now(UTC)):
                 log.warning("training run %s was orphaned by a server restart: marked failed", run_id)
@@ -165,6 +181,11 @@ class TrainerSupervisor:
         if self._watch is not None:
             self._watch.cancel()
             await asyncio.gather(self._watch, return_exceptions=True)
+        if self.hold_lease and self.holding:  # a standby trainer takes over now rather than after the lease
+            try:
+                await self.store.release_lease(self.owner)
+            except Exception:
+                log.exception("could not give the trainer lease back; it expires in %.0f s", self.lease_s)
 
     # --- the trainer lease ------------------------------------------------------------------------------------
 
@@ -187,6 +208,40 @@ class TrainerSupervisor:
                 raise
             except Exception:  # the database may be briefly away: the next beat tries again
                 log.exception("the trainer heartbeat failed; retrying")
+
+    async def _hold(self) -> None:
+        """``hold_lease``: take or renew the lease every ``lease_s / 3`` (stamping the running run's heartbeat);
+        standby, retrying, while another process holds it. Taking it over fails the runs its last holder left."""
+        while True:
+            try:
+                await self._renew()
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database may be briefly away: the next beat tries again
+                log.exception("renewing the trainer lease failed; retrying")
+            await asyncio.sleep(self.lease_s / 3)
+
+    async def _renew(self) -> None:
+        active = self.current
+        if active is not None:
+            if not await self.store.heartbeat(self.owner, self.lease_s, active.row.id):
+                self.holding = False
+                log.error("training run %s lost the trainer lease (not renewed in time; another process took it): "
+                          "stopping it", active.row.id)
+                self._stop(active, "this trainer lost the trainer lease (its heartbeat lapsed and another process "
+                                   "took it)")
+            return
+        if self.stopping:
+            return
+        holder = await self.store.acquire_lease(self.owner, self.lease_s)
+        if holder is None and self.holding is not True:
+            self.holding = True
+            log.info("took the trainer lease (%s): this trainer is active", self.owner)
+            async with self._start_lock:
+                await self._fail_orphans()
+        elif holder is not None and self.holding is not False:
+            self.holding = False
+            log.info("standby: %s holds the trainer lease; retrying every %.0f s", holder, self.lease_s / 3)
 
     async def sweep(self) -> list[str]:
         """Mark failed the runs whose trainer stopped heartbeating (their holder holds no live lease), taking the
@@ -223,8 +278,10 @@ class TrainerSupervisor:
             raise NotFound(f"There is no training run '{run_id}'.", param="id", code="run_not_found")
         return wire_run(row)
 
-    async def start(self, request: TrainingRunRequest, trigger: str = "manual") -> TrainingRun:
-        """Start a run now; 409 while another runs or when there is nothing to train on."""
+    async def start(self, request: TrainingRunRequest, trigger: str = "manual",
+                    queued: RunRow | None = None) -> TrainingRun:
+        """Start a run now (``queued``: the run a serving replica queued, which keeps its id); 409 while another runs
+        or when there is nothing to train on."""
         async with self._start_lock:
             if self.current is not None:
                 raise Conflict(f"Training run {self.current.row.id} is in progress; one run at a time.",
@@ -245,6 +302,7 @@ class TrainerSupervisor:
             if holder is not None:
                 raise Conflict(f"Another server ({holder}) holds the trainer lease: one training run at a time across "
                                "replicas.", code="run_in_progress")
+            self.holding = True
             try:
                 await self._fail_orphans()  # the lease was free or expired: a run still "running" has no trainer
                 parent = self.registry.router.promoted
@@ -252,13 +310,20 @@ class TrainerSupervisor:
                 adapter = await self.registry.materialize(parent_row) if parent_row is not None else None
                 parent_adapter = str(adapter) if adapter is not None else None
                 now = datetime.now(UTC)
-                row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="running", phase="starting", progress=0.0,
-                             trigger=trigger, parent=parent, candidate=None, promoted=False,
-                             config={**dataclasses.asdict(config), "owner": self.owner}, metrics={}, error=None,
-                             created=now, finished=None, holder=self.owner, heartbeat=now)
-                await self.store.insert_run(row)
+                row = RunRow(id=queued.id if queued else f"run-{uuid.uuid4().hex[:12]}", status="running",
+                             phase="starting", progress=0.0, trigger=trigger, parent=parent, candidate=None,
+                             promoted=False, config={**dataclasses.asdict(config), "owner": self.owner}, metrics={},
+                             error=None, created=queued.created if queued else now, finished=None, holder=self.owner,
+                             heartbeat=now)
+                if queued is None:
+                    await self.store.insert_run(row)
+                else:
+                    row.config["request"] = queued.config.get("request") or {}
+                    started = {k: v for k, v in msgspec.structs.asdict(row).items() if k not in ("id", "created")}
+                    if not await self.store.claim_queued_run(row.id, **started):
+                        raise Conflict(f"Training run {row.id} is no longer queued.", code="run_not_queued")
             except BaseException:
-                await asyncio.shield(self.store.release_lease(self.owner))
+                await asyncio.shield(self._give_lease_back())
                 raise
             reward_model, kl_coef = await self._carried_over()
             job = RunJob(run_id=row.id, base_model=self.base_model(), database_url=self.database_url,
@@ -271,7 +336,7 @@ class TrainerSupervisor:
             except BaseException as e:
                 await asyncio.shield(self.store.update_run(row.id, status="failed", finished=datetime.now(UTC),
                                                            error=f"the trainer process did not start: {e!r}"))
-                await asyncio.shield(self.store.release_lease(self.owner))
+                await asyncio.shield(self._give_lease_back())
                 raise
             self.current = active
             active.task = asyncio.create_task(self._supervise(active), name=f"alignd-{row.id}")
@@ -310,6 +375,8 @@ class TrainerSupervisor:
     async def cancel(self, run_id: str) -> TrainingRun:
         active = self.current
         if active is None or active.row.id != run_id:
+            if await self.store.end_queued_run(run_id, "cancelled", "cancelled by an operator", datetime.now(UTC)):
+                return await self.get(run_id)
             await self.get(run_id)  # 404 for an unknown id
             raise Conflict(f"Training run {run_id} is not running.", code="run_not_running")
         self._stop(active, "cancelled by an operator", cancelled=True)
@@ -363,9 +430,14 @@ class TrainerSupervisor:
                 self.current = None
                 self.metrics.training_running.set(0)
                 try:  # a lease not given back expires (and an unsettled run is then failed by the next holder)
-                    await self.store.release_lease(self.owner)
+                    await self._give_lease_back()
                 except Exception:
                     log.exception("could not give the trainer lease back; it expires in %.0f s", self.lease_s)
+
+    async def _give_lease_back(self) -> None:
+        """After a run (or a start that failed): give the lease back, unless this process holds it for good."""
+        if not self.hold_lease:
+            await self.store.release_lease(self.owner)
 
     async def _handle(self, active: _ActiveRun, message: tuple[Any, ...], calls: set[asyncio.Task[None]]) -> None:
         kind = message[0]
@@ -479,6 +551,12 @@ class TrainerSupervisor:
         while True:
             await asyncio.sleep(self.trigger.poll_s)
             try:
+                if self.hold_lease and (not self.holding or self.current is not None or not self.registry.ready):
+                    continue  # standby, busy, or the engine still loading
+                if self.hold_lease and await self.take_queued():
+                    continue
+                if not self.trigger.auto:
+                    continue
                 # While a canary is under its live test, the next candidate waits for the verdict: starting it
                 # would end that test before users could decide it (and train from a parent about to change).
                 if (self.current is None and self.registry.ready and self.registry.router.canary is None
@@ -490,6 +568,25 @@ class TrainerSupervisor:
                 pass
             except Exception:
                 log.exception("the automatic training trigger failed; retrying later")
+
+    async def take_queued(self) -> bool:
+        """Start the run queued longest ago, if any; True when one was taken (started, or failed because it cannot
+        start: a queued run that would be refused now is not retried for ever)."""
+        from alignd.trainer.queue import queued_request  # it imports this module
+
+        row = await self.store.oldest_queued_run()
+        if row is None:
+            return False
+        try:
+            await self.start(queued_request(row), trigger=row.trigger, queued=row)
+        except Unavailable:
+            return False  # the model is loading or the server stopping: it stays queued
+        except AlignError as e:
+            if e.code == "run_in_progress":
+                return False
+            await self.store.end_queued_run(row.id, "failed", f"it could not start: {e.message}", datetime.now(UTC))
+            log.warning("queued training run %s could not start: %s", row.id, e.message)
+        return True
 
     async def _due(self) -> bool:
         pairs, labels = await self.store.count_unused_signal()
