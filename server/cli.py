@@ -85,7 +85,7 @@ def _serve(args: argparse.Namespace, *, trainer_process: bool) -> int:
     import uvicorn
 
     from alignd.app import create_app
-    from alignd.cluster import check_role, role_of
+    from alignd.cluster import check_role, preflight, role_of
     from alignd.feedback.manager import PluginError, collect_feedback_kinds, make_plugin_manager
     from alignd.models import resolve_model
 
@@ -114,6 +114,7 @@ def _serve(args: argparse.Namespace, *, trainer_process: bool) -> int:
     model = resolve_model(settings.model, settings.data_path)
     if model != settings.model:
         settings = load_settings({**cli_values(args), "model": model}, config_file=getattr(args, "config", None))
+    asyncio.run(preflight(settings, model))  # a misconfigured cluster stops here (ConfigError: exit 2)
     app = create_app(settings, plugins=plugins, role=role)
     config = uvicorn.Config(app, host=settings.server.host, port=settings.server.port,
                             timeout_graceful_shutdown=int(settings.server.shutdown_grace_s) or None,

@@ -24,7 +24,7 @@ from alignd.config import ConfigError, Settings
 from alignd.policies.registry import file_sha256
 from alignd.store import Store
 
-__all__ = ["ClusterMisconfigured", "Role", "base_identity", "check_database", "check_role", "role_of"]
+__all__ = ["ClusterMisconfigured", "Role", "base_identity", "check_database", "check_role", "preflight", "role_of"]
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,13 @@ async def check_database(store: Store, model: str, data_path: Path) -> None:
             f"{identity.get('sha256') or 'n/a'}). Every process on one database must serve and train the same base "
             "model (--model); adapters trained on one are meaningless on another.")
     await _check_promoted_adapter(store, data_path)
+
+
+async def preflight(settings: Settings, model: str) -> None:
+    """The database checks of :func:`check_database` on a store of their own, before a process starts serving (the
+    CLI runs it so that a refusal is one line and exit status 2, not a failed server start)."""
+    async with await Store.open(settings.database_url, batch_max=settings.store.batch_max) as store:
+        await check_database(store, model, settings.data_path)
 
 
 async def _check_promoted_adapter(store: Store, data_path: Path) -> None:
