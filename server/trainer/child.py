@@ -7,6 +7,9 @@ Messages (the server's side is :mod:`alignd.trainer.supervisor`):
   replies with the serving engine (the adapter loaded under a reserved version users cannot reach);
 - ``("result", RunResult)`` or ``("error", message, traceback)``: the outcome.
 
+With ``--trainer-processes N`` this process is rank 0 of N and starts the others (:mod:`alignd.trainer.distributed`);
+a rank that fails fails the run: rank 0 reports why and exits, and the others die with it.
+
 The process dies with the server: on Linux the kernel SIGKILLs it when the server's thread that started it ends
 (``PR_SET_PDEATHSIG``; the supervisor starts runs from its event loop's thread, which lives as long as the server),
 and on every platform a watcher thread SIGKILLs it within a second of the server's pid going away, so a server killed
@@ -42,14 +45,19 @@ class RunLink:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self._calls = itertools.count()
+        self._sending = threading.Lock()  # the ranks' watcher thread may send the outcome too
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self._sending:
+            self.conn.send(message)
 
     def report(self, phase: str, progress: float, metrics: dict[str, Any] | None = None) -> None:
         failpoint(f"trainer:{phase}")  # tests: a crash as the run enters this phase
-        self.conn.send(("progress", phase, progress, metrics or {}))
+        self.send(("progress", phase, progress, metrics or {}))
 
     def call(self, method: str, payload: dict[str, Any]) -> Any:
         n = next(self._calls)
-        self.conn.send(("call", n, method, payload))
+        self.send(("call", n, method, payload))
         kind, reply_n, ok, value = self.conn.recv()
         if kind != "reply" or reply_n != n:
             raise RuntimeError(f"unexpected message from the server: {kind} {reply_n}")
@@ -97,10 +105,46 @@ def child_main(conn: Connection, job: RunJob, parent_pid: int | None = None) -> 
 
     torch.set_num_threads(max(1, job.threads))
     link = RunLink(conn)
+    workers = None
     try:
+        if job.config.processes > 1:
+            workers = _start_ranks(job, link)
         result = run_training(job, link, link)
-        conn.send(("result", dataclasses.asdict(result)))
+        assert result is not None  # rank 0's
+        if workers is not None:
+            workers.close()  # they left after policy optimisation; a failure before that would have ended this one
+        link.send(("result", dataclasses.asdict(result)))
     except BaseException as e:
-        conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc()))
+        # A rank that died makes rank 0's collective fail too: its death is the run's error (unless it failed with
+        # rank 0's own error, as every rank does on the same data).
+        message = f"{type(e).__name__}: {e}"
+        reason = workers.failure(wait_s=2.0) if workers is not None else None
+        link.send(("error", message if reason is None or reason.endswith(message) else reason,
+                   traceback.format_exc()))
+        if workers is not None:
+            workers.close(grace_s=0.0)  # ranks still waiting on rank 0 in a collective
     finally:
+        if workers is not None:
+            workers.close()
         conn.close()
+
+
+def _start_ranks(job: RunJob, link: RunLink) -> Any:
+    """Start ranks 1..N-1 and join the process group as rank 0; a rank that fails ends this process (and so the
+    others) at once, its reason sent as the run's error."""
+    from alignd.trainer import distributed
+
+    port = distributed.free_port()
+    workers = distributed.start_workers(job, job.config.processes, port)
+
+    def fail(reason: str) -> None:
+        logging.getLogger(__name__).error("%s: the run fails", reason)
+        try:
+            link.send(("error", reason, ""))
+            link.conn.close()
+        finally:
+            os._exit(1)
+
+    workers.watch(fail)  # before joining: a rank that dies while starting must not leave rank 0 waiting
+    distributed.init_ranks(job, 0, job.config.processes, port)
+    return workers

@@ -259,6 +259,10 @@ class TrainerConfig:
     one GPU) for about a third more time."""
     seed: int = _SETTINGS.trainer_seed
     """Seed for adapter initialisation, data order, prompt sampling and trainer-side generation."""
+    processes: int = _SETTINGS.trainer_processes
+    """Processes the run runs as (data parallel, :mod:`alignd.trainer.distributed`); 1: one process."""
+    distributed: str = _SETTINGS.trainer_distributed
+    """How several processes share the model: ``ddp`` (each holds the whole base). ``fsdp`` is refused for now."""
 
 
 REFERENCE_PARAMETERS = 135_000_000
@@ -306,6 +310,8 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
         dtype=settings.trainer_dtype,  # type: ignore[arg-type]
         gradient_checkpointing=settings.trainer_gradient_checkpointing,
         seed=settings.trainer_seed,
+        processes=settings.trainer_processes,
+        distributed=settings.trainer_distributed,
     )
     config.objective = request.objective or settings.objective  # type: ignore[assignment]
     config.critic_free.samples_per_prompt = settings.samples_per_prompt

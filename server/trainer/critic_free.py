@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from alignd.trainer.config import CriticFreeConfig, PPOConfig, TrainerConfig
+from alignd.trainer.distributed import agreed, all_reduce_grads, same_start, shard
 from alignd.trainer.losses import (
     AdaptiveKLController,
     FixedKLController,
@@ -217,10 +218,12 @@ def _update(
         for start in range(0, len(experience), config.minibatch_size):
             rows = order[start : start + config.minibatch_size].to(stack.device)
             optimizer.zero_grad(set_to_none=True)
-            tokens = experience.action_mask[rows].sum().clamp(min=1)
-            micro = config.micro_batch_size or len(rows)
-            for first in range(0, len(rows), micro):
-                batch = experience.select(rows[first : first + micro])
+            tokens = experience.action_mask[rows].sum().clamp(min=1)  # the whole minibatch's, on every rank
+            mine = shard(rows)  # this rank's rows (all of them with one process)
+            micro = config.micro_batch_size or max(1, len(mine))
+            step = dict.fromkeys(("policy_loss", "kl_loss", "approx_kl", "clip_fraction"), 0.0)
+            for first in range(0, len(mine), micro):
+                batch = experience.select(mine[first : first + micro])
                 share = (batch.action_mask.sum() / tokens).item()  # token-weighted: sums to the minibatch's mean
                 with stack.use(POLICY):
                     logprobs = policy_logprobs(stack, batch.sequences, batch.attention_mask, batch.response_len,
@@ -231,7 +234,9 @@ def _update(
                     (share * loss).backward()
                 for key, value in (("policy_loss", loss.item()), ("kl_loss", kl_term.item()),
                                    ("approx_kl", stats.approx_kl), ("clip_fraction", stats.clip_fraction)):
-                    totals[key] += share * value
+                    step[key] += share * value
+            for key, value in all_reduce_grads(params, step).items():  # the ranks' shares add up
+                totals[key] += value
             totals["policy_grad_norm"] += torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm).item()
             optimizer.step()
             steps += 1
@@ -279,6 +284,7 @@ def run_critic_free(
         raise ValueError(f"{objective.name} needs at least 2 replies per prompt (the group is the baseline), got {k}")
     groups = max(1, ppo.rollout_batch_size // k)
     optimizer = torch.optim.AdamW(stack.role_parameters(POLICY), lr=ppo.learning_rate, eps=1e-5, weight_decay=0.0)
+    same_start(optimizer.param_groups[0]["params"])
     controller = _kl_controller(config)
     torch.manual_seed(config.seed)
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
@@ -298,7 +304,7 @@ def run_critic_free(
         experience = make_group_experience(stack, rollouts, normalization, objective, used_kl_coef, config)
         seconds["experience"] = time.monotonic() - tick
         kl = experience.full_kl.sum(-1).mean().item()
-        if kl > config.gate.kl_budget:  # as PPO: hand the gate the last policy within the budget
+        if agreed(kl > config.gate.kl_budget):  # as PPO: hand the gate the last policy within the budget
             if in_budget is not None:
                 stack.load_adapter_state(POLICY, in_budget)
             reason = (f"KL {kl:.2f} passed the budget {config.gate.kl_budget:.2f} at iteration {iteration}; "
@@ -319,7 +325,7 @@ def run_critic_free(
                  stats.clip_fraction, stats.flat_groups)
         if on_iteration is not None:
             on_iteration(stats)
-        if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:
+        if agreed(ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s):
             if iteration + 1 < ppo.iterations:
                 return PPOResult(history, controller.value, f"time limit {ppo.time_limit_s:.0f} s reached")
             break

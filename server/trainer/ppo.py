@@ -20,6 +20,7 @@ from torch import Tensor
 
 from alignd.trainer.config import PPOConfig, TrainerConfig
 from alignd.trainer.critic import ValueHead
+from alignd.trainer.distributed import agreed, all_reduce_grads, same_start, shard
 from alignd.trainer.logprobs import token_kl, token_logprobs, token_logprobs_and_entropy
 from alignd.trainer.losses import (
     AdaptiveKLController,
@@ -233,6 +234,7 @@ def ppo_update(
             rows = order[start : start + config.minibatch_size].to(stack.device)
             optimizer.zero_grad(set_to_none=True)
             step = _accumulate(stack, critic, experience, rows, config)
+            step = all_reduce_grads([*policy_params, *critic_params], step)  # the ranks' shares add up
             step["policy_grad_norm"] = torch.nn.utils.clip_grad_norm_(policy_params, config.max_grad_norm).item()
             step["critic_grad_norm"] = torch.nn.utils.clip_grad_norm_(critic_params, config.critic_max_grad_norm).item()
             optimizer.step()
@@ -245,10 +247,12 @@ def ppo_update(
 def _accumulate(
     stack: ModelStack, critic: ValueHead, experience: Experience, rows: Tensor, config: PPOConfig
 ) -> dict[str, float]:
-    """Backward passes of one minibatch (``rows``), a micro-batch at a time; its mean losses and statistics."""
-    micro = config.micro_batch_size or len(rows)
+    """Backward passes of this rank's share of one minibatch (``rows``; all of them with one process), a
+    micro-batch at a time; its share of the minibatch's mean losses and statistics."""
+    tokens = experience.action_mask[rows].sum().clamp(min=1)  # the whole minibatch's: shares add up over ranks
+    rows = shard(rows)  # type: ignore[assignment]
+    micro = config.micro_batch_size or max(1, len(rows))
     out = dict.fromkeys(("policy_loss", "value_loss", "approx_kl", "clip_fraction"), 0.0)
-    tokens = experience.action_mask[rows].sum().clamp(min=1)
     for start in range(0, len(rows), micro):
         batch = experience.select(rows[start : start + micro])
         # The losses are means over reply tokens: weighted by their share of tokens, the micro-batches' gradients add
@@ -333,6 +337,7 @@ def run_ppo(
     ppo = config.ppo
     critic = init_critic(stack, normalization)
     optimizer = make_optimizer(stack, critic, ppo)
+    same_start(p for group in optimizer.param_groups for p in group["params"])
     kl_controller = make_kl_controller(ppo, kl_coef)
     torch.manual_seed(config.seed)  # trainer-side sampling (HF rollouts) draws from the global generator
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
@@ -352,7 +357,7 @@ def run_ppo(
         experience = make_experience(stack, critic, rollouts, normalization, used_kl_coef, ppo)
         seconds["experience"] = time.monotonic() - tick
         kl = experience.full_kl.sum(-1).mean().item()
-        if kl > config.gate.kl_budget:
+        if agreed(kl > config.gate.kl_budget):
             kl_controller.update(kl)  # the next run starts from a β that has seen this KL
             if in_budget is not None:  # the last update (in history) is undone
                 stack.load_adapter_state(POLICY, in_budget)
@@ -375,7 +380,7 @@ def run_ppo(
                  stats.policy_grad_norm, stats.critic_grad_norm, stats.tokens_per_s)
         if on_iteration is not None:
             on_iteration(stats)
-        if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:
+        if agreed(ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s):
             if iteration + 1 < ppo.iterations:
                 return PPOResult(history, kl_controller.value, f"time limit {ppo.time_limit_s:.0f} s reached")
             break

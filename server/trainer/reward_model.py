@@ -24,6 +24,7 @@ from torch import Tensor
 
 from alignd.store.records import Label, PreferencePair
 from alignd.trainer.config import AdapterConfig, RewardConfig
+from alignd.trainer.distributed import all_reduce_grads, same_start, shard
 from alignd.trainer.losses import label_loss, reward_loss
 from alignd.trainer.models import REWARD, ModelStack
 from alignd.trainer.rollout import Rollout, collate_rollouts, encode_prompt
@@ -250,17 +251,29 @@ def score_with_features(
 
 
 def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float, role: str = REWARD,
-                mean_weights: tuple[float | None, float | None] = (None, None)) -> tuple[Tensor, Tensor]:
+                mean_weights: tuple[float | None, float | None] = (None, None),
+                of: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
     """``(loss, correct)``: BT over pairs plus ``label_coef`` × BCE over labels; correct is (P,) bool.
-    ``mean_weights``: the mean pair and label weight of the whole training set (see :func:`reward_loss`)."""
+    ``mean_weights``: the mean pair and label weight of the whole training set (see :func:`reward_loss`). ``of``:
+    the pairs and labels of the whole batch this is a rank's share of; each term is then its share of the batch's
+    (exact with ``mean_weights``: the terms are sums over a fixed denominator)."""
     r = last_token_rewards(stack, batch.sequences, batch.attention_mask, role)  # (N,)
     r_chosen, r_rejected = r[batch.chosen], r[batch.rejected]  # (P,), (P,)
+    pairs, labels = of or (len(batch.chosen), len(batch.labelled))
     loss = torch.zeros((), device=r.device)
     if len(batch.chosen):
-        loss = loss + reward_loss(r_chosen, r_rejected, batch.margin, batch.weight, mean_weights[0])
+        loss = loss + reward_loss(r_chosen, r_rejected, batch.margin, batch.weight, mean_weights[0]) * (
+            len(batch.chosen) / pairs)
     if len(batch.labelled):
-        loss = loss + label_coef * label_loss(r[batch.labelled], batch.label, batch.label_weight, mean_weights[1])
+        loss = loss + label_coef * label_loss(r[batch.labelled], batch.label, batch.label_weight, mean_weights[1]) * (
+            len(batch.labelled) / labels)
     return loss, (r_chosen > r_rejected).detach()
+
+
+def _count(units: Sequence[_Unit]) -> tuple[int, int]:
+    """``(pairs, labels)`` in some units."""
+    labels = sum(1 for u in units if isinstance(u, Label))
+    return sum(len(u) for u in units if not isinstance(u, Label)), labels
 
 
 # --- fitting --------------------------------------------------------------------------------------------------
@@ -294,6 +307,7 @@ def train_reward_model(
     if not warm:
         stack.add_adapter(role, adapter, head=True)
     params = stack.role_parameters(role)
+    same_start(params)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
     encoder = _Encoder(stack, config, truncated)
     pad_id = stack.tokenizer.pad_token_id
@@ -307,15 +321,20 @@ def train_reward_model(
         rng.shuffle(units)
         epoch_losses = []
         for batch_units in _pack(units, config.batch_size):
-            batch = _collate(batch_units, encoder, pad_id, stack.device)
-            with stack.use(role):
-                loss, _ = _batch_loss(stack, batch, config.label_coef, role, mean_weights)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            mine = shard(batch_units)  # this rank's units (all of them with one process)
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = 0.0
+            if mine:
+                batch = _collate(mine, encoder, pad_id, stack.device)
+                with stack.use(role):
+                    loss, _ = _batch_loss(stack, batch, config.label_coef, role, mean_weights, _count(batch_units))
+                    loss.backward()
+                loss_value = loss.item()
+            loss_value = all_reduce_grads(params, {"loss": loss_value})["loss"]  # the ranks' shares add up
             torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             optimizer.step()
             steps += 1
-            epoch_losses.append(loss.item())
+            epoch_losses.append(loss_value)
     heldout_loss = evaluate_pairs(stack, heldout, config, encoder, role)[1] if heldout else None
     correct, total = _judgements(stack, heldout, heldout_labels, config, encoder, role)
     return RewardFigures(

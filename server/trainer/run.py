@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from alignd.store import Store
+from alignd.trainer import distributed
 from alignd.trainer.config import scale_batches_to_model, scale_to_model
 from alignd.trainer.critic_free import run_critic_free
 from alignd.trainer.data import TrainingData, leave_out_flagged, length_cap, load_training_data
@@ -99,8 +100,12 @@ def _ppo_reporter(reporter: Reporter, iterations: int, history: list[dict[str, A
     return on_iteration
 
 
-def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResult:
-    """The cycle, in numbered phases; raises on failure (the child process reports it and the run is marked failed)."""
+def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> RunResult | None:
+    """The cycle, in numbered phases; raises on failure (the child process reports it and the run is marked failed).
+
+    With several processes (:mod:`alignd.trainer.distributed`) every rank runs it in step: rank 0 reads the data, asks
+    for rollouts (``link``; None on the others), reports and writes files; the other ranks return None once policy
+    optimisation is done, and rank 0 runs the gate alone."""
     config, seconds = job.config, {}
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -109,7 +114,7 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     # 1. Data: pairs, labels and prompts from the store.
     tick = time.monotonic()
     reporter.report("data", PHASE_START["data"])
-    data = asyncio.run(_read_data(job))
+    data = distributed.from_main(lambda: asyncio.run(_read_data(job)))
     if not (data.train_pairs or data.train_labels):
         raise NoTrainingData(f"no training signal outside the held-out split ({data.counts()})")
     if not (data.ppo_prompts or data.gate_prompts):
@@ -127,11 +132,12 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
             f"{config.data.judge_fraction}); collect more feedback, or set --judge-fraction 0 to let PPO's reward "
             "model judge its own candidate")
     counts = {**data.counts(), **split.counts(), "gate_prompts_held_out": bool(data.gate_prompts),
-              "length_cap": cap}
+              "length_cap": cap, "processes": distributed.world()}
     if len(data.gate_prompts) < config.gate.min_prompts:  # few distinct prompts yet: say so in the figures
         log.warning("%d held-out prompts: the gate tops them up to %d with training prompts", len(data.gate_prompts),
                     config.gate.min_prompts)
-    reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
+    reporter.report("reward_model", PHASE_START["reward_model"],
+                    {"data": counts, "distributed": distributed.describe()})
 
     # 2. Reward model on the frozen base (the policy adapter starts from the parent's).
     tick = time.monotonic()
@@ -146,7 +152,8 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     # share cap recomputed over the rest (alignd.trainer.safeguards).
     screened, scores = screen_users(stack, data.users, config, truncated=data.truncated_replies, seed=config.seed)
     leave_out_flagged(data, screened, config.data.max_user_share)
-    record_scores(job.database_url, job.run_id, scores, config.data.flag_p_value, screened.trust)
+    if distributed.is_main():
+        record_scores(job.database_url, job.run_id, scores, config.data.flag_p_value, screened.trust)
     reporter.report("reward_model", PHASE_START["reward_model"], {"users": screened.report})
     split = split_for_judge(data.train_pairs, data.train_labels, config.data.judge_fraction)  # without them
     rm = train_reward_model(stack, split.reward_groups, config.reward, config.lora, labels=split.reward_labels,
@@ -172,16 +179,19 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
     # 3. Normalise rewards over the reference policy's (the base's) replies.
     tick = time.monotonic()
     reporter.report("normalize", PHASE_START["normalize"], {"reward_model": _rm_figures(rm, by_kind)})
-    backend: RolloutBackend = RemoteRollouts(link, run_dir)
+    remote = RemoteRollouts(link, run_dir) if link is not None else None  # rank 0's
+    backend: RolloutBackend = distributed.shared_rollouts(remote)
     ppo_ids = _prompt_ids(stack, data.ppo_prompts or data.gate_prompts, config.ppo.max_prompt_tokens)
     gate_ids = _prompt_ids(stack, data.gate_prompts, config.ppo.max_prompt_tokens)
     sampling = Sampling(temperature=config.ppo.temperature, max_new_tokens=config.ppo.max_new_tokens)
     reference = backend.generate(stack, _sample(ppo_ids, config.reward.normalization_samples, rng), None, sampling)
     rm.normalization = fit_normalization(stack, reference)
-    save_reward_model(stack, run_dir / "reward", rm)
     if judge is not None:
         judge.normalization = fit_normalization(stack, reference, role=JUDGE)
-        save_reward_model(stack, run_dir / JUDGE_FOLDER, judge, role=JUDGE)
+    if distributed.is_main():
+        save_reward_model(stack, run_dir / "reward", rm)
+        if judge is not None:
+            save_reward_model(stack, run_dir / JUDGE_FOLDER, judge, role=JUDGE)
     seconds["normalize"] = time.monotonic() - tick
     reporter.report("ppo", PHASE_START["ppo"], {"reward_model": _rm_figures(rm, by_kind),
                                                 "judge": None if judge is None else _rm_figures(judge)})
@@ -194,6 +204,10 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink) -> RunResul
                                        on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history),
                                        kl_coef=job.kl_coef)
     seconds["ppo"] = time.monotonic() - tick
+    if not distributed.is_main():
+        return None  # the gate is rank 0's alone
+    assert remote is not None
+    backend = remote
     # PPO's β carries over: the next run's controller starts where this one ended (None: nothing to carry).
     kl_coef = ppo.kl_coef if config.objective in CARRIES_KL_COEF else None
     reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": kl_coef, "stopped": ppo.stopped}})
@@ -259,7 +273,8 @@ def _check_reward_model(rm: RewardFigures, confidence: float, stack: ModelStack,
     low = rm.heldout_interval[0] if rm.heldout_interval is not None else 0.0
     if low > 0.5:
         return
-    save_reward_model(stack, run_dir / "reward", rm)  # the next run continues from what it learned
+    if distributed.is_main():
+        save_reward_model(stack, run_dir / "reward", rm)  # the next run continues from what it learned
     held = rm.heldout_judgements
     if held == 0:
         raise RewardModelNotBetterThanChance(
