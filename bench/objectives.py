@@ -131,7 +131,8 @@ def one_objective(objective: str, model: Path, args: argparse.Namespace, server_
             out["rounds"].append(record)
             print(f"  {objective}: {events} events, {record['minutes']} min: run {run.status}"
                   f"{' promoted ' + str(run.candidate) if run.promoted else ''}, {record['samples_per_s']} samples/s"
-                  f", held-out {record.get('heldout', {}).get('share', float('nan')):.1%} (goal {goal:.1%})",
+                  f", held-out {record.get('heldout', {}).get('share', float('nan')):.1%} (goal {goal:.1%})"
+                  f"{'' if run.promoted else ': ' + str(record['gate'])[:160]}",
                   flush=True)
             if out["reached"] is not None:
                 break
