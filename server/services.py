@@ -41,6 +41,7 @@ from alignd.metrics import Metrics
 from alignd.models import resolve_model
 from alignd.policies.canary import CanaryConfig, CanaryExperiment
 from alignd.policies.registry import PolicyRegistry
+from alignd.policies.replicas import ReplicaSet
 from alignd.policies.router import PolicyRouter
 from alignd.privacy import PrivacyService
 from alignd.store import Store
@@ -109,8 +110,8 @@ async def open_services(settings: Settings, *, engine: Any = None, store: Store 
         await services.trainer.open()
         if role != "trainer":  # the replicas serving the canary's traffic judge it (they count its requests)
             services._tasks.append(asyncio.create_task(services.canary.run(), name="alignd-canary"))
-        if not opened.embedded and settings.store.policy_sync_s > 0:  # replicas share PostgreSQL
-            services._tasks.append(asyncio.create_task(_follow_promotions(services), name="alignd-policy-sync"))
+        # Heartbeats, and promotions from other replicas on the database (LISTEN/NOTIFY, polling)
+        services._tasks.append(asyncio.create_task(_replicate(services), name="alignd-replicas"))
         if settings.store.retain_days is not None:  # every replica may run it: deleting twice finds nothing
             services._tasks.append(asyncio.create_task(services.privacy.run_retention(), name="alignd-retention"))
         if engine is not None:
@@ -152,7 +153,8 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
     router = PolicyRouter(settings.served_name, loaded_versions)
     registry = PolicyRegistry(store, router, metrics, settings.data_path / "policies",
                               max_rank=settings.engine.max_lora_rank,
-                              keep_loaded=settings.engine.max_loras - 1)  # one slot for rollouts
+                              keep_loaded=settings.engine.max_loras - 1,  # one slot for rollouts
+                              replicas=ReplicaSet.from_settings(store, settings.store, role))
     trigger = TriggerPolicy(auto=t.training_trigger == "auto", min_new_pairs=t.min_new_pairs,
                             min_new_labels=t.min_new_labels, min_interval_s=t.min_interval_s)
     canary = CanaryExperiment(registry, store, metrics, CanaryConfig.from_settings(t))
@@ -196,13 +198,9 @@ async def _start_engine(services: Services) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-async def _follow_promotions(services: Services) -> None:
-    while True:
-        await asyncio.sleep(services.settings.store.policy_sync_s)
-        try:
-            await services.registry.follow()
-        except Exception:  # the database may be briefly away; try again next time
-            log.exception("checking for promotions by other replicas failed")
+async def _replicate(services: Services) -> None:
+    registry = services.registry
+    await registry.replicas.run(registry.reconcile, registry.heartbeat)
 
 
 def _settle_gc() -> None:

@@ -6,9 +6,9 @@ The database is the source of truth (table ``policies``), adapters included: eac
 ``<data dir>/policies/<version>/`` (the row keeps that path relative to the data dir), fetched from the database when
 missing and verified against the SHA-256s before every load, with a ``manifest.json`` (parent, run, figures,
 created, the files' SHA-256s) where it was registered. Versions registered before the blobs (no ``adapter_files``)
-are read from their folder only. Promotion loads the adapter into the engine first and only then routes new
-requests to it, so a failed load changes nothing; requests already generating finish on the version they started
-with.
+are read from their folder only. Promotion loads the adapter into the engine first, so a failed load changes
+nothing; it then records the version as desired and routes new requests to it once every live replica has loaded
+it (:mod:`alignd.policies.replicas`); requests already generating finish on the version they started with.
 """
 
 from __future__ import annotations
@@ -20,16 +20,18 @@ import logging
 import shutil
 import time
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from alignd.errors import Conflict, NotFound, Unprocessable
 from alignd.faults import failpoint
 from alignd.metrics import Metrics
+from alignd.policies.replicas import ReplicaSet, lagging
 from alignd.policies.router import Canary, PolicyRouter, Tally
-from alignd.protocol import Policy, PolicyList
+from alignd.protocol import Policy, PolicyList, Promotion, Replica
 from alignd.store import PolicyRow, Store
+from alignd.store.replicas import ReplicaRow
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +102,12 @@ class PolicyRegistry:
     """Registered versions, which one is promoted, and the engine's loaded adapters."""
 
     def __init__(self, store: Store, router: PolicyRouter, metrics: Metrics, policies_dir: Path, *,
-                 max_rank: int, keep_loaded: int) -> None:
+                 max_rank: int, keep_loaded: int, replicas: ReplicaSet | None = None) -> None:
         self.store = store
+        self.replicas = replicas or ReplicaSet(store)
+        """This process among the replicas on the database: heartbeats, the flip of the served version."""
+        self.load_error: str | None = None
+        """Why the last load of the desired version failed here (reported in the heartbeat), None once one works."""
         self.router = router
         self.metrics = metrics
         self.policies_dir = policies_dir
@@ -126,6 +132,8 @@ class PolicyRegistry:
         async with self._lock:
             await self._bootstrap(engine)
         self.ready = True
+        await self.heartbeat(announce=True)
+        self.replicas.wake()  # a promotion pending meanwhile: load it now
 
     async def _bootstrap(self, engine: Any) -> None:
         self.engine = engine
@@ -158,18 +166,26 @@ class PolicyRegistry:
             return
         record = row.metrics.get("canary") or {}
         share, side_by_side = float(record.get("share", 0.0)), bool(record.get("side_by_side", False))
+        held_back = not await self.replicas.everywhere(row.version)
         if self.router.canary is not None and self.router.canary.version == row.version:
-            self.router.canary.share, self.router.canary.side_by_side = share, side_by_side
+            canary = self.router.canary
+            if canary.held_back and not held_back:
+                log.info("canary %d is loaded on every live replica: it gets its share now", row.version)
+            canary.share, canary.side_by_side, canary.held_back = share, side_by_side, held_back
             return
         try:
             if not self._holds(row.version):
                 await self._load(row)
+                await self.heartbeat(announce=True)
+                held_back = not await self.replicas.everywhere(row.version)
         except Unprocessable as e:
             log.error("cannot load the canary policy %d, not routing to it: %s", row.version, e.message)
             return
         self._loaded[row.version] = time.monotonic()
-        self.router.canary, self.router.tally = Canary(row.version, share, side_by_side), Tally()
-        log.info("canary %d resumed at share %.3f", row.version, share)
+        self.router.canary = Canary(row.version, share, side_by_side, held_back=held_back)
+        self.router.tally = Tally()
+        log.info("canary %d resumed at share %.3f%s", row.version, share,
+                 " (held back until every live replica has loaded it)" if held_back else "")
 
     # --- reads ------------------------------------------------------------------------------------------------
 
@@ -185,18 +201,47 @@ class PolicyRegistry:
         the engine, as tests' apps do, may hold a version of the same number from its own database)."""
         return self.engine is not None and version in self._loaded and version in self.engine.loaded_versions
 
-    def _wire(self, row: PolicyRow) -> Policy:
+    def _wire(self, row: PolicyRow, live: list[ReplicaRow] | None = None) -> Policy:
         loaded = row.version == 0 or self._holds(row.version)
+        loaded_on = None if live is None else [r.instance_id for r in live if row.version in r.loaded]
         return Policy(version=row.version, status=row.status, parent=row.parent, run_id=row.run_id,  # type: ignore[arg-type]
                       created=row.created.isoformat(), promoted_at=_iso(row.promoted_at), loaded=loaded,
-                      metrics=row.metrics, reason=row.reason)
+                      metrics=row.metrics, reason=row.reason, loaded_on=loaded_on)
 
     async def list(self) -> PolicyList:
-        return PolicyList(data=[self._wire(r) for r in await self.store.list_policies()],
-                          promoted=self.router.promoted)
+        """Every version (with the live replicas holding it), the live replicas, and the promotion's state."""
+        live = await self.replicas.live()
+        state = await self.store.promotion_state()
+        waiting = [r.instance_id for r in lagging(state.desired, live)]
+        promotion = Promotion(desired=state.desired, served=state.served, pending=state.desired != state.served,
+                              desired_at=_iso(state.desired_at), served_at=_iso(state.served_at),
+                              deadline=_iso(state.desired_at + timedelta(seconds=self.replicas.timeout_s))
+                              if state.desired != state.served and state.desired_at is not None else None,
+                              loaded_on=[r.instance_id for r in live if state.desired in r.loaded],
+                              waiting_for=waiting if state.desired != state.served else [],
+                              laggards=state.laggards, flipped_by=state.flipped_by, reason=state.reason)
+        replicas = [Replica(instance_id=r.instance_id, host=r.host, pid=r.pid, role=r.role, ready=r.ready,
+                            loaded=r.loaded, serving=r.serving, error=r.error, started_at=r.started_at.isoformat(),
+                            last_seen=r.last_seen.isoformat(), this=r.instance_id == self.replicas.instance_id)
+                    for r in live]
+        return PolicyList(data=[self._wire(r, live) for r in await self.store.list_policies()],
+                          promoted=self.router.promoted, promotion=promotion, replicas=replicas)
 
     async def get(self, version: int) -> Policy:
-        return self._wire(await self._row(version))
+        return self._wire(await self._row(version), await self.replicas.live())
+
+    # --- this replica in the database ------------------------------------------------------------------------
+
+    def held(self) -> list[int]:
+        """The versions this registry has loaded in the engine (0, the base, always)."""
+        return [0, *(v for v in self._loaded if v and self._holds(v))]
+
+    async def heartbeat(self, announce: bool = False) -> None:
+        """Report this replica (ready, loaded versions, the one it serves, its last load error) to the database;
+        ``announce`` when its loaded versions changed, so that the others may flip at once."""
+        await self.replicas.beat(ready=self.ready and self.unavailable is None, loaded=self.held(),
+                                 serving=self.router.promoted if self.ready else None, error=self.load_error,
+                                 announce=announce)
 
     # --- registration -----------------------------------------------------------------------------------------
 
@@ -222,7 +267,10 @@ class PolicyRegistry:
     # --- hot-swap ---------------------------------------------------------------------------------------------
 
     async def promote(self, version: int, reason: str | None = None) -> Policy:
-        """Load ``version`` if it is not loaded, then route ``alignd`` to it; a failed load changes nothing."""
+        """Load ``version`` if it is not loaded (a failed load changes nothing), record it as the desired version,
+        and route ``alignd`` to it once every live replica has loaded it: at once when they all have (a single
+        process), else when the last one reports it or after the promotion timeout (GET /v1/policies shows the
+        promotion pending meanwhile)."""
         async with self._lock:
             row = await self._row(version)
             if self.engine is None:
@@ -230,48 +278,89 @@ class PolicyRegistry:
             started = time.perf_counter()
             if version and not self._holds(version):
                 await self._load(row)
+            self.load_error = None
             failpoint("promote:loaded")  # tests: a crash with the adapter loaded, the database not yet written
             # The database first: if the write fails, nothing was switched (and replicas agree with us).
-            await self.store.set_promoted(version, datetime.now(UTC), reason)
+            await self.store.set_desired(version, datetime.now(UTC), reason)
+            await self.heartbeat(announce=True)
+            state = await self.replicas.try_flip()
             failpoint("promote:written")  # tests: a crash with the database written, requests not yet routed
-            await self._route(version)
             canary = self.router.canary
-            if canary is not None:  # promoting the canary ends its test; promoting another version ends it too
-                if canary.version == version:
-                    self.router.canary = None
-                    self.metrics.canary_version.set(0)
-                    self.metrics.canary_share.set(0)
-                else:
-                    await self._stop_canary(canary.version, "candidate",
-                                            f"stopped: version {version} was promoted meanwhile")
+            if canary is not None and canary.version != version:  # promoting another version ends the canary
+                await self._stop_canary(canary.version, "candidate", f"stopped: version {version} was promoted "
+                                        "meanwhile")
+            if state.served == version:
+                await self._serve(version)
             self.metrics.policy_swap_seconds.observe(time.perf_counter() - started)
-            log.info("policy %d promoted (%s)", version, reason or "by request")
-            return self._wire(await self._row(version))
+            log.info("policy %d promoted (%s)%s", version, reason or "by request", "" if state.served == version
+                     else ": served once every live replica has loaded it")
+            return self._wire(await self._row(version), await self.replicas.live())
+
+    async def _serve(self, version: int) -> None:
+        """Route the served name to ``version``, the database's served one (loaded here), ending a canary of it."""
+        if self.router.promoted != version:
+            await self._route(version)
+        self.unavailable = None
+        canary = self.router.canary
+        if canary is not None and canary.version == version:  # its test ends: it takes all traffic
+            self.router.canary = None
+            self.metrics.canary_version.set(0)
+            self.metrics.canary_share.set(0)
 
     async def follow(self) -> bool:
-        """Serve the version the database says is promoted, when another replica sharing it promoted one; True when
-        this replica switched. Holding the lock keeps our own promote's route-then-write from looking foreign."""
+        """Reconcile this replica with the database (see :meth:`reconcile`); True when it switched versions."""
+        before = self.router.promoted
+        await self.reconcile()
+        return self.router.promoted != before
+
+    async def reconcile(self) -> None:
+        """Catch up with the database: load the desired version (and report it), flip the served version when
+        every live replica has it or the timeout ran out, route ``alignd`` to the served version once it is loaded
+        here (not ready, naming why, while it cannot be), and follow the canary."""
         async with self._lock:
-            version = await self.store.promoted_version()
-            if self.ready:
-                await self._resume_canary()  # another replica's canary starts, changes share or ends here too
-            if not self.ready or version is None or version == self.router.promoted:
-                return False
-            if version and not self._holds(version):
-                try:
-                    await self._load(await self._row(version))
-                except Unprocessable as e:
-                    log.error("another replica promoted version %d, which cannot be loaded here: %s", version,
-                              e.message)
-                    return False
-            await self._route(version)
-            log.info("policy %d promoted by another replica: serving it", version)
-            return True
+            if not self.ready or self.engine is None:
+                return
+            state = await self.store.promotion_state()
+            announce = False
+            if state.desired and not self._holds(state.desired):
+                announce = await self._try_load(state.desired, "promoted")
+            if state.desired != state.served:
+                await self.heartbeat(announce=announce)
+                announce = False
+                state = await self.replicas.try_flip()
+            served = state.served
+            if served != self.router.promoted or self.unavailable is not None:
+                if served and not self._holds(served):
+                    announce = await self._try_load(served, "served") or announce
+                if served == 0 or self._holds(served):
+                    switched = served != self.router.promoted
+                    await self._serve(served)
+                    if switched:
+                        log.info("policy %d is served now (promoted on every live replica)", served)
+                else:
+                    why = self.load_error or state.laggards.get(self.replicas.instance_id) or "not loaded yet"
+                    self.unavailable = f"version {served} is served by the other replicas but not here: {why}"
+            await self._resume_canary()  # another replica's canary starts, changes share or ends here too
+            await self.heartbeat(announce=announce)
+
+    async def _try_load(self, version: int, what: str) -> bool:
+        """Load ``version`` (the ``what`` one); True when it loaded, else ``load_error`` says why."""
+        try:
+            await self._load(await self._row(version))
+        except (Unprocessable, NotFound) as e:
+            if self.load_error != e.message:
+                log.error("version %d was %s, but cannot be loaded here: %s", version, what, e.message)
+            self.load_error = e.message
+            return False
+        self.load_error = None
+        log.info("version %d (%s) loaded here", version, what)
+        return True
 
     async def _route(self, version: int) -> None:
         """Send new requests to a loaded ``version`` (running ones finish on theirs), then free older slots."""
         self.router.promoted = version
         self.unavailable = None
+        self.load_error = None
         self._loaded[version] = time.monotonic()
         self.metrics.promoted_version.set(version)
         self.metrics.policy_swaps.inc()
@@ -294,6 +383,7 @@ class PolicyRegistry:
                 raise Conflict("The engine is still loading; retry shortly.", code="engine_not_ready")
             if not self._holds(version):
                 await self._load(row)
+                await self.heartbeat(announce=True)
             running = self.router.canary
             if running is not None and running.version != version:
                 await self._stop_canary(running.version, "candidate", f"stopped: version {version} went on canary")
@@ -303,7 +393,10 @@ class PolicyRegistry:
                                            reason=reason)
             if running is None or running.version != version:
                 self.router.tally = Tally()
-            self.router.canary = Canary(version, share, side_by_side)
+            # Its share only once every live replica has it loaded (until then the promoted version answers).
+            held_back = not await self.replicas.everywhere(version)
+            self.router.canary = Canary(version, share, side_by_side, held_back=held_back)
+            await self.store.announce(f"canary {version}")
             self._loaded[version] = time.monotonic()
             self.metrics.canary_version.set(version)
             self.metrics.canary_share.set(share)
@@ -337,6 +430,7 @@ class PolicyRegistry:
     async def _stop_canary(self, version: int, status: str, reason: str) -> None:
         """No more requests to canary ``version``; its row becomes ``status`` (call under the lock)."""
         await self.store.update_policy(version, status=status, reason=reason)
+        await self.store.announce(f"canary {version} ended")
         if self.router.canary is not None and self.router.canary.version == version:
             self.router.canary = None
         self.metrics.canary_version.set(0)

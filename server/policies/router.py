@@ -23,6 +23,8 @@ class Canary:
     """Share of users (by a stable hash of who they are) routed to it, in (0, 1)."""
     side_by_side: bool = False
     """Requests for several choices get half from the canary, half from the promoted version, in random order."""
+    held_back: bool = False
+    """Not every live replica has it loaded yet: it gets no traffic until they do (then ``share``)."""
 
 
 @dataclass
@@ -62,7 +64,7 @@ class PolicyRouter:
         unloaded versions are 404."""
         if model == self.served_name:
             canary = self.canary
-            if canary is not None and canary.version != self.promoted:
+            if canary is not None and canary.version != self.promoted and not canary.held_back:
                 joins = in_canary(who, canary.version, canary.share) if who else random.random() < canary.share
                 if joins:
                     return canary.version
@@ -76,7 +78,8 @@ class PolicyRouter:
     def side_by_side(self, model: str) -> tuple[int, int] | None:
         """``(canary, promoted)`` when a request for ``model`` with several choices is to be a blind side-by-side."""
         canary = self.canary
-        if model != self.served_name or canary is None or not canary.side_by_side or canary.version == self.promoted:
+        if (model != self.served_name or canary is None or not canary.side_by_side or canary.held_back
+                or canary.version == self.promoted):
             return None
         return canary.version, self.promoted
 

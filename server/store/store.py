@@ -40,6 +40,7 @@ from alignd.store.feedback import FeedbackQueries, insert_feedback
 from alignd.store.keys import KeyQueries
 from alignd.store.migrations import SQLITE_BEGIN_IMMEDIATE, migrate
 from alignd.store.records import CompletionRecord, FeedbackRecord
+from alignd.store.replicas import ReplicaQueries
 from alignd.store.shared import SharedQueries
 from alignd.store.tables import choices, completions
 from alignd.store.training import TrainingQueries
@@ -237,7 +238,8 @@ def _choice_rows(rec: CompletionRecord) -> list[dict[str, Any]]:
     ]
 
 
-class Store(FeedbackQueries, TrainingQueries, SharedQueries, KeyQueries, DeletionQueries, UserQueries):
+class Store(FeedbackQueries, TrainingQueries, SharedQueries, ReplicaQueries, KeyQueries, DeletionQueries,
+            UserQueries):
     """Durable storage for completions, feedback, the registry's rows and API keys; one per process, shared by all
     requests. Rows are deleted by retention and per-user deletion only (:mod:`alignd.store.deletion`).
 

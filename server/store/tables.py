@@ -214,6 +214,39 @@ policies = Table(
           postgresql_where=text("status = 'promoted'")),
 )
 
+#: Each process's heartbeat: who it is, whether it is ready, which versions it has loaded and which it serves as the
+#: served name. Live while ``last_seen`` is recent (see :mod:`alignd.policies.replicas`); dead rows are pruned later.
+replicas = Table(
+    "replicas",
+    metadata,
+    Column("instance_id", Text, primary_key=True),  # host-pid-random, per process
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("role", Text, nullable=False),  # all | serve | trainer (--trainer, alignd trainer)
+    Column("started_at", UTCDateTime, nullable=False),
+    Column("last_seen", UTCDateTime, nullable=False),
+    Column("ready", Boolean, nullable=False),
+    Column("loaded", JSON, nullable=False),  # [version, ...] this process's registry loaded (0, the base, always)
+    Column("serving", Integer, nullable=True),  # the version it routes the served name to
+    Column("error", Text, nullable=True),  # why its last load of a version failed (None once one succeeds)
+    Index(None, "last_seen"),
+)
+
+#: The served name's two-phase promotion (one row, name "policy"): ``desired`` is what was promoted, ``served`` what
+#: the served name means; the flip (served := desired) is one conditional UPDATE of this row.
+promotion = Table(
+    "promotion",
+    metadata,
+    Column("name", Text, primary_key=True),
+    Column("desired", Integer, nullable=False),
+    Column("served", Integer, nullable=False),
+    Column("desired_at", UTCDateTime, nullable=True),
+    Column("served_at", UTCDateTime, nullable=True),
+    Column("reason", Text, nullable=True),
+    Column("flipped_by", Text, nullable=True),  # the instance id that performed the last flip
+    Column("laggards", JSON, nullable=False),  # {instance id: why} of live replicas the last flip went ahead without
+)
+
 #: Adapter files by content (SHA-256 of the bytes): every replica fetches a version's adapter from here.
 adapter_blobs = Table(
     "adapter_blobs",

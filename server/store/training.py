@@ -23,6 +23,7 @@ from alignd.store.tables import (
     labels,
     policies,
     preference_pairs,
+    promotion,
     training_runs,
 )
 
@@ -122,10 +123,13 @@ class TrainingQueries:
     async def set_promoted(self, version: int, when: datetime, reason: str | None = None) -> None:
         """Make ``version`` the one promoted policy, in one transaction: the previous one becomes ``retired``.
         Concurrent promotions are serialized (the last one wins); the partial unique index ``uq_policies_promoted``
-        makes two promoted rows impossible whatever writes them."""
+        makes two promoted rows impossible whatever writes them. At once, without waiting for replicas to load it
+        (the registry promotes in two phases: ``set_desired``, then ``flip``); the promotion row agrees."""
         self._check_open()
         async with self._write_engine.begin() as conn:
             await serialize(conn, LOCK_PROMOTE)
+            await conn.execute(update(promotion).where(promotion.c.name == "policy")
+                               .values(desired=version, served=version, desired_at=when, served_at=when, laggards={}))
             await conn.execute(update(policies).where(policies.c.status == "promoted", policies.c.version != version)
                                .values(status="retired"))
             values: dict[str, Any] = {"status": "promoted", "promoted_at": when}
