@@ -14,7 +14,7 @@ from typing import Any
 import msgspec
 
 from alignd.clients.sdk import AligndError, Client
-from alignd.protocol import Policy, PolicyEvaluation
+from alignd.protocol import Policy, PolicyEvaluation, PolicyList
 
 
 def _run(url: str, admin_key: str | None, call: Callable[[Client], Any]) -> Any:
@@ -37,10 +37,28 @@ def _policy_line(p: Policy) -> str:
     return f"{p.version:>7}  {p.status:<9}  {'loaded' if p.loaded else '':<6}  {p.reason or ''}"
 
 
+def _listing_text(pl: PolicyList) -> str:
+    """The versions, then the promotion under way (if any) and the live replicas."""
+    lines = [f"{'VERSION':>7}  {'STATUS':<9}  {'':<6}  REASON", *(_policy_line(p) for p in pl.data)]
+    promotion = pl.promotion
+    if promotion is not None and promotion.pending:
+        lines.append(f"\npromotion pending: version {promotion.desired} (served: {promotion.served}), loaded on "
+                     f"{len(promotion.loaded_on)}, waiting for {', '.join(promotion.waiting_for) or 'nobody'}; "
+                     f"flips without them at {promotion.deadline}")
+    elif promotion is not None and promotion.laggards:
+        lines.append(f"\nversion {promotion.served} was served without: " + "; ".join(
+            f"{who} ({why})" for who, why in promotion.laggards.items()))
+    if pl.replicas:
+        lines.append(f"\n{'REPLICA':<32}  {'READY':<5}  {'SERVES':>6}  {'LOADED':<16}  LAST SEEN")
+        lines.extend(f"{r.instance_id + (' *' if r.this else ''):<32}  {'yes' if r.ready else 'no':<5}  "
+                     f"{'' if r.serving is None else r.serving:>6}  {','.join(map(str, r.loaded)):<16}  {r.last_seen}"
+                     + (f"  error: {r.error}" if r.error else "") for r in pl.replicas)
+    return "\n".join(lines)
+
+
 def list_policies(*, url: str, admin_key: str | None, as_json: bool) -> int:
-    listed = _run(url, admin_key, lambda c: c.policies.list())
-    return _print(listed, as_json, lambda pl: "\n".join(
-        [f"{'VERSION':>7}  {'STATUS':<9}  {'':<6}  REASON", *(_policy_line(p) for p in pl.data)]))
+    """Every version, newest first, the promotion under way and each live replica (``*``: the one that answered)."""
+    return _print(_run(url, admin_key, lambda c: c.policies.list()), as_json, _listing_text)
 
 
 def act(*, url: str, admin_key: str | None, action: str, version: int | None, as_json: bool,
