@@ -148,3 +148,14 @@ def _start_ranks(job: RunJob, link: RunLink) -> Any:
     workers.watch(fail)  # before joining: a rank that dies while starting must not leave rank 0 waiting
     distributed.init_ranks(job, 0, job.config.processes, port)
     return workers
+
+
+if __name__ == "__main__":  # a rank > 0 (alignd.trainer.distributed.start_workers): rank world port parent-pid error-fd
+    import pickle
+
+    from alignd.engine.gpu import hide_triton_without_gpu
+
+    hide_triton_without_gpu()  # before torch, as in child_main
+    from alignd.trainer.distributed import worker_main
+
+    worker_main(pickle.loads(sys.stdin.buffer.read()), *map(int, sys.argv[1:6]))

@@ -26,17 +26,18 @@ a run writes is rank 0's).
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import multiprocessing
 import os
+import pickle
 import socket
+import subprocess
 import sys
 import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
 import torch
@@ -224,11 +225,12 @@ def free_port() -> int:
 
 
 class Workers:
-    """Ranks 1..N-1 of a run, children of rank 0, each with a pipe that carries its error if it fails."""
+    """Ranks 1..N-1 of a run, child processes of rank 0, each with a pipe that carries its error if it fails."""
 
-    def __init__(self, processes: list[Any], conns: list[Connection]) -> None:
+    def __init__(self, processes: list[subprocess.Popen[bytes]], errors: list[int]) -> None:
         self.processes = processes
-        self.conns = conns
+        self.errors = errors
+        """The read ends of the ranks' error pipes."""
         self.done = threading.Event()
         """Set once rank 0 has its outcome: a rank ending after that is no failure."""
 
@@ -237,31 +239,21 @@ class Workers:
         ``wait_s``: give a rank that is ending this long to end (rank 0 saw a collective fail)."""
         deadline = time.monotonic() + wait_s
         for index, process in enumerate(self.processes, start=1):
-            if wait_s > 0:
-                process.join(max(0.0, deadline - time.monotonic()))
-            if process.exitcode not in (None, 0):
-                error = ""
-                try:
-                    if self.conns[index - 1].poll():
-                        error = f": {self.conns[index - 1].recv()}"
-                except (EOFError, OSError):
-                    pass
-                code = process.exitcode
-                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-                return f"trainer rank {index} of {len(self.processes) + 1} ended ({how}){error}"
+            try:
+                code = process.wait(max(0.0, deadline - time.monotonic())) if wait_s > 0 else process.poll()
+            except subprocess.TimeoutExpired:
+                code = None
+            if code not in (None, 0):
+                error = _read_error(self.errors[index - 1])
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"  # type: ignore[operator]
+                return f"trainer rank {index} of {len(self.processes) + 1} ended ({how}){': ' + error if error else ''}"
         return None
 
     def watch(self, on_failure: Callable[[str], None]) -> None:
         """Call ``on_failure(reason)`` from a thread when a rank ends with an error before the run is done."""
-        sentinels = [p.sentinel for p in self.processes]
 
         def run() -> None:
-            from multiprocessing.connection import wait
-
-            pending = list(sentinels)
-            while pending and not self.done.is_set():
-                for ready in wait(pending, timeout=0.5):
-                    pending.remove(ready)  # type: ignore[arg-type]
+            while not self.done.wait(0.5):
                 reason = self.failure()
                 if reason is not None and not self.done.is_set():
                     on_failure(reason)
@@ -274,27 +266,43 @@ class Workers:
         not."""
         self.done.set()
         for process in self.processes:
-            process.join(grace_s)
-            if process.is_alive():
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
                 process.kill()
-                process.join(5)
-        for conn in self.conns:
-            conn.close()
+                process.wait(5)
+        for fd in self.errors:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self.errors = []
+
+
+def _read_error(fd: int) -> str:
+    try:
+        os.set_blocking(fd, False)
+        return os.read(fd, 65536).decode(errors="replace").strip()
+    except (OSError, IndexError):
+        return ""
 
 
 def start_workers(job: RunJob, world_: int, port: int) -> Workers:
-    """Spawn ranks 1..``world_``-1 (fresh interpreters: no CUDA state inherited), each dying with this process."""
-    ctx = multiprocessing.get_context("spawn")
-    processes, conns = [], []
+    """Start ranks 1..``world_``-1 as fresh interpreters (no CUDA state inherited; ``subprocess``, since rank 0 is a
+    daemonic multiprocessing child, which may have none of its own), each dying with this process; the job goes over
+    stdin."""
+    processes, errors = [], []
+    payload = pickle.dumps(job)
     for r in range(1, world_):
-        ours, theirs = ctx.Pipe(duplex=False)
-        process = ctx.Process(target=worker_main, args=(theirs, job, r, world_, port, os.getpid()),
-                              name=f"alignd-trainer-{job.run_id}-rank{r}", daemon=True)
-        process.start()
-        theirs.close()
+        read, write = os.pipe()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "alignd.trainer.child", str(r), str(world_), str(port), str(os.getpid()),
+             str(write)], stdin=subprocess.PIPE, pass_fds=(write,))
+        os.close(write)
+        assert process.stdin is not None
+        process.stdin.write(payload)
+        process.stdin.close()
         processes.append(process)
-        conns.append(ours)
-    return Workers(processes, conns)
+        errors.append(read)
+    return Workers(processes, errors)
 
 
 class _Silent:
@@ -304,16 +312,13 @@ class _Silent:
         pass
 
 
-def worker_main(conn: Connection, job: RunJob, rank_: int, world_: int, port: int, parent_pid: int) -> None:
+def worker_main(job: RunJob, rank_: int, world_: int, port: int, parent_pid: int, error_fd: int) -> None:
     """Entry point of rank ``rank_`` > 0: train in step with rank 0 until policy optimisation ends. A failure is
-    sent to rank 0 (which fails the run) before the process exits with code 1."""
+    written to ``error_fd`` (rank 0 fails the run with it) before the process exits with code 1."""
     from alignd.trainer.child import die_with_parent
 
     die_with_parent(parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s trainer rank {rank_}: %(message)s")
-    from alignd.engine.gpu import hide_triton_without_gpu
-
-    hide_triton_without_gpu()
     from alignd.trainer.run import run_training
 
     try:
@@ -321,12 +326,10 @@ def worker_main(conn: Connection, job: RunJob, rank_: int, world_: int, port: in
         run_training(job, _Silent(), None)
     except BaseException as e:
         log.error("rank %d failed:\n%s", rank_, traceback.format_exc())
-        try:
-            conn.send(f"{type(e).__name__}: {e}")
-        except OSError:
-            pass
-        conn.close()
+        with contextlib.suppress(OSError):
+            os.write(error_fd, f"{type(e).__name__}: {e}".encode()[:60000])
         sys.exit(1)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
