@@ -1,0 +1,85 @@
+"""Training runs as several processes (--trainer-processes, alignd.trainer.distributed) on the CPU with gloo.
+
+Two ranks, each on its share of every minibatch with gradients summed, take the step one process takes on the whole
+minibatch: the same PPO update (policy and critic) and the same reward-model fit from the same fixed inputs, within
+float tolerance. Then through the real server: a run as two processes succeeds and registers its candidate, and a
+rank killed mid-run fails the run cleanly while serving goes on.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from alignd.faults import FAILPOINT_ENV
+from alignd.trainer.distributed import free_port
+from tests.distributed_steps import steps
+from tests.serverkit import AppServer
+from tests.test_training import admin, app_factory, chat, give_feedback, wait_run  # noqa: F401 (a fixture)
+
+
+def _run(tiny_model_dir: Path, out: Path, world: int) -> dict[str, object]:
+    out.mkdir()
+    ctx = multiprocessing.get_context("spawn")
+    port = free_port()
+    processes = [ctx.Process(target=steps, args=(rank, world, port, str(tiny_model_dir), str(out)))
+                 for rank in range(world)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(300)
+        assert process.exitcode == 0, f"rank exited with {process.exitcode}"
+    return {rank: load_file(str(out / f"rank{rank}.safetensors")) for rank in range(world)}  # type: ignore[misc]
+
+
+def test_two_ranks_take_the_step_one_process_takes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    one = _run(tiny_model_dir, tmp_path / "one", 1)[0]
+    two = _run(tiny_model_dir, tmp_path / "two", 2)
+    assert set(one) == set(two[0]) == set(two[1])  # type: ignore[arg-type]
+    for name, value in one.items():  # type: ignore[attr-defined]
+        assert (two[0][name] == two[1][name]).all(), f"{name}: the ranks disagree"  # type: ignore[index]
+        assert (two[0][name] - value).abs().max() < 2e-5, name  # type: ignore[index]
+    # The updates are real: each trained tensor moved by far more than the two runs differ.
+    for role in ("policy", "reward"):
+        moved = max((one[f"{role}/{k}"] - one[f"before/{role}/{k}"]).abs().max().item()  # type: ignore[index]
+                    for k in (n.split("/", 2)[2] for n in one if n.startswith(f"before/{role}/")))  # type: ignore[attr-defined]
+        assert moved > 1e-3, (role, moved)
+    figures = [(tmp_path / d / "rank0.figures").read_text().split() for d in ("one", "two")]
+    assert figures[0][-1] == figures[1][-1]  # reward-model steps
+    for a, b in zip(figures[0][:-1], figures[1][:-1], strict=True):
+        assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-7)  # losses, approx KL
+
+
+@pytest.fixture(scope="module")
+def srv(app_factory: Callable[..., AppServer],  # noqa: F811 (the fixture)
+        tmp_path_factory: pytest.TempPathFactory) -> AppServer:
+    """A server whose runs are two processes (one PPO iteration each)."""
+    server = app_factory(tmp_path_factory.mktemp("distributed"), ppo_iterations=1, trainer_processes=2)
+    give_feedback(server, n_prompts=8)
+    return server
+
+
+def test_a_rank_that_dies_fails_the_run_and_serving_goes_on(srv: AppServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FAILPOINT_ENV, "trainer:rank1:sync")  # rank 1 SIGKILLed at its first gradient sum
+    started = admin(srv, "POST", "/v1/training/runs")
+    assert started.status_code == 202, started.text
+    run = wait_run(srv, started.json()["id"])
+    assert run["status"] == "failed", run
+    assert "trainer rank 1 of 2 ended (killed by signal 9)" in run["error"], run["error"]
+    assert run["candidate"] is None and run["promoted"] is False
+    assert chat(srv, "Hello").json()["system_fingerprint"] == "policy-0"
+
+
+def test_a_run_as_two_processes_trains_and_registers_its_candidate(srv: AppServer) -> None:
+    run = wait_run(srv, admin(srv, "POST", "/v1/training/runs").json()["id"])
+    assert run["status"] == "succeeded", run["error"]
+    assert run["metrics"]["data"]["processes"] == 2
+    assert run["metrics"]["distributed"] == {"processes": 2, "backend": "gloo", "strategy": "ddp"}
+    assert run["candidate"] is not None and run["promoted"] is True
+    versions = [p["version"] for p in admin(srv, "GET", "/v1/policies").json()["data"]]
+    assert run["candidate"] in versions
+    assert chat(srv, "Hello").json()["system_fingerprint"] == f"policy-{run['candidate']}"
