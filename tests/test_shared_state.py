@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -149,12 +150,15 @@ def test_replicas_share_adapters_through_the_database(make_server: Callable[...,
     shutil.copytree(random_adapter, staged)
     row = first.loop.run(first.state.registry.register(staged, parent=0, run_id="run-x", metrics={}, passed=True,
                                                         reason="test"))
-    first.loop.run(first.state.registry.promote(row.version))
-    engine: Any = second.state.engine
-    first.loop.run(engine.unload_policy(row.version))  # one engine serves both apps: make the second load it
     second_copy = Path(second.state.settings.data_path) / "policies" / str(row.version)
     assert not second_copy.exists()
-    second.loop.run(second.state.registry.promote(row.version))
+    first.loop.run(first.state.registry.promote(row.version))
+    engine: Any = second.state.engine
+    # The second loads it by itself (NOTIFY), from the database: then both serve it (tests/test_replicas.py).
+    deadline = time.monotonic() + 15
+    while second.state.router.promoted != row.version:
+        assert time.monotonic() < deadline, "the second replica did not follow the promotion"
+        time.sleep(0.1)
     assert second_copy.is_dir() and row.version in engine.loaded_versions
     assert complete(second, n=1)[0]  # it serves
     assert second.loop.run(second.state.store.promoted_version()) == row.version

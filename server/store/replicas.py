@@ -13,6 +13,8 @@ from typing import Any
 
 import msgspec
 from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alignd.store.tables import policies, promotion, replicas
@@ -72,10 +74,11 @@ class ReplicaQueries:
         self._check_open()
         values = msgspec.structs.asdict(row)
         async with self._write_engine.begin() as conn:
-            done = await conn.execute(update(replicas).where(replicas.c.instance_id == row.instance_id)
-                                      .values(**values))
-            if done.rowcount == 0:
-                await conn.execute(insert(replicas).values(**values))
+            # An upsert: this process's heartbeat loop and a load it reports may write at once.
+            upsert = (pg_insert if conn.dialect.name == "postgresql" else sqlite_insert)(replicas).values(**values)
+            await conn.execute(upsert.on_conflict_do_update(index_elements=[replicas.c.instance_id],
+                                                            set_={k: v for k, v in values.items()
+                                                                  if k != "instance_id"}))
             if announce:
                 await notify(conn, f"loaded {row.instance_id}")
 
