@@ -36,7 +36,7 @@ def follow(client: Client, run: TrainingRun, out: TextIO = sys.stderr, poll_s: f
             out.write(line + "\n")
         out.flush()
         last_line = line
-        if run.status != "running":
+        if run.status not in ("queued", "running"):  # queued: waiting for a cluster's trainer process
             break
         time.sleep(poll_s)
         run = client.training.get(run.id)
@@ -75,7 +75,8 @@ def main(*, url: str, admin_key: str | None, iterations: int | None, rollout_bat
         except AligndError as e:
             print(f"alignd train: {e}", file=sys.stderr)
             return 2
-        print(f"started {run.id} from policy version {run.parent}", file=sys.stderr)
+        print(f"{'queued' if run.status == 'queued' else 'started'} {run.id} from policy version {run.parent}",
+              file=sys.stderr)
         if not wait:
             print(run.id)
             return 0

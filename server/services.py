@@ -46,7 +46,7 @@ from alignd.policies.router import PolicyRouter
 from alignd.privacy import PrivacyService
 from alignd.store import Store
 from alignd.trainer.config import trainer_config
-from alignd.trainer.queue import RunQueue
+from alignd.trainer.queue import RunQueue, TrainingRuns
 from alignd.trainer.supervisor import TrainerSupervisor, TriggerPolicy, default_threads
 
 __all__ = ["Services", "open_services"]
@@ -69,7 +69,7 @@ class Services:
     feedback: FeedbackService
     router: PolicyRouter
     registry: PolicyRegistry
-    trainer: TrainerSupervisor | RunQueue
+    trainer: TrainingRuns
     """Training runs: the supervisor (roles ``all`` and ``trainer``) or, on a serving replica, the queue."""
     canary: CanaryExperiment
     privacy: PrivacyService

@@ -16,7 +16,7 @@ from alignd.config import Settings
 from alignd.decoding import decode
 from alignd.errors import InvalidRequest
 from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
-from alignd.trainer.supervisor import TrainerSupervisor
+from alignd.trainer.queue import TrainingRuns
 
 LIMIT = Parameter(name="limit", param_in="query", required=False, description="How many runs, newest first.",
                   schema={"type": "integer", "minimum": 1, "maximum": 1000, "default": 50})
@@ -28,7 +28,7 @@ class TrainingController(Controller):
 
     @post("/", status_code=202,
           **documented(body=TrainingRunRequest, body_optional=True, errors=(*ADMIN, 409, 503)))
-    async def start_run(self, request: Request[Any, Any, Any], trainer: NamedDependency[TrainerSupervisor],
+    async def start_run(self, request: Request[Any, Any, Any], trainer: NamedDependency[TrainingRuns],
                         settings: NamedDependency[Settings]) -> Response[TrainingRun]:
         body = await read_body(request, settings.server.max_body_bytes)
         run_request = decode(body, TrainingRunRequest) if body.strip() else TrainingRunRequest()
@@ -36,16 +36,16 @@ class TrainingController(Controller):
 
     @get("/", **documented(parameters=[LIMIT], errors=(*ADMIN, 400)))
     async def list_runs(self, request: Request[Any, Any, Any],
-                        trainer: NamedDependency[TrainerSupervisor]) -> TrainingRunList:
+                        trainer: NamedDependency[TrainingRuns]) -> TrainingRunList:
         raw = request.query_params.get("limit", "50")
         if not raw.isdigit() or not 1 <= int(raw) <= 1000:
             raise InvalidRequest("'limit' must be an integer from 1 to 1000.", param="limit")
         return await trainer.list(int(raw))
 
     @get("/{run_id:str}", **documented(errors=(*ADMIN, 404)))
-    async def get_run(self, trainer: NamedDependency[TrainerSupervisor], run_id: FromPath[str]) -> TrainingRun:
+    async def get_run(self, trainer: NamedDependency[TrainingRuns], run_id: FromPath[str]) -> TrainingRun:
         return await trainer.get(run_id)
 
     @post("/{run_id:str}/cancel", status_code=200, **documented(errors=(*ADMIN, 404, 409)))
-    async def cancel_run(self, trainer: NamedDependency[TrainerSupervisor], run_id: FromPath[str]) -> TrainingRun:
+    async def cancel_run(self, trainer: NamedDependency[TrainingRuns], run_id: FromPath[str]) -> TrainingRun:
         return await trainer.cancel(run_id)

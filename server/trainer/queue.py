@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import Protocol, runtime_checkable
 
 import msgspec
 
@@ -16,9 +17,22 @@ from alignd.policies.router import PolicyRouter
 from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
 from alignd.store import RunRow, Store
 from alignd.trainer.config import TrainerConfig
-from alignd.trainer.supervisor import wire_run
+from alignd.trainer.supervisor import signal_refusal, wire_run
 
-__all__ = ["RunQueue", "queued_request"]
+__all__ = ["RunQueue", "TrainingRuns", "queued_request"]
+
+
+@runtime_checkable  # Litestar checks a dependency against its annotation with isinstance
+class TrainingRuns(Protocol):
+    """What the app asks of its training-run service: the supervisor (it trains) or a replica's queue."""
+
+    async def open(self) -> None: ...
+    def begin_shutdown(self) -> None: ...
+    async def close(self) -> None: ...
+    async def start(self, request: TrainingRunRequest, trigger: str = "manual") -> TrainingRun: ...
+    async def list(self, limit: int = 50) -> TrainingRunList: ...
+    async def get(self, run_id: str) -> TrainingRun: ...
+    async def cancel(self, run_id: str) -> TrainingRun: ...
 
 
 def queued_request(row: RunRow) -> TrainingRunRequest:
@@ -50,11 +64,9 @@ class RunQueue:
         """Queue a run for the trainer process; 409 when there is nothing to train on."""
         if self.stopping:
             raise Unavailable("The server is shutting down.", code="shutting_down")
-        self.config(request)  # a request the trainer would refuse is refused here, before it is queued
-        _, pairs, labels = await self.store.count_feedback()
-        if pairs + labels == 0:
-            raise Conflict("Nothing to train on yet: no feedback has produced preference pairs or labels.",
-                           code="no_training_data")
+        config = self.config(request)  # a request the trainer would refuse is refused here, before it is queued
+        if (refusal := await signal_refusal(self.store, config.objective)) is not None:
+            raise refusal
         row = RunRow(id=f"run-{uuid.uuid4().hex[:12]}", status="queued", phase="starting", progress=0.0,
                      trigger=trigger, parent=self.router.promoted, candidate=None, promoted=False,
                      config={"request": msgspec.to_builtins(request), "queued_by": self.instance}, metrics={},
