@@ -562,7 +562,9 @@ class Training:
     def start(self, iterations: int | None = None, rollout_batch_size: int | None = None,
               time_limit_s: float | None = None, promote: bool = True, objective: str | None = None) -> TrainingRun:
         """Start a run now (``ConflictError`` with code ``run_in_progress`` while one runs); ``objective``:
-        ``ppo``, ``grpo`` or ``rloo`` (default: the server's ``--objective``)."""
+        ``ppo``, ``grpo``, ``rloo``, ``online-dpo`` or ``kto`` (default: the server's ``--objective``;
+        ``ConflictError`` with code ``objective_needs_pairs`` or ``objective_needs_labels`` when the stored feedback
+        cannot train it)."""
         body = _training_body(iterations, rollout_batch_size, time_limit_s, promote, objective)
         return self._client._call("POST", "/v1/training/runs", TrainingRun, body)
 

@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Prompts per PPO iteration (default: the server's).")
     train.add_argument("--time-limit", dest="time_limit_s", type=float, default=None,
                        help="Seconds of PPO at most (default: the server's).")
-    train.add_argument("--objective", choices=("ppo", "grpo", "rloo"), default=None,
+    train.add_argument("--objective", choices=("ppo", "grpo", "rloo", "online-dpo", "kto"), default=None,
                        help="The run's training objective (default: the server's --objective).")
     train.add_argument("--no-promote", dest="promote", action="store_false",
                        help="Keep the candidate unpromoted even if it passes the gate.")

@@ -354,14 +354,17 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
                   "refused at startup.")
     ] = "ddp"
     objective: Annotated[
-        str, Meta(pattern="^(ppo|grpo|rloo)$", description="How runs optimise the policy against the reward model: "
-                  "ppo (a critic and GAE), grpo (group-normalised advantages over --samples-per-prompt replies per "
-                  "prompt, KL as a loss term) or rloo (leave-one-out baseline, KL in the reward); a run request's "
-                  "objective overrides it.")
+        str, Meta(pattern="^(ppo|grpo|rloo|online-dpo|kto)$", description="How runs optimise the policy: ppo (a "
+                  "critic and GAE), grpo (group-normalised advantages over --samples-per-prompt replies per prompt, "
+                  "KL as a loss term), rloo (leave-one-out baseline, KL in the reward), online-dpo (DPO on the "
+                  "reward model's best and worst of --samples-per-prompt replies, plus users' pairs; refused without "
+                  "any pair) or kto (users' thumbs and clear ratings as desirable/undesirable; refused without any "
+                  "label); a run request's objective overrides it.")
     ] = "ppo"
     samples_per_prompt: Annotated[
-        int, Meta(ge=2, le=64, description="grpo and rloo: replies sampled per prompt, each judged against the "
-                  "others of its group (an iteration answers rollout-batch-size / this many prompts).")
+        int, Meta(ge=2, le=64, description="grpo, rloo and online-dpo: replies sampled per prompt, each judged "
+                  "against the others of its group (online-dpo: its best and worst are a pair; an iteration answers "
+                  "rollout-batch-size / this many prompts).")
     ] = 4
     max_user_share: Annotated[
         float, Meta(gt=0, le=1, description="Most of a run's training weight one end user may hold: larger users' "

@@ -516,9 +516,10 @@ class RollbackRequest(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 RunStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 """``queued``: requested on a serving replica (``--trainer off``), waiting for the ``alignd trainer`` process."""
-Objective = Literal["ppo", "grpo", "rloo"]
-"""How a run optimises the policy against the reward model (``alignd.trainer.run.OPTIMIZERS``): ``ppo`` (critic and
-GAE), ``grpo`` or ``rloo`` (critic-free: several replies per prompt, each judged against its group)."""
+Objective = Literal["ppo", "grpo", "rloo", "online-dpo", "kto"]
+"""How a run optimises the policy (``alignd.trainer.run.OPTIMIZERS``): ``ppo`` (critic and GAE), ``grpo`` or
+``rloo`` (critic-free: several replies per prompt, each judged against its group), ``online-dpo`` (DPO on the
+policy's own replies ranked by the reward model, plus users' pairs) or ``kto`` (users' good/bad labels, no pairs)."""
 RunPhase = Literal["starting", "data", "reward_model", "normalize", "ppo", "gate", "register", "done"]
 
 

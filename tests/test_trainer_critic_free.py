@@ -6,16 +6,13 @@ from __future__ import annotations
 import math
 import random
 import time
-from collections.abc import Iterator
 from dataclasses import asdict
-from pathlib import Path
 
 import pytest
 import torch
 
-from alignd.demo.corpus import classify, generate_corpus, held_out_prompts, training_prompts
-from alignd.store.records import PreferencePair
-from alignd.trainer.config import CriticFreeConfig, GateConfig, PPOConfig, RewardConfig, TrainerConfig
+from alignd.demo.corpus import held_out_prompts, training_prompts
+from alignd.trainer.config import CriticFreeConfig, GateConfig, PPOConfig, TrainerConfig
 from alignd.trainer.critic_free import (
     CriticFreeStats,
     critic_free_loss,
@@ -27,9 +24,16 @@ from alignd.trainer.critic_free import (
     run_critic_free,
 )
 from alignd.trainer.gate import Scorer, decide, evaluate
-from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack
-from alignd.trainer.reward_model import RewardNormalization, fit_normalization, train_reward_model
-from alignd.trainer.rollout import HFRollouts, Sampling, encode_prompt
+from alignd.trainer.models import POLICY, REWARD
+from alignd.trainer.rollout import HFRollouts
+from tests.demo_training import (  # noqa: F401 (fixtures)
+    MAX_NEW_TOKENS,
+    Friendly,
+    friendly,
+    friendly_share,
+    one_torch_thread,
+    prompt_ids,
+)
 
 # --- hand-computed values -------------------------------------------------------------------------------------
 
@@ -104,46 +108,9 @@ def test_groups_keep_their_replies_adjacent() -> None:
 
 # --- on the demo model ----------------------------------------------------------------------------------------
 
-MAX_NEW_TOKENS = 96
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def user(text: str) -> list[dict[str, str]]:
-    return [{"role": "user", "content": text}]
-
-
-def prompt_ids(stack: ModelStack, texts: list[str]) -> list[list[int]]:
-    return [encode_prompt(stack.tokenizer, user(text), 128) for text in texts]
-
-
-@pytest.fixture(scope="module")
-def friendly(demo_model_dir: Path) -> tuple[ModelStack, RewardNormalization, dict[str, torch.Tensor]]:
-    """The demo model with a reward model for "friendly over formal and enthusiastic" (a preference unrelated to
-    length), its normalisation, and the fresh policy adapter's state (each test starts from it)."""
-    stack = load_stack(demo_model_dir, TrainerConfig(device="cpu", dtype="float32"))
-    grouped: dict[str, dict[str, str]] = {}
-    for dialogue in generate_corpus(1200, seed=5):
-        grouped.setdefault(dialogue.prompt, {})[dialogue.style] = dialogue.reply
-    pairs = [[PreferencePair(prompt=user(p), chosen=r["friendly"], rejected=r[other])]
-             for p, r in grouped.items() if "friendly" in r for other in ("formal", "enthusiastic") if other in r]
-    figures = train_reward_model(stack, pairs, RewardConfig(epochs=2), TrainerConfig().lora)
-    assert figures.heldout_accuracy is not None and figures.heldout_accuracy >= 0.8, figures
-    torch.manual_seed(1)
-    reference = HFRollouts().generate(stack, prompt_ids(stack, [p.text for p in training_prompts(64, seed=1)]),
-                                      None, Sampling(1.0, MAX_NEW_TOKENS))
-    return stack, fit_normalization(stack, reference), stack.adapter_state(POLICY)
-
-
 @pytest.mark.parametrize("objective", ["grpo", "rloo"])
 def test_a_short_run_moves_the_style_and_passes_the_gate(
-    objective: str, friendly: tuple[ModelStack, RewardNormalization, dict[str, torch.Tensor]]
+    objective: str, friendly: Friendly  # noqa: F811 (the fixture)
 ) -> None:
     """Six iterations of 8 prompts × 4 replies: the friendly share of the policy's replies to held-out prompts rises,
     and the gate (its default confidence, margin and KL budget; the reward model as judge) promotes the policy."""
@@ -155,19 +122,12 @@ def test_a_short_run_moves_the_style_and_passes_the_gate(
                            critic_free=CriticFreeConfig(samples_per_prompt=4),
                            gate=GateConfig(max_new_tokens=MAX_NEW_TOKENS), device="cpu", dtype="float32")
     heldout = prompt_ids(stack, [p.text for p in held_out_prompts(64, seed=3)])
-
-    def friendly_share(adapter: str | None) -> float:
-        torch.manual_seed(7)
-        replies = HFRollouts().generate(stack, heldout, adapter, Sampling(1.0, MAX_NEW_TOKENS))
-        texts = [stack.tokenizer.decode(r.response_ids, skip_special_tokens=True) for r in replies]
-        return sum(classify(t).style == "friendly" for t in texts) / len(texts)
-
-    before = friendly_share(None)
+    before = friendly_share(stack, heldout, None)
     started = time.monotonic()
     seen: list[CriticFreeStats] = []
     result = run_critic_free(stack, HFRollouts(), prompt_ids(stack, [p.text for p in training_prompts(200, seed=1)]),
                              normalization, config, on_iteration=seen.append)  # type: ignore[arg-type]
-    after = friendly_share(POLICY)
+    after = friendly_share(stack, heldout, POLICY)
     evaluation = evaluate(stack, HFRollouts(), heldout, POLICY, None, Scorer(REWARD, normalization), config.gate,
                           seed=3)
     decision = decide(evaluation, config.gate)

@@ -23,6 +23,8 @@ __all__ = [
     "DataConfig",
     "DeviceName",
     "GateConfig",
+    "KTOConfig",
+    "OnlineDPOConfig",
     "PPOConfig",
     "RewardConfig",
     "RolloutBackendName",
@@ -168,6 +170,45 @@ class CriticFreeConfig:
 
 
 @dataclass
+class OnlineDPOConfig:
+    """Online DPO (:mod:`alignd.trainer.online_dpo`): each iteration the policy answers each of
+    ``rollout_batch_size / samples_per_prompt`` prompts ``samples_per_prompt`` times, the reward model's best and
+    worst reply make a pair, and a minibatch of the users' own pairs joins them; DPO's loss against the base. Epochs,
+    minibatches, learning rate, temperature, lengths and the time limit come from :class:`PPOConfig`."""
+
+    beta: float = 0.1
+    """DPO's β: the strength of the implicit KL to the base (larger keeps the policy closer; the implicit reward is
+    ``β · (log π − log π_ref)`` summed over a reply)."""
+    samples_per_prompt: int = _SETTINGS.samples_per_prompt
+    """k, replies sampled per prompt (at least 2): the reward model's best and worst of them are the pair."""
+    user_pairs: int = 8
+    """Users' pairs added to each iteration's sampled pairs, drawn in proportion to their weight (0: none)."""
+    min_score_gap: float = 0.05
+    """A prompt's best and worst replies whose normalised scores differ by less are no pair: the reward model does
+    not tell them apart, and DPO would push on noise."""
+
+
+@dataclass
+class KTOConfig:
+    """KTO (:mod:`alignd.trainer.kto`): the users' thumbs and clear ratings as desirable or undesirable replies,
+    judged against a reference point, no pairs needed. Epochs, minibatches, learning rate and the time limit come
+    from :class:`PPOConfig`; an iteration also samples ``kl_samples`` replies to measure KL and reward."""
+
+    beta: float = 0.1
+    """KTO's β: the scale of the implicit reward ``β · (log π − log π_ref)`` inside the sigmoid."""
+    labels_per_iteration: int = 32
+    """Labelled replies each iteration trains on, drawn in proportion to their weight."""
+    desirable_weight: float | None = None
+    """λ_D; None: balanced against λ_U so that ``λ_D · n_D = λ_U · n_U`` over the run's labels (the paper's advice:
+    that ratio within [1, 4/3])."""
+    undesirable_weight: float | None = None
+    """λ_U; None: balanced as above (the larger class's weight is the one below 1)."""
+    kl_samples: int = 16
+    """Replies the current policy samples each iteration to report KL to the base and reward (and stop at the KL
+    budget) as PPO does; KTO itself does not train on them."""
+
+
+@dataclass
 class GateConfig:
     """Promotion gate: the candidate must beat the current policy significantly, by the judge, and stay close to the
     base (see :mod:`alignd.trainer.gate`)."""
@@ -235,11 +276,15 @@ class TrainerConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward-model fitting."""
     objective: Objective = _SETTINGS.objective  # type: ignore[assignment]
-    """How the policy is optimised against the reward model: ``ppo``, or critic-free ``grpo`` / ``rloo``."""
+    """How the policy is optimised: ``ppo``, critic-free ``grpo`` / ``rloo``, ``online-dpo`` or ``kto``."""
     ppo: PPOConfig = field(default_factory=PPOConfig)
     """Policy optimisation (PPO's, and the settings every objective shares)."""
     critic_free: CriticFreeConfig = field(default_factory=CriticFreeConfig)
     """GRPO's and RLOO's own settings."""
+    online_dpo: OnlineDPOConfig = field(default_factory=OnlineDPOConfig)
+    """Online DPO's own settings."""
+    kto: KTOConfig = field(default_factory=KTOConfig)
+    """KTO's own settings."""
     gate: GateConfig = field(default_factory=GateConfig)
     """Promotion gate."""
     data: DataConfig = field(default_factory=DataConfig)
@@ -315,6 +360,7 @@ def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None
     )
     config.objective = request.objective or settings.objective  # type: ignore[assignment]
     config.critic_free.samples_per_prompt = settings.samples_per_prompt
+    config.online_dpo.samples_per_prompt = settings.samples_per_prompt
     ppo = config.ppo
     ppo.iterations = request.iterations or settings.ppo_iterations
     ppo.rollout_batch_size = request.rollout_batch_size or settings.rollout_batch_size

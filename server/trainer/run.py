@@ -22,11 +22,14 @@ from alignd.trainer import distributed
 from alignd.trainer.config import scale_batches_to_model, scale_to_model
 from alignd.trainer.critic_free import run_critic_free
 from alignd.trainer.data import TrainingData, leave_out_flagged, length_cap, load_training_data
+from alignd.trainer.feedback_sequences import UserFeedback
 from alignd.trainer.gate import Scorer, decide, evaluate, save_decision
 from alignd.trainer.implicit_reward import implicit_reward_check
 from alignd.trainer.job import RunJob, RunResult
-from alignd.trainer.judge import JUDGE, JUDGE_FOLDER, previous_judge, split_for_judge
+from alignd.trainer.judge import JUDGE, JUDGE_FOLDER, JudgeSplit, previous_judge, split_for_judge
+from alignd.trainer.kto import run_kto
 from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack
+from alignd.trainer.online_dpo import run_online_dpo
 from alignd.trainer.ppo import IterationStats, PPOResult, run_ppo
 from alignd.trainer.reward_model import (
     RewardFigures,
@@ -42,11 +45,16 @@ log = logging.getLogger(__name__)
 
 Optimizer = Callable[..., PPOResult]
 """``(stack, backend, prompts, normalization, config, on_iteration=, kl_coef=) -> PPOResult``: one objective's
-policy-optimisation phase."""
+policy-optimisation phase (those in :data:`TRAINS_ON_FEEDBACK` also take ``feedback=``)."""
 
-OPTIMIZERS: dict[str, Optimizer] = {"ppo": run_ppo, "grpo": run_critic_free, "rloo": run_critic_free}
+OPTIMIZERS: dict[str, Optimizer] = {"ppo": run_ppo, "grpo": run_critic_free, "rloo": run_critic_free,
+                                    "online-dpo": run_online_dpo, "kto": run_kto}
 """The policy-optimisation phase of each ``--objective``; every one shares the run's data, reward model, rollouts,
 gate and registration."""
+
+TRAINS_ON_FEEDBACK = {"online-dpo", "kto"}
+"""Objectives that train on the users' own judgements too (``feedback=``: a :class:`UserFeedback` of the reward
+model's side of the judge split, so the gate's judge still judges a policy trained apart from its feedback)."""
 
 CARRIES_KL_COEF = {"ppo"}
 """Objectives whose final β the next run starts from (the critic-free ones start from their own each run)."""
@@ -126,6 +134,7 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
     split = split_for_judge(data.train_pairs, data.train_labels, config.data.judge_fraction)
     if not (split.reward_groups or split.reward_labels):
         raise NoTrainingData(f"no training signal outside the judge's and the held-out splits ({data.counts()})")
+    _check_objective_signal(config.objective, split, data)
     if config.data.judge_fraction > 0 and not split.judge_has_signal:
         raise NoTrainingData(
             "no feedback on the gate's judge's side yet (its share of prompts: --judge-fraction "
@@ -156,6 +165,7 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
         record_scores(job.database_url, job.run_id, scores, config.data.flag_p_value, screened.trust)
     reporter.report("reward_model", PHASE_START["reward_model"], {"users": screened.report})
     split = split_for_judge(data.train_pairs, data.train_labels, config.data.judge_fraction)  # without them
+    _check_objective_signal(config.objective, split, data)
     rm = train_reward_model(stack, split.reward_groups, config.reward, config.lora, labels=split.reward_labels,
                             heldout=data.heldout_pairs, seed=config.seed, truncated=data.truncated_replies,
                             heldout_labels=data.heldout_labels, warm_start=job.previous_reward_model,
@@ -200,9 +210,11 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
     tick = time.monotonic()
     history: list[dict[str, Any]] = []
     reporter.report("ppo", PHASE_START["ppo"], {"objective": config.objective})
+    feedback = {"feedback": UserFeedback(split.reward_groups, split.reward_labels, data.truncated_replies)
+                } if config.objective in TRAINS_ON_FEEDBACK else {}
     ppo = OPTIMIZERS[config.objective](stack, backend, ppo_ids, rm.normalization, config,
                                        on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history),
-                                       kl_coef=job.kl_coef)
+                                       kl_coef=job.kl_coef, **feedback)
     seconds["ppo"] = time.monotonic() - tick
     if not distributed.is_main():
         return None  # the gate is rank 0's alone
@@ -241,6 +253,15 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
                     {"gate": decision.to_dict(), "seconds": {k: round(v, 2) for k, v in seconds.items()}})
     return RunResult(staged_adapter=str(staged), passed=decision.promote, reason=decision.reason, figures=figures,
                      new_pair_ids=data.new_pair_ids, new_label_ids=data.new_label_ids)
+
+
+def _check_objective_signal(objective: str, split: JudgeSplit, data: TrainingData) -> None:
+    """KTO trains on labels alone: stop before the reward model when the run has none to give it (the supervisor
+    refuses such a run before it starts when the store holds no labels at all; this covers all of them being
+    held out, on the judge's side or left out by the safeguards)."""
+    if objective == "kto" and not split.reward_labels:
+        raise NoTrainingData(f"kto trains on good/bad labels (thumbs, clear ratings) and none are outside the "
+                             f"held-out and the judge's splits ({data.counts()}, {split.counts()})")
 
 
 def _gate_prompts(heldout: list[list[int]], training: list[list[int]], most: int, least: int, rng: random.Random

@@ -127,6 +127,8 @@ class TrainerSupervisor:
         self._auto: asyncio.Task[None] | None = None
         self.stopping = False
         """True once the server is shutting down: no run starts."""
+        self._skipped: str | None = None
+        """Why the automatic trigger last skipped a due run (logged once, not at every poll)."""
         self.hold_lease = hold_lease
         """Hold the trainer lease while idle too, and take queued runs (the ``alignd trainer`` process)."""
         self.holding: bool | None = None
@@ -293,11 +295,9 @@ class TrainerSupervisor:
             if self.registry.unavailable is not None:
                 raise Conflict(f"Not training from a policy that is not served: {self.registry.unavailable}.",
                                code="policy_unavailable")
-            _, pairs, labels = await self.store.count_feedback()
-            if pairs + labels == 0:
-                raise Conflict("Nothing to train on yet: no feedback has produced preference pairs or labels.",
-                               code="no_training_data")
             config = self.config(request)
+            if (refusal := await signal_refusal(self.store, config.objective)) is not None:
+                raise refusal
             holder = await self.store.acquire_lease(self.owner, self.lease_s)
             if holder is not None:
                 raise Conflict(f"Another server ({holder}) holds the trainer lease: one training run at a time across "
@@ -561,6 +561,13 @@ class TrainerSupervisor:
                 # would end that test before users could decide it (and train from a parent about to change).
                 if (self.current is None and self.registry.ready and self.registry.router.canary is None
                         and await self._due()):
+                    objective = self.config(TrainingRunRequest()).objective
+                    if (refusal := await signal_refusal(self.store, objective)) is not None:
+                        if refusal.message != self._skipped:  # once per reason, not at every poll
+                            log.warning("automatic training run skipped: %s", refusal.message)
+                        self._skipped = refusal.message
+                        continue
+                    self._skipped = None
                     await self.start(TrainingRunRequest(), trigger="auto")
             except asyncio.CancelledError:
                 raise
@@ -605,6 +612,26 @@ class TrainerSupervisor:
         # After a failed run wait at least a minute, so that a persistent failure does not spin.
         interval = max(self.trigger.min_interval_s, 60.0) if last[0].status == "failed" else self.trigger.min_interval_s
         return (datetime.now(UTC) - last[0].created).total_seconds() >= interval
+
+
+async def signal_refusal(store: Store, objective: str) -> Conflict | None:
+    """Why a run of ``objective`` cannot start on the feedback stored, or None; counted cheaply over all the stored
+    signal (trained on before or not, held out or not): nothing at all to train on, ``online-dpo`` without one
+    preference pair (it could rank its own samples alone, but a run that learns nothing from its users is refused),
+    ``kto`` without one good/bad label (thumbs, clear ratings)."""
+    _, pairs, labels = await store.count_feedback()
+    if pairs + labels == 0:
+        return Conflict("Nothing to train on yet: no feedback has produced preference pairs or labels.",
+                        code="no_training_data")
+    if objective == "online-dpo" and pairs == 0:
+        return Conflict(f"The online-dpo objective trains on users' preference pairs, and no feedback has produced "
+                        f"one yet ({labels} good/bad labels: the kto objective trains on those).", param="objective",
+                        code="objective_needs_pairs")
+    if objective == "kto" and labels == 0:
+        return Conflict(f"The kto objective trains on good/bad labels (thumbs, clear ratings), and no feedback has "
+                        f"produced one yet ({pairs} preference pairs: ppo, grpo, rloo and online-dpo train on "
+                        "those).", param="objective", code="objective_needs_labels")
+    return None
 
 
 REWARD_MODEL_NOT_READY = "RewardModelNotBetterThanChance"
