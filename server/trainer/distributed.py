@@ -15,13 +15,21 @@ The update loops stay as they are, with three hooks:
   whole minibatch's gradient (and its summed figures): the same step on every rank, the step one process would take;
 - :func:`agreed`: a decision that ends a loop (KL past the budget, the time limit) is rank 0's, so ranks never part.
 
+No-grad passes over a batch of rollouts (log-probs, reference, reward and the critic's features) go through
+:func:`map_rows`: each rank passes a block of rows, and every rank gets all of them back.
+
 Gradients are all-reduced by hand rather than through ``Accelerator.prepare``'s DDP wrapper: DDP fixes the set of
 trainable parameters when it wraps the model, and the stack switches it with the role (reward model, judge,
 policy with its critic) on one PEFT model. With one process every hook returns at once (one ``is_initialized``
 check): the single-process path is unchanged.
 
-After policy optimisation the other ranks are done; rank 0 runs the gate alone and saves the candidate (every file
-a run writes is rank 0's).
+After policy optimisation every rank leaves the process group (:func:`leave`) and the other ranks exit; rank 0 runs
+the gate as a single process would and saves the candidate (every file a run writes is rank 0's).
+
+For a new objective (online DPO, KTO): take the minibatch's total (tokens, pairs) before ``rows = shard(rows)``, weigh
+each micro-batch's loss by its share of that total, call ``figures = all_reduce_grads(params, figures)`` between the
+backward passes and the clip, ``same_start(params)`` once after making the optimizer, and wrap a loop's early stop in
+:func:`agreed`.
 """
 
 from __future__ import annotations
@@ -58,6 +66,8 @@ __all__ = [
     "from_main",
     "init_ranks",
     "is_main",
+    "leave",
+    "map_rows",
     "rank",
     "same_start",
     "shard",
@@ -135,6 +145,36 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], figures: dict[str, fl
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
         figures = dict(zip(keys, values.tolist(), strict=True))
     return figures
+
+
+def map_rows(fn: Callable[[int, int], tuple[Tensor, ...]], n: int) -> tuple[Tensor, ...]:
+    """``fn(start, stop)``: no-grad passes over rows ``start:stop`` of a batch of ``n``, returning tensors with one
+    row each; with several processes every rank runs its block of rows (the blocks differ in size by one at most) and
+    every rank gets all the rows back in order. ``fn(0, n)`` with one process, or fewer rows than ranks."""
+    w = world()
+    if w == 1 or n < w:
+        return fn(0, n)
+    sizes = [n // w + (1 if r < n % w else 0) for r in range(w)]
+    start = sum(sizes[: rank()])
+    mine = fn(start, start + sizes[rank()])
+    most, out = sizes[0], []
+    widen = dist.get_backend() == "gloo"  # gloo's all-gather is surest in float32: half-precision rows go as that
+    for part in mine:
+        wire = part.float() if widen and part.dtype in (torch.bfloat16, torch.float16) else part
+        padded = torch.zeros((most, *wire.shape[1:]), dtype=wire.dtype, device=wire.device)  # (most, ...)
+        padded[: len(wire)] = wire
+        blocks = [torch.empty_like(padded) for _ in range(w)]
+        dist.all_gather(blocks, padded)
+        out.append(torch.cat([block[:size] for block, size in zip(blocks, sizes, strict=True)]).to(part.dtype))
+    return tuple(out)
+
+
+def leave() -> None:
+    """End the run's parallel part (after policy optimisation): every rank leaves the process group, so that what
+    rank 0 does alone afterwards (the gate) runs as one process would, hooks and all."""
+    if world() > 1:
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def same_start(params: Iterable[torch.nn.Parameter]) -> None:

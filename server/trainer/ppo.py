@@ -20,7 +20,7 @@ from torch import Tensor
 
 from alignd.trainer.config import PPOConfig, TrainerConfig
 from alignd.trainer.critic import ValueHead
-from alignd.trainer.distributed import agreed, all_reduce_grads, same_start, shard
+from alignd.trainer.distributed import agreed, all_reduce_grads, map_rows, same_start, shard
 from alignd.trainer.logprobs import token_kl, token_logprobs, token_logprobs_and_entropy
 from alignd.trainer.losses import (
     AdaptiveKLController,
@@ -148,12 +148,21 @@ def kl_penalized_rewards(
     return rewards, kl
 
 
-@torch.no_grad()
 def forward_passes(
     stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int, config: PPOConfig
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """``(logprobs, entropy, ref_logprobs, full_kl)``, each (B, R), in chunks of ``forward_batch_size`` (shared
-    with the critic-free objectives)."""
+    with the critic-free objectives); with several processes each rank passes its block of rows."""
+    logprobs, entropy, ref_logprobs, full_kl = map_rows(
+        lambda a, b: _forward_passes(stack, sequences[a:b], attention_mask[a:b], response_len, config),
+        sequences.shape[0])
+    return logprobs, entropy, ref_logprobs, full_kl
+
+
+@torch.no_grad()
+def _forward_passes(
+    stack: ModelStack, sequences: Tensor, attention_mask: Tensor, response_len: int, config: PPOConfig
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     parts: list[tuple[Tensor, ...]] = []
     for start in range(0, sequences.shape[0], config.forward_batch_size):
         seq = sequences[start : start + config.forward_batch_size]  # (b, P + R)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from alignd.store.records import Label, PreferencePair
 from alignd.trainer.config import AdapterConfig, RewardConfig
-from alignd.trainer.distributed import all_reduce_grads, same_start, shard
+from alignd.trainer.distributed import all_reduce_grads, map_rows, same_start, shard
 from alignd.trainer.losses import label_loss, reward_loss
 from alignd.trainer.models import REWARD, ModelStack
 from alignd.trainer.rollout import Rollout, collate_rollouts, encode_prompt
@@ -219,13 +219,18 @@ def score_rollouts(
     stack: ModelStack, sequences: Tensor, attention_mask: Tensor, normalization: RewardNormalization, chunk: int = 16,
     role: str = REWARD,
 ) -> Tensor:
-    """Normalised reward of each sequence (prompt + reply), (B,) float32, by the reward model in adapter ``role``."""
-    scores = []
-    with stack.use(role):
-        for start in range(0, sequences.shape[0], chunk):
-            rows = slice(start, start + chunk)
-            scores.append(last_token_rewards(stack, sequences[rows], attention_mask[rows], role))
-    return normalization.apply(torch.cat(scores))  # (B,)
+    """Normalised reward of each sequence (prompt + reply), (B,) float32, by the reward model in adapter ``role``;
+    with several processes each rank scores its block of rows."""
+
+    def block(first: int, stop: int) -> tuple[Tensor]:
+        scores = [torch.zeros(0, device=stack.device)]
+        with stack.use(role):
+            for start in range(first, stop, chunk):
+                rows = slice(start, min(start + chunk, stop))
+                scores.append(last_token_rewards(stack, sequences[rows], attention_mask[rows], role))
+        return (torch.cat(scores),)
+
+    return normalization.apply(map_rows(block, sequences.shape[0])[0])  # (B,)
 
 
 @torch.no_grad()
@@ -238,16 +243,23 @@ def score_with_features(
     chunk: int = 16,
 ) -> tuple[Tensor, Tensor]:
     """``(scores, features)``: the normalised reward of each sequence, (B,) float32, and the reward adapter's
-    hidden states where each reply token is predicted, (B, R, H) in the compute dtype (what the critic reads)."""
-    scores, features = [], []
-    with stack.use(REWARD):
-        for start in range(0, sequences.shape[0], chunk):
-            seq, mask = sequences[start : start + chunk], attention_mask[start : start + chunk]  # (b, P + R)
-            hidden = stack.hidden_states(seq, mask)  # (b, P + R, H)
-            last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,)
-            scores.append(stack.heads[REWARD](hidden[torch.arange(len(seq), device=seq.device), last]))  # (b,)
-            features.append(hidden[:, -response_len - 1 : -1])  # (b, R, H)
-    return normalization.apply(torch.cat(scores)), torch.cat(features)
+    hidden states where each reply token is predicted, (B, R, H) in the compute dtype (what the critic reads); with
+    several processes each rank passes its block of rows."""
+
+    def block(first: int, stop: int) -> tuple[Tensor, Tensor]:
+        scores, features = [], []
+        with stack.use(REWARD):
+            for start in range(first, stop, chunk):
+                end = min(start + chunk, stop)
+                seq, mask = sequences[start:end], attention_mask[start:end]  # (b, P + R)
+                hidden = stack.hidden_states(seq, mask)  # (b, P + R, H)
+                last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # (b,)
+                scores.append(stack.heads[REWARD](hidden[torch.arange(len(seq), device=seq.device), last]))  # (b,)
+                features.append(hidden[:, -response_len - 1 : -1])  # (b, R, H)
+        return torch.cat(scores), torch.cat(features)
+
+    scores, features = map_rows(block, sequences.shape[0])
+    return normalization.apply(scores), features
 
 
 def _batch_loss(stack: ModelStack, batch: _Batch, label_coef: float, role: str = REWARD,

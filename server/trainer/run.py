@@ -216,6 +216,10 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
                                        on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history),
                                        kl_coef=job.kl_coef, **feedback)
     seconds["ppo"] = time.monotonic() - tick
+    main = distributed.is_main()
+    distributed.leave()  # the gate is rank 0's alone: the process group ends here
+    if not main:
+        return None
     if not distributed.is_main():
         return None  # the gate is rank 0's alone
     assert remote is not None
