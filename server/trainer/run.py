@@ -220,10 +220,6 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
     distributed.leave()  # the gate is rank 0's alone: the process group ends here
     if not main:
         return None
-    if not distributed.is_main():
-        return None  # the gate is rank 0's alone
-    assert remote is not None
-    backend = remote
     # PPO's β carries over: the next run's controller starts where this one ended (None: nothing to carry).
     kl_coef = ppo.kl_coef if config.objective in CARRIES_KL_COEF else None
     reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": kl_coef, "stopped": ppo.stopped}})
