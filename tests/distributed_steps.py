@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from alignd.store.records import Label, PreferencePair
 from alignd.trainer import distributed
 from alignd.trainer.config import TrainerConfig
+from alignd.trainer.critic_free import CRITIC_FREE, _update, make_group_experience
 from alignd.trainer.job import RunJob
 from alignd.trainer.models import POLICY, REWARD, load_stack
 from alignd.trainer.ppo import init_critic, make_experience, make_optimizer, ppo_update
@@ -44,8 +45,9 @@ def fixed_feedback() -> tuple[list[list[PreferencePair]], list[Label]]:
 
 
 def steps(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
-    """Join the group (world > 1), then one PPO update (2 epochs × 2 minibatches, micro-batches of 2) and one
-    reward-model epoch; writes ``out/rank<rank>.safetensors`` and the figures beside it."""
+    """Join the group (world > 1), then one PPO update (2 epochs × 2 minibatches, micro-batches of 2), one GRPO
+    update (groups of 4) and one reward-model epoch; writes ``out/rank<rank>.safetensors`` and the figures beside
+    it."""
     config = TrainerConfig(device="cpu", dtype="float32", seed=3)
     config.ppo.minibatch_size, config.ppo.micro_batch_size, config.ppo.epochs = 6, 2, 2
     config.ppo.learning_rate = config.ppo.critic_learning_rate = 1e-3
@@ -67,18 +69,27 @@ def steps(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
                                      config.ppo)
         before = {f"before/policy/{k}": v for k, v in stack.adapter_state(POLICY).items()}
         update = ppo_update(stack, critic, optimizer, experience, config.ppo, torch.Generator().manual_seed(5))
+        after_ppo = stack.adapter_state(POLICY)
+        before |= {f"before/grpo/{k}": v.clone() for k, v in after_ppo.items()}
+        groups_experience = make_group_experience(stack, fixed_rollouts(stack.tokenizer.vocab_size), normalization,
+                                                  CRITIC_FREE["grpo"], 0.05, config)
+        grpo_optimizer = torch.optim.AdamW(stack.role_parameters(POLICY), lr=1e-3, eps=1e-5, weight_decay=0.0)
+        distributed.same_start(grpo_optimizer.param_groups[0]["params"])
+        grpo = _update(stack, grpo_optimizer, groups_experience, config.ppo, 0.05, torch.Generator().manual_seed(6))
+        grpo_state = {f"grpo/{k}": v for k, v in stack.adapter_state(POLICY).items()}
         torch.manual_seed(4)  # the fresh reward adapter train_reward_model starts from (it seeds the same)
         stack.add_adapter(REWARD, config.lora, head=True)
         before |= {f"before/reward/{k}": v for k, v in stack.adapter_state(REWARD).items()}
         groups, labels = fixed_feedback()
         figures = train_reward_model(stack, groups, config.reward, config.lora, labels=labels, heldout=[], seed=4)
-        state = {**before, **{f"policy/{k}": v for k, v in stack.adapter_state(POLICY).items()}}
+        state = {**before, **{f"policy/{k}": v for k, v in after_ppo.items()}, **grpo_state}
         state |= {f"critic/{k}": v.detach().clone() for k, v in critic.state_dict().items()}
         state |= {f"reward/{k}": v for k, v in stack.adapter_state(REWARD).items()}
         state |= {f"reward_head/{k}": v.detach().clone() for k, v in stack.heads[REWARD].state_dict().items()}
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / f"rank{rank}.safetensors"))
         (Path(out) / f"rank{rank}.figures").write_text(
-            f"{update.policy_loss} {update.value_loss} {update.approx_kl} {figures.train_loss} {figures.steps}")
+            f"{update.policy_loss} {update.value_loss} {update.approx_kl} {grpo['policy_loss']} {grpo['kl_loss']} "
+            f"{figures.train_loss} {figures.steps}")
     finally:
         if world > 1:
             torch.distributed.destroy_process_group()

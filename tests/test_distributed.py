@@ -1,8 +1,8 @@
 """Training runs as several processes (--trainer-processes, alignd.trainer.distributed) on the CPU with gloo.
 
 Two ranks, each on its share of every minibatch with gradients summed, take the step one process takes on the whole
-minibatch: the same PPO update (policy and critic) and the same reward-model fit from the same fixed inputs, within
-float tolerance. Then through the real server: a run as two processes succeeds and registers its candidate, and a
+minibatch: the same PPO update (policy and critic), GRPO update and reward-model fit from the same fixed inputs,
+within float tolerance. Then through the real server: a run as two processes succeeds and registers its candidate, and a
 rank killed mid-run fails the run cleanly while serving goes on.
 """
 
@@ -44,14 +44,14 @@ def test_two_ranks_take_the_step_one_process_takes(tiny_model_dir: Path, tmp_pat
         assert (two[0][name] == two[1][name]).all(), f"{name}: the ranks disagree"  # type: ignore[index]
         assert (two[0][name] - value).abs().max() < 2e-5, name  # type: ignore[index]
     # The updates are real: each trained tensor moved by far more than the two runs differ.
-    for role in ("policy", "reward"):
+    for role in ("policy", "grpo", "reward"):
         moved = max((one[f"{role}/{k}"] - one[f"before/{role}/{k}"]).abs().max().item()  # type: ignore[index]
                     for k in (n.split("/", 2)[2] for n in one if n.startswith(f"before/{role}/")))  # type: ignore[attr-defined]
         assert moved > 1e-3, (role, moved)
     figures = [(tmp_path / d / "rank0.figures").read_text().split() for d in ("one", "two")]
     assert figures[0][-1] == figures[1][-1]  # reward-model steps
     for a, b in zip(figures[0][:-1], figures[1][:-1], strict=True):
-        assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-7)  # losses, approx KL
+        assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-7)  # losses, approx KL, GRPO's KL term
 
 
 @pytest.fixture(scope="module")
