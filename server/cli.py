@@ -88,10 +88,12 @@ def _serve(args: argparse.Namespace, *, trainer_process: bool) -> int:
     from alignd.cluster import check_role, preflight, role_of
     from alignd.feedback.manager import PluginError, collect_feedback_kinds, make_plugin_manager
     from alignd.models import resolve_model
+    from alignd.trainer.config import check_trainer_settings
 
     settings = _settings(args)
     role = role_of(settings, trainer_process)
     check_role(settings, role)  # before the demo model is built or anything opened
+    check_trainer_settings(settings.trainer)
     if not trainer_process and (refusal := _open_bind_refusal(settings)):
         print(f"alignd: {refusal}", file=sys.stderr)
         return 2

@@ -45,7 +45,7 @@ from alignd.policies.replicas import ReplicaSet
 from alignd.policies.router import PolicyRouter
 from alignd.privacy import PrivacyService
 from alignd.store import Store
-from alignd.trainer.config import trainer_config
+from alignd.trainer.config import check_trainer_settings, trainer_config
 from alignd.trainer.queue import RunQueue, TrainingRuns
 from alignd.trainer.supervisor import TrainerSupervisor, TriggerPolicy, default_threads
 
@@ -141,10 +141,7 @@ def _assemble(settings: Settings, metrics: Metrics, pm: AlignPluginManager, stor
     if t.lora_rank > settings.engine.max_lora_rank:
         raise ConfigError(f"trainer.lora_rank ({t.lora_rank}, --lora-rank) exceeds engine.max_lora_rank "
                           f"({settings.engine.max_lora_rank}, --max-lora-rank): the engine could not serve it")
-    if t.trainer_distributed == "fsdp":
-        raise ConfigError("trainer.trainer_distributed fsdp (--trainer-distributed) is not implemented yet: runs are "
-                          "data parallel with every rank holding the whole base (ddp). FSDP2 is for a base that does "
-                          "not fit one GPU; see docs/training.md, 'Several processes and GPUs'")
+    check_trainer_settings(t)
     services: Services | None = None
 
     def loaded_versions() -> list[int]:

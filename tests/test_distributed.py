@@ -2,13 +2,15 @@
 
 Two ranks, each on its share of every minibatch with gradients summed, take the step one process takes on the whole
 minibatch: the same PPO update (policy and critic), GRPO update and reward-model fit from the same fixed inputs,
-within float tolerance. Then through the real server: a run as two processes succeeds and registers its candidate, and a
-rank killed mid-run fails the run cleanly while serving goes on.
+within float tolerance. FSDP is refused before anything starts. Then through the real server: a run as two processes
+succeeds and registers its candidate, and a rank killed mid-run fails the run cleanly while serving goes on.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,6 +54,17 @@ def test_two_ranks_take_the_step_one_process_takes(tiny_model_dir: Path, tmp_pat
     assert figures[0][-1] == figures[1][-1]  # reward-model steps
     for a, b in zip(figures[0][:-1], figures[1][:-1], strict=True):
         assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-7)  # losses, approx KL, GRPO's KL term
+
+
+def test_fsdp_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--trainer-distributed", "fsdp", "--data-dir",
+                        str(tmp_path / "data")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert "--trainer-distributed" in r.stderr and "not implemented yet" in r.stderr and "docs/training.md" in r.stderr
+    assert not (tmp_path / "data").exists()  # nothing was opened or built
+    r = subprocess.run([sys.executable, "-m", "alignd.cli", "serve", "--trainer-processes", "0"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--trainer-processes" in r.stderr, r.stderr
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignd.config import TrainerSettings
+from alignd.config import ConfigError, TrainerSettings
 from alignd.protocol import Objective, TrainingRunRequest
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "RewardConfig",
     "RolloutBackendName",
     "TrainerConfig",
+    "check_trainer_settings",
     "scale_batches_to_model",
     "scale_to_model",
     "trainer_config",
@@ -344,6 +345,14 @@ def scale_batches_to_model(config: TrainerConfig, parameters: int) -> dict[str, 
         ppo.micro_batch_size = min(ppo.minibatch_size, per_pass)
     ppo.forward_batch_size = max(1, min(ppo.forward_batch_size, 3 * per_pass))
     return {"micro_batch_size": ppo.micro_batch_size, "forward_batch_size": ppo.forward_batch_size}
+
+
+def check_trainer_settings(settings: TrainerSettings) -> None:
+    """Refuse trainer settings no run could use, before anything starts (a ConfigError: one line, exit status 2)."""
+    if settings.trainer_distributed == "fsdp":
+        raise ConfigError("trainer.trainer_distributed fsdp (--trainer-distributed) is not implemented yet: runs are "
+                          "data parallel with every rank holding the whole base (ddp). FSDP2 is for a base that does "
+                          "not fit one GPU; see docs/training.md, 'Several processes and GPUs'")
 
 
 def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None = None) -> TrainerConfig:
