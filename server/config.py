@@ -122,10 +122,10 @@ class ServerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 30.0
     log_level: Annotated[str, Meta(description="Log level: debug, info, warning, error.")] = "info"
     trainer: Annotated[
-        str, Meta(pattern="^(on|off)$", description="on: this process also trains (one box). off: a serving "
-                  "replica (chat, feedback, policy sync) that never trains: POST /v1/training/runs queues the run "
-                  "for an `alignd trainer` process on the same PostgreSQL database (SQLite is refused). See "
-                  "docs/deploy.md.")
+        str, Meta(pattern="^(on|off)$", description="alignd serve: on, this process also trains (one box); off, a "
+                  "serving replica (chat, feedback, policy sync) that never trains: POST /v1/training/runs queues "
+                  "the run for an `alignd trainer` process on the same PostgreSQL database (SQLite is refused). See "
+                  "docs/deploy.md. alignd trainer ignores it.")
     ] = "on"
 
 
