@@ -1,0 +1,83 @@
+"""Through the real server: an objective the stored feedback cannot train is refused before anything starts (409 in
+OpenAI's error shape naming ``objective``, no run row), online DPO without any preference pair and KTO without any
+good/bad label; the automatic trigger skips such a run and says why in the log."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from alignd.demo.corpus import training_prompts
+from tests.serverkit import AppServer
+from tests.test_training import USER, admin, app_factory, chat, give_feedback  # noqa: F401 (the fixture)
+
+
+def give_thumbs(srv: AppServer, n_prompts: int = 4) -> None:
+    """Thumbs up on each reply: good/bad labels, no preference pair."""
+    for prompt in training_prompts(n_prompts, seed=4):
+        r = chat(srv, prompt.text)
+        assert r.status_code == 200, r.text
+        fb = httpx.post(f"{srv.url}/v1/feedback", json={"completion_id": r.json()["id"], "kind": "thumbs",
+                                                        "choice": 0, "value": "up"},
+                        headers={"Authorization": f"Bearer {USER}"}, timeout=30)
+        assert fb.status_code == 201 and fb.json()["pairs"] == 0 and fb.json()["labels"] == 1, fb.text
+
+
+def assert_refused(srv: AppServer, objective: str, code: str, says: str) -> None:
+    before = admin(srv, "GET", "/v1/training/runs").json()["data"]
+    refused = admin(srv, "POST", "/v1/training/runs", json={"objective": objective})
+    assert refused.status_code == 409, refused.text
+    error = refused.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == "objective" and error["code"] == code and says in error["message"], error
+    assert admin(srv, "GET", "/v1/training/runs").json()["data"] == before
+    assert srv.state.trainer.current is None
+
+
+def test_online_dpo_without_any_pair_is_refused(app_factory: Callable[..., AppServer],  # noqa: F811
+                                                tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = app_factory(tmp_path_factory.mktemp("thumbs-only"))
+    give_thumbs(srv)
+    assert_refused(srv, "online-dpo", "objective_needs_pairs", "preference pairs")
+
+
+def test_kto_without_any_label_is_refused(app_factory: Callable[..., AppServer],  # noqa: F811
+                                          tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = app_factory(tmp_path_factory.mktemp("pairs-only"))
+    give_feedback(srv, n_prompts=4)  # pairwise comparisons: pairs, no labels
+    assert_refused(srv, "kto", "objective_needs_labels", "good/bad labels")
+
+
+def test_the_automatic_trigger_skips_a_run_its_objective_cannot_train(
+        app_factory: Callable[..., AppServer], tmp_path_factory: pytest.TempPathFactory,  # noqa: F811
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An auto-triggering server whose objective is online-dpo, with enough new labels to be due but no pair: no run
+    starts, and the log says why once."""
+    srv = app_factory(tmp_path_factory.mktemp("auto-skip"), training_trigger="auto", objective="online-dpo",
+                      min_new_labels=2, min_new_pairs=1000, min_interval_s=0.0)
+    # On the supervisor's logger itself: the app's logging setup replaced the root logger's handlers, caplog's too.
+    supervisor_log = logging.getLogger("alignd.trainer.supervisor")
+    supervisor_log.addHandler(caplog.handler)
+    try:
+        give_thumbs(srv, n_prompts=3)
+        assert_skipped_once(srv, caplog)
+    finally:
+        supervisor_log.removeHandler(caplog.handler)
+
+
+def assert_skipped_once(srv: AppServer, caplog: pytest.LogCaptureFixture) -> None:
+    """Within a few polls the trigger logs why it skips; two polls later no run exists and nothing more is logged."""
+    deadline = time.monotonic() + 30
+    skipped: list[Any] = []
+    while time.monotonic() < deadline and len(skipped) == 0:
+        time.sleep(1)
+        skipped = [r for r in caplog.records if "automatic training run skipped" in r.getMessage()]
+    assert skipped and "online-dpo" in skipped[0].getMessage(), [r.getMessage() for r in caplog.records]
+    time.sleep(12)  # two more polls: still nothing started, and the reason is not logged again
+    assert admin(srv, "GET", "/v1/training/runs").json()["data"] == []
+    assert len([r for r in caplog.records if "automatic training run skipped" in r.getMessage()]) == 1
