@@ -1,6 +1,7 @@
 """Through the real server: an objective the stored feedback cannot train is refused before anything starts (409 in
 OpenAI's error shape naming ``objective``, no run row), online DPO without any preference pair and KTO without any
-good/bad label; the automatic trigger skips such a run and says why in the log."""
+good/bad label; the automatic trigger skips such a run and says why in the log. With both kinds of feedback, a run of
+each goes through the trainer process, its users' feedback reaching the objective, to a registered candidate."""
 
 from __future__ import annotations
 
@@ -14,16 +15,16 @@ import pytest
 
 from alignd.demo.corpus import training_prompts
 from tests.serverkit import AppServer
-from tests.test_training import USER, admin, app_factory, chat, give_feedback  # noqa: F401 (the fixture)
+from tests.test_training import USER, admin, app_factory, chat, give_feedback, wait_run  # noqa: F401 (the fixture)
 
 
 def give_thumbs(srv: AppServer, n_prompts: int = 4) -> None:
-    """Thumbs up on each reply: good/bad labels, no preference pair."""
-    for prompt in training_prompts(n_prompts, seed=4):
+    """Thumbs on each reply, up and down in turn: good/bad labels, no preference pair."""
+    for i, prompt in enumerate(training_prompts(n_prompts, seed=4)):
         r = chat(srv, prompt.text)
         assert r.status_code == 200, r.text
         fb = httpx.post(f"{srv.url}/v1/feedback", json={"completion_id": r.json()["id"], "kind": "thumbs",
-                                                        "choice": 0, "value": "up"},
+                                                        "choice": 0, "value": "up" if i % 2 == 0 else "down"},
                         headers={"Authorization": f"Bearer {USER}"}, timeout=30)
         assert fb.status_code == 201 and fb.json()["pairs"] == 0 and fb.json()["labels"] == 1, fb.text
 
@@ -81,3 +82,21 @@ def assert_skipped_once(srv: AppServer, caplog: pytest.LogCaptureFixture) -> Non
     time.sleep(12)  # two more polls: still nothing started, and the reason is not logged again
     assert admin(srv, "GET", "/v1/training/runs").json()["data"] == []
     assert len([r for r in caplog.records if "automatic training run skipped" in r.getMessage()]) == 1
+
+
+def test_a_run_of_each_trains_on_the_users_feedback(app_factory: Callable[..., AppServer],  # noqa: F811
+                                                     tmp_path_factory: pytest.TempPathFactory) -> None:
+    srv = app_factory(tmp_path_factory.mktemp("both-kinds"))
+    give_feedback(srv, n_prompts=16)
+    give_thumbs(srv, n_prompts=16)
+    for objective, own in (("online-dpo", "user_pairs"), ("kto", "labels")):
+        started = admin(srv, "POST", "/v1/training/runs", json={"iterations": 1, "objective": objective,
+                                                                "promote": False})
+        assert started.status_code == 202, started.text
+        run = wait_run(srv, started.json()["id"])
+        assert run["status"] == "succeeded", run["error"]
+        assert run["config"]["objective"] == run["metrics"]["objective"] == objective
+        [iteration] = run["metrics"]["ppo"]
+        assert iteration["objective"] == objective and iteration[own] > 0, iteration
+        assert isinstance(iteration["kl"], float) and isinstance(iteration["reward"], float)
+        assert run["candidate"] is not None and run["metrics"]["kl_controller"]["kl_coef"] is None
