@@ -122,7 +122,8 @@ def test_every_trainer_setting_reaches_the_run_or_the_server() -> None:
 
     defaults = TrainerSettings()
     baseline = trainer_config(defaults)
-    changed = {"trainer_device": "cpu", "trainer_dtype": "float32", "ppo_time_limit_s": 60.0, "objective": "grpo"}
+    changed = {"trainer_device": "cpu", "trainer_dtype": "float32", "ppo_time_limit_s": 60.0, "objective": "grpo",
+               "trainer_distributed": "fsdp"}
     for name in msgspec.structs.fields(TrainerSettings):
         if name.name in _SERVER_SIDE:
             continue
