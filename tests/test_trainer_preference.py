@@ -5,6 +5,7 @@ passes the same default gate as PPO."""
 from __future__ import annotations
 
 import math
+import multiprocessing
 import random
 import time
 from dataclasses import asdict
@@ -12,11 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from alignd.demo.corpus import generate_corpus, held_out_prompts, training_prompts
 from alignd.store import Label
 from alignd.trainer.config import GateConfig, KTOConfig, OnlineDPOConfig, PPOConfig, TrainerConfig
+from alignd.trainer.distributed import free_port
 from alignd.trainer.feedback_sequences import UserFeedback, reply_rollout, summed_logprobs, weighted_draw
 from alignd.trainer.gate import Scorer, decide, evaluate
 from alignd.trainer.kto import KTOStats, class_weights, kto_loss, mismatched, reference_point, run_kto
@@ -35,6 +38,7 @@ from tests.demo_training import (  # noqa: F401 (fixtures)
     prompt_ids,
     user,
 )
+from tests.preference_steps import steps
 
 # --- hand-computed values -------------------------------------------------------------------------------------
 
@@ -132,6 +136,36 @@ def test_a_judged_reply_ends_with_the_end_of_turn_token_unless_it_was_cut(demo_m
 
 def test_both_objectives_are_registered_for_the_run_and_the_benchmark() -> None:
     assert OPTIMIZERS["online-dpo"] is run_online_dpo and OPTIMIZERS["kto"] is run_kto
+
+
+def test_two_ranks_take_the_steps_one_process_takes(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """--trainer-processes 2 on the CPU (gloo): each rank on its share of every minibatch, gradients summed, takes the
+    online-DPO and the KTO step one process takes on the whole minibatch, from the same fixed inputs."""
+    def run(world: int) -> dict[int, dict[str, torch.Tensor]]:
+        out = tmp_path / str(world)
+        out.mkdir()
+        port, ctx = free_port(), multiprocessing.get_context("spawn")
+        processes = [ctx.Process(target=steps, args=(rank, world, port, str(tiny_model_dir), str(out)))
+                     for rank in range(world)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(300)
+            assert process.exitcode == 0, f"rank exited with {process.exitcode}"
+        return {rank: load_file(str(out / f"rank{rank}.safetensors")) for rank in range(world)}
+
+    one, two = run(1)[0], run(2)
+    assert set(one) == set(two[0]) == set(two[1])
+    for name, value in one.items():
+        assert (two[0][name] == two[1][name]).all(), f"{name}: the ranks disagree"
+        assert (two[0][name] - value).abs().max() < 2e-5, name
+    for objective in ("dpo", "kto"):  # the updates are real: the weights moved far more than the runs differ
+        moved = max((one[f"{objective}/{k}"] - one[f"before/{objective}/{k}"]).abs().max().item()
+                    for k in (n.split("/", 2)[2] for n in one if n.startswith(f"before/{objective}/")))
+        assert moved > 1e-3, (objective, moved)
+    figures = [(tmp_path / str(w) / "rank0.figures").read_text().split() for w in (1, 2)]
+    for a, b in zip(*figures, strict=True):
+        assert float(a) == pytest.approx(float(b), rel=1e-5, abs=1e-7)
 
 
 # --- on the demo model ----------------------------------------------------------------------------------------

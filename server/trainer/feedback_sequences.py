@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerBase
 
 from alignd.store import Label
 from alignd.trainer.config import TrainerConfig
+from alignd.trainer.distributed import agreed
 from alignd.trainer.losses import masked_mean
 from alignd.trainer.models import POLICY, ModelStack
 from alignd.trainer.ppo import forward_passes
@@ -136,8 +137,8 @@ def measure_replies(stack: ModelStack, rollouts: Sequence[Rollout], normalizatio
 def keep_within_budget(stack: ModelStack, kl: float, budget: float, in_budget: dict[str, Tensor] | None,
                        iteration: int) -> str | None:
     """As PPO does: when the sampled replies' KL passed the gate's budget, put back the last policy whose replies
-    were within it and say why the phase stops; None when within the budget."""
-    if kl <= budget:
+    were within it and say why the phase stops; None when within the budget (rank 0's decision, on every rank)."""
+    if not agreed(kl > budget):
         return None
     if in_budget is not None:
         stack.load_adapter_state(POLICY, in_budget)

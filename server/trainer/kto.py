@@ -22,6 +22,7 @@ from torch import Tensor
 
 from alignd.store import Label
 from alignd.trainer.config import KTOConfig, PPOConfig, TrainerConfig
+from alignd.trainer.distributed import agreed, all_reduce_grads, same_start, shard
 from alignd.trainer.feedback_sequences import (
     DPO_TEMPERATURE,
     SampledReplies,
@@ -151,7 +152,7 @@ def _update(stack: ModelStack, optimizer: torch.optim.Optimizer, batch: LabelBat
     current policy, then its loss's gradients accumulated over micro-batches; means over the steps."""
     params = optimizer.param_groups[0]["params"]
     totals, steps = dict.fromkeys(_KEYS, 0.0), 0
-    reward_sums, reward_counts = [0.0, 0.0], [0, 0]  # desirable, undesirable
+    reward_sums, reward_counts = [0.0, 0.0], [0, 0]  # desirable, undesirable (over every rank)
     for _ in range(ppo.epochs):
         order = torch.randperm(len(batch), generator=generator).to(stack.device)
         for start in range(0, len(batch), ppo.minibatch_size):
@@ -161,9 +162,12 @@ def _update(stack: ModelStack, optimizer: torch.optim.Optimizer, batch: LabelBat
                 POLICY, ppo.forward_batch_size), batch.mis_action_mask[rows])  # (n,)
             z0 = reference_point(mis_logps, batch.mis_ref_logps[rows])
             optimizer.zero_grad(set_to_none=True)
-            micro = ppo.micro_batch_size or len(rows)
-            for first in range(0, len(rows), micro):
-                part = rows[first : first + micro]  # (m,)
+            mine = shard(rows)  # this rank's rows (all of them with one process)
+            micro = ppo.micro_batch_size or max(1, len(mine))
+            step = dict.fromkeys(("kto_loss", "approx_kl", "desirable_sum", "desirable_n", "undesirable_sum",
+                                  "undesirable_n"), 0.0)
+            for first in range(0, len(mine), micro):
+                part = mine[first : first + micro]  # (m,)
                 share = len(part) / len(rows)  # the loss is a mean over the minibatch's replies
                 mask = batch.action_mask[part]  # (m, R)
                 with stack.use(POLICY):
@@ -174,11 +178,19 @@ def _update(stack: ModelStack, optimizer: torch.optim.Optimizer, batch: LabelBat
                     (share * loss).backward()
                 with torch.no_grad():
                     log_ratio = logprobs.detach() - batch.old_logprobs[part]  # (m, R)
-                    totals["approx_kl"] += share * masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask).item()
-                totals["kto_loss"] += share * loss.item()
-                for side, chosen in enumerate((batch.desirable[part], ~batch.desirable[part])):
-                    reward_sums[side] += rewards[chosen].sum().item()
-                    reward_counts[side] += int(chosen.sum().item())
+                    # per reply, then over the minibatch's replies: the same whatever the micro-batches hold
+                    k3 = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask, dim=-1)  # (m,)
+                    step["approx_kl"] += k3.sum().item() / len(rows)
+                step["kto_loss"] += share * loss.item()
+                for side, chosen in (("desirable", batch.desirable[part]), ("undesirable", ~batch.desirable[part])):
+                    step[f"{side}_sum"] += rewards[chosen].sum().item()
+                    step[f"{side}_n"] += chosen.sum().item()
+            step = all_reduce_grads(params, step)  # the ranks' shares add up
+            totals["kto_loss"] += step["kto_loss"]
+            totals["approx_kl"] += step["approx_kl"]
+            for side, index in (("desirable", 0), ("undesirable", 1)):
+                reward_sums[index] += step[f"{side}_sum"]
+                reward_counts[index] += int(step[f"{side}_n"])
             totals["reference_point"] += z0.item()
             totals["policy_grad_norm"] += torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm).item()
             optimizer.step()
@@ -236,6 +248,7 @@ def run_kto(
     good = sum(w for x, w in zip(labels, weights, strict=True) if x.good)
     lambdas = class_weights(good, sum(weights) - good, kto)
     optimizer = torch.optim.AdamW(stack.role_parameters(POLICY), lr=ppo.learning_rate, eps=1e-5, weight_decay=0.0)
+    same_start(optimizer.param_groups[0]["params"])
     torch.manual_seed(config.seed)
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     sampling = Sampling(temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens)
@@ -269,7 +282,7 @@ def run_kto(
                  stats.undesirable_reward)
         if on_iteration is not None:
             on_iteration(stats)
-        if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:
+        if agreed(ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s):
             if iteration + 1 < ppo.iterations:
                 return PPOResult(history, kto.beta, f"time limit {ppo.time_limit_s:.0f} s reached")
             break

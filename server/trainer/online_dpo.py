@@ -23,6 +23,7 @@ from torch import Tensor
 from alignd.store import PreferencePair
 from alignd.trainer.config import PPOConfig, TrainerConfig
 from alignd.trainer.critic_free import group_prompts
+from alignd.trainer.distributed import agreed, all_reduce_grads, same_start, shard
 from alignd.trainer.feedback_sequences import (
     DPO_TEMPERATURE,
     SampledReplies,
@@ -149,9 +150,11 @@ def _update(stack: ModelStack, optimizer: torch.optim.Optimizer, batch: PairBatc
         for start in range(0, len(batch), per_step):
             pairs = order[start : start + per_step]  # (n,)
             optimizer.zero_grad(set_to_none=True)
-            micro = max(1, (ppo.micro_batch_size or 2 * len(pairs)) // 2)
-            for first in range(0, len(pairs), micro):
-                part = pairs[first : first + micro]
+            mine = shard(pairs)  # this rank's pairs (all of them with one process)
+            micro = max(1, (ppo.micro_batch_size or 2 * len(mine)) // 2)
+            step = dict.fromkeys(keys[:-1], 0.0)
+            for first in range(0, len(mine), micro):
+                part = mine[first : first + micro]
                 rows = batch.rows(part)  # (2m,)
                 share = len(part) / len(pairs)  # the loss is a mean over pairs
                 mask = batch.action_mask[rows]  # (2m, R)
@@ -162,15 +165,17 @@ def _update(stack: ModelStack, optimizer: torch.optim.Optimizer, batch: PairBatc
                     m = len(part)
                     loss, chosen, rejected = dpo_loss(logps[:m], logps[m:], ref[:m], ref[m:], beta)
                     (share * loss).backward()
-                with torch.no_grad():
+                with torch.no_grad():  # per reply, then over replies: the same whatever the micro-batches hold
                     log_ratio = logprobs.detach() - batch.old_logprobs[rows]  # (2m, R)
-                    approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask).item()
+                    approx_kl = masked_mean(torch.exp(log_ratio) - 1 - log_ratio, mask, dim=-1).mean().item()
                 margin = chosen - rejected  # (m,)
                 for key, value in (("dpo_loss", loss.item()), ("reward_margin", margin.mean().item()),
                                    ("preference_accuracy", (margin > 0).float().mean().item()),
                                    ("chosen_reward", chosen.mean().item()),
                                    ("rejected_reward", rejected.mean().item()), ("approx_kl", approx_kl)):
-                    totals[key] += share * value
+                    step[key] += share * value
+            for key, value in all_reduce_grads(params, step).items():  # the ranks' shares add up
+                totals[key] += value
             totals["policy_grad_norm"] += torch.nn.utils.clip_grad_norm_(params, ppo.max_grad_norm).item()
             optimizer.step()
             steps += 1
@@ -225,6 +230,7 @@ def run_online_dpo(
     users = [pair for group in feedback.pairs for pair in group]
     groups = max(1, ppo.rollout_batch_size // k)
     optimizer = torch.optim.AdamW(stack.role_parameters(POLICY), lr=ppo.learning_rate, eps=1e-5, weight_decay=0.0)
+    same_start(optimizer.param_groups[0]["params"])
     torch.manual_seed(config.seed)
     rng, generator = random.Random(config.seed), torch.Generator().manual_seed(config.seed)
     sampling = Sampling(temperature=ppo.temperature, max_new_tokens=ppo.max_new_tokens)
@@ -262,7 +268,7 @@ def run_online_dpo(
                  stats.preference_accuracy, stats.sampled_pairs, stats.user_pairs)
         if on_iteration is not None:
             on_iteration(stats)
-        if ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s:
+        if agreed(ppo.time_limit_s is not None and time.monotonic() - started > ppo.time_limit_s):
             if iteration + 1 < ppo.iterations:
                 return PPOResult(history, dpo.beta, f"time limit {ppo.time_limit_s:.0f} s reached")
             break
