@@ -133,7 +133,9 @@ async def test_one_trainer_holds_the_lease_and_the_next_fails_a_dead_ones_run(st
             await asyncio.sleep(0.1)
         assert failed == ["run-first"]
         run = await a.get_run("run-first")
-        assert run is not None and run.status == "failed" and "stopped heartbeating" in (run.error or "")
+        assert run is not None and run.status == "failed"
+        assert f"its trainer {first.owner} stopped heartbeating" in (run.error or "")  # the dead holder, named
+        assert f"marked failed by {second.owner}" in (run.error or "")
         assert await b.lease_holder() is None  # the sweep gave the lease back
         assert not await a.heartbeat(first.owner, first.lease_s, "run-first")  # a late first learns it lost it
         async with a.engine.connect() as conn:

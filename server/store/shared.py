@@ -10,7 +10,7 @@ Times are the writing process's UTC clock: replicas' clocks must agree to well u
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -141,10 +141,11 @@ class SharedQueries:
         live = lease.holder if lease is not None and lease.expires_at > now else None
         return [r.id for r in runs if r.holder is None or r.holder != live]
 
-    async def fail_orphaned_runs(self, holder: str, error: str, name: str = "trainer") -> list[str]:
+    async def fail_orphaned_runs(self, holder: str, error: Callable[[str | None], str],
+                                 name: str = "trainer") -> list[str]:
         """As the lease's live holder, mark failed every ``running`` run that is not ``holder``'s (only the holder
-        runs training, so their trainers are gone); returns their ids. Nothing changes when ``holder`` does not hold
-        the lease."""
+        runs training, so their trainers are gone), with ``error(its dead holder's id)`` as the reason; returns their
+        ids. Nothing changes when ``holder`` does not hold the lease."""
         self._check_open()
         now = datetime.now(UTC)
         async with self._write_engine.begin() as conn:
@@ -152,13 +153,13 @@ class SharedQueries:
             lease = (await conn.execute(select(trainer_lease).where(trainer_lease.c.name == name))).first()
             if lease is None or lease.holder != holder or lease.expires_at <= now:
                 return []
-            ids = [r.id for r in await conn.execute(
+            orphans = [(r.id, r.holder) for r in await conn.execute(
                 select(training_runs.c.id, training_runs.c.holder).where(training_runs.c.status == "running"))
                 if r.holder != holder]
-            if ids:
-                await conn.execute(update(training_runs).where(training_runs.c.id.in_(ids))
-                                   .values(status="failed", error=error, finished=now))
-        return ids
+            for run_id, dead in orphans:  # rarely more than one: the last holder's run
+                await conn.execute(update(training_runs).where(training_runs.c.id == run_id)
+                                   .values(status="failed", error=error(dead), finished=now))
+        return [run_id for run_id, _ in orphans]
 
     # --- the feedback quota -----------------------------------------------------------------------------------
 

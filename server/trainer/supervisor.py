@@ -262,8 +262,8 @@ class TrainerSupervisor:
     async def _fail_orphans(self) -> list[str]:
         """As the lease's holder: every other running run's trainer is gone."""
         failed = await self.store.fail_orphaned_runs(
-            self.owner, f"its trainer stopped heartbeating (its server stopped or lost the database); marked failed "
-                        f"by {self.owner}, which took the trainer lease")
+            self.owner, lambda dead: f"its trainer {dead or '(unknown)'} stopped heartbeating (its server stopped or "
+                                     f"lost the database); marked failed by {self.owner}, which took the trainer lease")
         for run_id in failed:
             log.warning("training run %s: its trainer stopped heartbeating; marked failed", run_id)
             self.metrics.training_runs.labels("failed").inc()
