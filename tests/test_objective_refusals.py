@@ -89,7 +89,7 @@ def test_a_run_of_each_trains_on_the_users_feedback(app_factory: Callable[..., A
     srv = app_factory(tmp_path_factory.mktemp("both-kinds"))
     give_feedback(srv, n_prompts=16)
     give_thumbs(srv, n_prompts=16)
-    for objective, own in (("online-dpo", "user_pairs"), ("kto", "labels")):
+    for objective, own in (("online-dpo", "user_pairs"), ("kto", "samples")):
         started = admin(srv, "POST", "/v1/training/runs", json={"iterations": 1, "objective": objective,
                                                                 "promote": False})
         assert started.status_code == 202, started.text

@@ -242,7 +242,7 @@ def test_kto_moves_the_style_and_passes_the_gate(friendly: Friendly) -> None:  #
     bad = len(feedback.labels) - good
     assert good < bad  # the corpus's styles are balanced: one reply in four is friendly
     for h in history:
-        assert h.objective == "kto" and h.labels == 32 and h.reference_point >= 0
+        assert h.objective == "kto" and h.samples == 32 and h.reference_point >= 0
         assert h.desirable_weight == 1.0 and h.undesirable_weight == pytest.approx(good / bad)
     assert history[-1].desirable_reward > history[-1].undesirable_reward
 

@@ -223,8 +223,8 @@ class KTOStats(IterationStats):
     """λ_U used."""
     desirable_share: float = 0.0
     """Share of the iteration's labels that were desirable."""
-    labels: int = 0
-    """Labelled replies this iteration trained on."""
+    samples: int = 0
+    """Labelled replies this iteration trained on (what ``bench/objectives.py`` counts as its samples)."""
 
 
 def run_kto(
@@ -298,4 +298,4 @@ def _iteration_stats(iteration: int, replies: SampledReplies, update: dict[str, 
         seconds={key: round(value, 3) for key, value in seconds.items()},
         reference_point=update["reference_point"], desirable_reward=update["desirable_reward"],
         undesirable_reward=update["undesirable_reward"], desirable_weight=lambdas[0], undesirable_weight=lambdas[1],
-        desirable_share=batch.desirable.float().mean().item(), labels=len(batch))
+        desirable_share=batch.desirable.float().mean().item(), samples=len(batch))
