@@ -42,8 +42,10 @@ def _env(**settings: Any) -> dict[str, str]:
     return {**os.environ, **{ENV_NAMES[k]: str(v) for k, v in values.items()}}
 
 
-def _start(command: str, tmp: Path, name: str, port: int, *args: str, **settings: Any) -> subprocess.Popen[bytes]:
-    log = (tmp / f"{name}.log").open("wb")
+def _start(command: str, tmp: Path, name: str, port: int, *args: str, log_name: str | None = None,
+           **settings: Any) -> subprocess.Popen[bytes]:
+    """``alignd COMMAND`` on the data dir ``tmp/name``, its output in ``tmp/(log_name or name).log``."""
+    log = (tmp / f"{log_name or name}.log").open("wb")
     return subprocess.Popen([*CLI, command, "--data-dir", str(tmp / name), "--port", str(port), *args],
                             env=_env(**settings), stdout=log, stderr=subprocess.STDOUT)
 
