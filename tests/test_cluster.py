@@ -41,7 +41,7 @@ from alignd.store.tables import completions, feedback
 from tests.engine_fixtures import create_pg_database
 from tests.test_process_faults import _gone
 from tests.test_roles import _admin, _start, _stop, _wait_for
-from tests.test_serve_process import _free_port, _wait_ready
+from tests.test_serve_process import _cmdline, _free_port, _wait_ready
 from tests.test_training import ADMIN, TRAINER, USER
 
 KINDS = ("pairwise", "thumbs", "rating")
@@ -269,16 +269,19 @@ def test_two_replicas_and_two_trainers_on_one_database_stay_consistent_through_p
         queued = _admin(url["a"], "POST", "/v1/training/runs", json={"iterations": 2})
         assert queued.status_code == 202, queued.text
         next_run = queued.json()["id"]
-        _wait_for(lambda: _run(url["a"], doomed["id"])["phase"] == "ppo", 300, "the first run's PPO")
-        assert _run(url["a"], doomed["id"])["config"]["owner"] == t1
-        trainer_children = set(psutil.Process(procs["t1"].pid).children(recursive=True))
-        assert trainer_children  # its engine and the run's trainer process
+        _wait_for(lambda: (run := _run(url["a"], doomed["id"]))["phase"] == "ppo"
+                  or run["status"] not in ("queued", "running"), 300, "the first run's PPO")
+        in_ppo = _run(url["a"], doomed["id"])
+        assert in_ppo["status"] == "running" and in_ppo["config"]["owner"] == t1, in_ppo
+        # Their engines (and the run's trainer process) die with them: nothing left holding memory.
+        children = {p for name in ("t1", "b") for p in psutil.Process(procs[name].pid).children(recursive=True)}
+        assert sum(1 for p in children if "EngineCore" in " ".join(_cmdline(p))) == 2, children
         killed_at, killed_wall = time.monotonic(), time.time()
         procs["t1"].send_signal(signal.SIGKILL)
         procs["b"].send_signal(signal.SIGKILL)
         procs["t1"].wait(10)
         procs["b"].wait(10)
-        assert not _gone(trainer_children), "the killed trainer left processes behind"
+        assert not _gone(children), "the killed trainer or replica left processes behind"
 
         orphan = _settled(url["a"], doomed["id"], LEASE_S + RETRY_S + 60)
         t2 = _logged(tmp_path / "trainer-2.log", ACTIVE)
