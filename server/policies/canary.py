@@ -28,7 +28,7 @@ from alignd.metrics import Metrics
 from alignd.policies.registry import PolicyRegistry
 from alignd.policies.sequential import compare_rates, rate_sequence
 from alignd.protocol import Policy, PolicyEvaluation
-from alignd.store import Store
+from alignd.store import Fence, Store
 
 __all__ = ["CanaryConfig", "CanaryExperiment", "Verdict", "VersionFigures", "judge_canary"]
 
@@ -167,10 +167,11 @@ class CanaryExperiment:
     # --- operator and trainer calls ---------------------------------------------------------------------------
 
     async def start(self, version: int, share: float | None = None, reason: str = "put on canary by an operator",
-                    side_by_side: bool | None = None) -> Policy:
+                    side_by_side: bool | None = None, fence: Fence | None = None) -> Policy:
         """Put candidate ``version`` on canary at ``share`` (default: ``--canary-share``), or change the running
         canary's share; ``side_by_side`` (default: ``--canary-side-by-side``) makes requests for several choices
-        blind comparisons of the canary and the promoted version."""
+        blind comparisons of the canary and the promoted version. ``fence``: a trainer's run's (see
+        :meth:`PolicyRegistry.start_canary`)."""
         share = self.config.share if share is None else share
         side_by_side = self.config.side_by_side if side_by_side is None else side_by_side
         if not 0 < share < 1:
@@ -183,7 +184,7 @@ class CanaryExperiment:
             if fresh:
                 figures = {"started": datetime.now(UTC).isoformat(), "parent": self.registry.router.promoted,
                            "requests": {}, "errors": {}, "history": [], "decision": None}
-            policy = await self.registry.start_canary(version, share, reason, figures, side_by_side)
+            policy = await self.registry.start_canary(version, share, reason, figures, side_by_side, fence)
             if fresh:
                 self._base = (version, {"requests": {}, "errors": {}})
             return policy

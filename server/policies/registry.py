@@ -30,7 +30,7 @@ from alignd.metrics import Metrics
 from alignd.policies.replicas import ReplicaSet, lagging
 from alignd.policies.router import Canary, PolicyRouter, Tally
 from alignd.protocol import Policy, PolicyList, Promotion, Replica
-from alignd.store import PolicyRow, Store
+from alignd.store import Fence, PolicyRow, Store
 from alignd.store.replicas import ReplicaRow
 
 log = logging.getLogger(__name__)
@@ -246,10 +246,11 @@ class PolicyRegistry:
     # --- registration -----------------------------------------------------------------------------------------
 
     async def register(self, staged: Path, *, parent: int, run_id: str, metrics: dict[str, Any], passed: bool,
-                       reason: str) -> PolicyRow:
+                       reason: str, fence: Fence | None = None) -> PolicyRow:
         """Register a trained adapter folder as the next version (allocated by the database), ``candidate`` if it
         passed the gate and ``rejected`` otherwise: its files go into the database with the row, in one
-        transaction, then the folder becomes this process's local copy, with a manifest next to it."""
+        transaction, then the folder becomes this process's local copy, with a manifest next to it. With ``fence``
+        (its run's): :class:`alignd.store.LeaseLost`, nothing registered, once the trainer lease is another's."""
         async with self._lock:
             files, blobs = await asyncio.to_thread(_read_adapter, staged)
             created = datetime.now(UTC)
@@ -257,7 +258,7 @@ class PolicyRegistry:
                             adapter_path=None, metrics={**metrics, "sha256": files[ADAPTER_WEIGHTS]}, reason=reason,
                             created=created, promoted_at=None, adapter_files=files)
             row = await self.store.register_policy(
-                row, blobs, lambda version: str((self.policies_dir / str(version)).relative_to(self.data_dir)))
+                row, blobs, lambda version: str((self.policies_dir / str(version)).relative_to(self.data_dir)), fence)
             await asyncio.to_thread(_install, staged, self.data_dir / (row.adapter_path or ""), {
                 "version": row.version, "parent": parent, "run_id": run_id, "metrics": metrics,
                 "created": created.isoformat(), "gate": {"passed": passed, "reason": reason}, "files": files,
@@ -266,11 +267,12 @@ class PolicyRegistry:
 
     # --- hot-swap ---------------------------------------------------------------------------------------------
 
-    async def promote(self, version: int, reason: str | None = None) -> Policy:
+    async def promote(self, version: int, reason: str | None = None, fence: Fence | None = None) -> Policy:
         """Load ``version`` if it is not loaded (a failed load changes nothing), record it as the desired version,
         and route ``alignd`` to it once every live replica has loaded it: at once when they all have (a single
         process), else when the last one reports it or after the promotion timeout (GET /v1/policies shows the
-        promotion pending meanwhile)."""
+        promotion pending meanwhile). With ``fence`` (a trainer promoting its run's candidate):
+        :class:`alignd.store.LeaseLost`, nothing recorded or routed, once the trainer lease is another's."""
         async with self._lock:
             row = await self._row(version)
             if self.engine is None:
@@ -281,7 +283,7 @@ class PolicyRegistry:
             self.load_error = None
             failpoint("promote:loaded")  # tests: a crash with the adapter loaded, the database not yet written
             # The database first: if the write fails, nothing was switched (and replicas agree with us).
-            await self.store.set_desired(version, datetime.now(UTC), reason)
+            await self.store.set_desired(version, datetime.now(UTC), reason, fence)
             await self.heartbeat(announce=True)
             state = await self.replicas.try_flip()
             failpoint("promote:written")  # tests: a crash with the database written, requests not yet routed
@@ -369,11 +371,13 @@ class PolicyRegistry:
     # --- canary -----------------------------------------------------------------------------------------------
 
     async def start_canary(self, version: int, share: float, reason: str, figures: dict[str, Any],
-                           side_by_side: bool = False) -> Policy:
+                           side_by_side: bool = False, fence: Fence | None = None) -> Policy:
         """Send ``share`` of the served name's users to candidate ``version`` (loaded first: a failed load changes
         nothing), or change the share of the running canary. Another running canary is stopped first (back to
         ``candidate``). ``figures`` start the experiment's record (kept in the row's ``metrics.canary``);
-        ``side_by_side`` makes requests for several choices blind comparisons of the two."""
+        ``side_by_side`` makes requests for several choices blind comparisons of the two. With ``fence`` (a trainer
+        putting its run's candidate on canary): :class:`alignd.store.LeaseLost` before anything changes, once the
+        trainer lease is another's."""
         async with self._lock:
             row = await self._row(version)
             if row.status not in ("candidate", "canary"):
@@ -386,11 +390,12 @@ class PolicyRegistry:
                 await self.heartbeat(announce=True)
             running = self.router.canary
             if running is not None and running.version != version:
-                await self._stop_canary(running.version, "candidate", f"stopped: version {version} went on canary")
+                await self._stop_canary(running.version, "candidate", f"stopped: version {version} went on canary",
+                                        fence)
             earlier = (row.metrics.get("canary") or {}) if row.status == "canary" else {}
             record = {**earlier, **figures, "share": share, "side_by_side": side_by_side}
             await self.store.update_policy(version, status="canary", metrics={**row.metrics, "canary": record},
-                                           reason=reason)
+                                           reason=reason, fence=fence)
             if running is None or running.version != version:
                 self.router.tally = Tally()
             # Its share only once every live replica has it loaded (until then the promoted version answers).
@@ -427,9 +432,10 @@ class PolicyRegistry:
             return await self.promote(version, reason=reason)
         return await self.get(version)
 
-    async def _stop_canary(self, version: int, status: str, reason: str) -> None:
-        """No more requests to canary ``version``; its row becomes ``status`` (call under the lock)."""
-        await self.store.update_policy(version, status=status, reason=reason)
+    async def _stop_canary(self, version: int, status: str, reason: str, fence: Fence | None = None) -> None:
+        """No more requests to canary ``version``; its row becomes ``status`` (call under the lock; ``fence``: a
+        trainer's, whose write is refused once it lost the lease)."""
+        await self.store.update_policy(version, status=status, reason=reason, fence=fence)
         await self.store.announce(f"canary {version} ended")
         if self.router.canary is not None and self.router.canary.version == version:
             self.router.canary = None

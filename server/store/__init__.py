@@ -16,6 +16,7 @@ from alignd.store.records import (
     StoredLabel,
     StoredPair,
 )
+from alignd.store.shared import Fence, LeaseLost
 from alignd.store.store import RecordRejectedError, Store, StoreClosedError, StoreError, StoreStats
 from alignd.store.training import PolicyRow, RunRow
 
@@ -25,8 +26,10 @@ __all__ = [
     "CompletionRecord",
     "DeletedRows",
     "FeedbackRecord",
+    "Fence",
     "KeyRow",
     "Label",
+    "LeaseLost",
     "MigrationError",
     "PolicyRow",
     "PreferencePair",

@@ -17,6 +17,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from alignd.store.shared import Fence, check_fence
 from alignd.store.tables import policies, promotion, replicas
 
 __all__ = ["CHANNEL", "PromotionRow", "ReplicaQueries", "ReplicaRow", "notify"]
@@ -111,10 +112,13 @@ class ReplicaQueries:
         values.pop("name")
         return PromotionRow(**values)
 
-    async def set_desired(self, version: int, when: datetime, reason: str | None) -> None:
-        """Record ``version`` as promoted (desired); the served version follows once replicas have loaded it."""
+    async def set_desired(self, version: int, when: datetime, reason: str | None, fence: Fence | None = None) -> None:
+        """Record ``version`` as promoted (desired); the served version follows once replicas have loaded it. With
+        ``fence`` (a trainer promoting its candidate): :class:`LeaseLost` (nothing written) unless the trainer lease
+        is still the fence's."""
         await self.promotion_state()  # the row exists
         async with self._write_engine.begin() as conn:
+            await check_fence(conn, fence)
             await conn.execute(update(promotion).where(promotion.c.name == PROMOTION)
                                .values(desired=version, desired_at=when, reason=reason))
             await notify(conn, f"desired {version}")

@@ -5,6 +5,12 @@ Mutual exclusion comes from the database: on SQLite every write transaction take
 (``BEGIN IMMEDIATE``); on PostgreSQL the few writes that read before they write take a transaction-scoped advisory
 lock (``pg_advisory_xact_lock``, released at commit, so it also works behind PgBouncer's transaction pooling).
 Times are the writing process's UTC clock: replicas' clocks must agree to well under the lease (NTP does).
+
+The lease carries a fencing token, its ``generation``, one more at every takeover. A run records the generation it
+started under, and its trainer's writes that matter (registering and promoting its candidate, marking its signal
+used, its run row) carry a :class:`Fence` that the write's own transaction checks under ``LOCK_LEASE``: a trainer that
+was paused past its lease (a GC pause, SIGSTOP, a partition) while another process took the lease over and failed its
+run finds :class:`LeaseLost` when it wakes, and nothing it writes lands.
 """
 
 from __future__ import annotations
@@ -14,12 +20,13 @@ from collections.abc import Callable, Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import delete, insert, select, text, update
+import msgspec
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from alignd.store.tables import adapter_blobs, policies, quota_counters, trainer_lease, training_runs
 
-__all__ = ["LOCK_LEASE", "LOCK_REGISTER", "SharedQueries", "serialize"]
+__all__ = ["LOCK_LEASE", "LOCK_REGISTER", "Fence", "LeaseLost", "SharedQueries", "check_fence", "serialize"]
 
 # Advisory lock keys (any bigint; these spell "alignd" and a number).
 LOCK_REGISTER = 0x616C69676E6401
@@ -32,6 +39,34 @@ async def serialize(conn: AsyncConnection, key: int) -> None:
     """Hold ``key`` until this transaction ends (PostgreSQL); SQLite's write transactions are serial already."""
     if conn.dialect.name == "postgresql":
         await conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": key})
+
+
+class Fence(msgspec.Struct, frozen=True):
+    """A fencing token: the trainer lease's holder and the generation it held it at. A write carrying it lands only
+    while the lease still has both."""
+
+    holder: str
+    generation: int
+
+
+class LeaseLost(Exception):
+    """A fenced write was refused: the lease is no longer the fence's holder's at that generation (another process
+    took it over meanwhile). The transaction wrote nothing."""
+
+
+async def check_fence(conn: AsyncConnection, fence: Fence | None, name: str = "trainer") -> None:
+    """Raise :class:`LeaseLost` unless lease ``name`` still has ``fence``'s holder and generation (None: no check).
+    Takes ``LOCK_LEASE`` first (SQLite's write transactions are serial already), so no takeover commits between this
+    check and the transaction's writes; call it before any other lock (takeovers take ``LOCK_LEASE`` alone)."""
+    if fence is None:
+        return
+    await serialize(conn, LOCK_LEASE)
+    row = (await conn.execute(select(trainer_lease.c.holder, trainer_lease.c.generation)
+                              .where(trainer_lease.c.name == name))).first()
+    if row is None or row.holder != fence.holder or row.generation != fence.generation:
+        now = f"{row.holder} holds it at generation {row.generation}" if row is not None else "nobody holds it"
+        raise LeaseLost(f"{fence.holder} no longer holds the {name} lease it held at generation {fence.generation} "
+                        f"({now})")
 
 
 class SharedQueries:
@@ -81,6 +116,12 @@ class SharedQueries:
     async def acquire_lease(self, holder: str, ttl_s: float, name: str = "trainer") -> str | None:
         """Take the lease ``name`` for ``ttl_s`` seconds if it is free, expired or already ``holder``'s (then it is
         extended). Returns None when ``holder`` holds it now, else the live holder's id."""
+        taken = await self.take_lease(holder, ttl_s, name)
+        return None if isinstance(taken, Fence) else taken
+
+    async def take_lease(self, holder: str, ttl_s: float, name: str = "trainer") -> Fence | str:
+        """:meth:`acquire_lease`, returning the :class:`Fence` ``holder`` holds the lease with now (taking it over
+        from another holder is a new generation; extending its own keeps it), else the live holder's id."""
         self._check_open()
         now = datetime.now(UTC)
         async with self._write_engine.begin() as conn:
@@ -88,24 +129,41 @@ class SharedQueries:
             row = (await conn.execute(select(trainer_lease).where(trainer_lease.c.name == name))).first()
             values = {"holder": holder, "expires_at": now + timedelta(seconds=ttl_s)}
             if row is None:
-                await conn.execute(insert(trainer_lease).values(name=name, acquired=now, **values))
+                # Released leases are deleted: start above every generation a run recorded, so that no earlier
+                # holder's fence matches again.
+                top = (await conn.execute(select(func.max(training_runs.c.lease_generation)))).scalar()
+                generation = (top or 0) + 1
+                await conn.execute(insert(trainer_lease).values(name=name, acquired=now, generation=generation,
+                                                                **values))
             elif row.holder == holder:
+                generation = row.generation
                 await conn.execute(update(trainer_lease).where(trainer_lease.c.name == name).values(**values))
             elif row.expires_at <= now:
-                await conn.execute(update(trainer_lease).where(trainer_lease.c.name == name)
-                                   .values(acquired=now, **values))
+                generation = row.generation + 1
+                # Conditional: a heartbeat of the old holder may have renewed it since it was read (PostgreSQL).
+                taken = await conn.execute(update(trainer_lease)
+                                           .where(trainer_lease.c.name == name, trainer_lease.c.holder == row.holder,
+                                                  trainer_lease.c.generation == row.generation,
+                                                  trainer_lease.c.expires_at <= now)
+                                           .values(acquired=now, generation=generation, **values))
+                if taken.rowcount != 1:
+                    return str(row.holder)
             else:
                 return str(row.holder)
-        return None
+        return Fence(holder, generation)
 
-    async def heartbeat(self, holder: str, ttl_s: float, run_id: str | None = None, name: str = "trainer") -> bool:
-        """Extend ``holder``'s lease and stamp its run's heartbeat, in one transaction; False (nothing written) when
-        the lease is no longer ``holder``'s: another process took it after it expired."""
+    async def heartbeat(self, holder: str, ttl_s: float, run_id: str | None = None, name: str = "trainer",
+                        generation: int | None = None) -> bool:
+        """Extend ``holder``'s lease (at ``generation``, when given: the one its run started under) and stamp its
+        run's heartbeat, in one transaction; False (nothing written) when the lease is no longer ``holder``'s at that
+        generation: another process took it after it expired."""
         self._check_open()
         now = datetime.now(UTC)
+        held = [trainer_lease.c.name == name, trainer_lease.c.holder == holder]
+        if generation is not None:
+            held.append(trainer_lease.c.generation == generation)
         async with self._write_engine.begin() as conn:
-            renewed = await conn.execute(update(trainer_lease)
-                                         .where(trainer_lease.c.name == name, trainer_lease.c.holder == holder)
+            renewed = await conn.execute(update(trainer_lease).where(*held)
                                          .values(expires_at=now + timedelta(seconds=ttl_s)))
             if renewed.rowcount != 1:
                 return False
@@ -120,6 +178,13 @@ class SharedQueries:
         async with self._write_engine.begin() as conn:
             await conn.execute(delete(trainer_lease).where(trainer_lease.c.name == name,
                                                            trainer_lease.c.holder == holder))
+
+    async def lease_generation(self, name: str = "trainer") -> int | None:
+        """The lease's generation (None while no row: it was never taken, or given back)."""
+        self._check_open()
+        async with self._engine.connect() as conn:
+            return (await conn.execute(select(trainer_lease.c.generation)
+                                       .where(trainer_lease.c.name == name))).scalar()
 
     async def lease_holder(self, name: str = "trainer") -> tuple[str, datetime] | None:
         """Who holds the lease and until when (an expired lease is still returned: nobody took it yet)."""

@@ -265,6 +265,8 @@ trainer_lease = Table(
     Column("holder", Text, nullable=False),  # the process's instance id
     Column("expires_at", UTCDateTime, nullable=False),
     Column("acquired", UTCDateTime, nullable=False),
+    # The fencing token: one more at every takeover, so a holder that lost the lease cannot write as its holder.
+    Column("generation", Integer, nullable=False, server_default=text("0")),
 )
 
 #: Feedback quota counters shared by replicas: events per user (``key``) per fixed window (its start, epoch seconds).
@@ -297,6 +299,7 @@ training_runs = Table(
     Column("finished", UTCDateTime, nullable=True),
     Column("holder", Text, nullable=True),  # the instance id of the process running it (its lease holder)
     Column("heartbeat", UTCDateTime, nullable=True),  # the holder's last heartbeat during the run
+    Column("lease_generation", Integer, nullable=True),  # the trainer lease's generation the run started under
     Index(None, "status"),
     Index(None, "created"),
 )

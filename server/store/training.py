@@ -14,7 +14,7 @@ import msgspec
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from alignd.store.shared import LOCK_PROMOTE, LOCK_REGISTER, serialize
+from alignd.store.shared import LOCK_PROMOTE, LOCK_REGISTER, Fence, check_fence, serialize
 from alignd.store.tables import (
     adapter_blobs,
     choices,
@@ -68,6 +68,16 @@ class RunRow(msgspec.Struct, kw_only=True):
     holder: str | None = None
     """The instance id of the process running it, which holds the trainer lease meanwhile."""
     heartbeat: datetime | None = None
+    lease_generation: int | None = None
+    """The trainer lease's generation its holder started it under: its fencing token (None: a queued run, or one an
+    alignd before fencing started)."""
+
+    @property
+    def fence(self) -> Fence | None:
+        """What the writes of this run's trainer are fenced by (None: not fenced)."""
+        if self.holder is None or self.lease_generation is None:
+            return None
+        return Fence(self.holder, self.lease_generation)
 
 
 def _choice_version(version: int | None, choice: int | None, params: Any) -> int | None:
@@ -99,14 +109,16 @@ class TrainingQueries:
             await conn.execute(insert(policies).values(**msgspec.structs.asdict(row)))
 
     async def register_policy(self, row: PolicyRow, blobs: Mapping[str, bytes],
-                              adapter_path: Callable[[int], str]) -> PolicyRow:
+                              adapter_path: Callable[[int], str], fence: Fence | None = None) -> PolicyRow:
         """Insert ``row`` as the next version, allocated here (its ``version`` is ignored), with its adapter's files
         (``blobs``, by SHA-256; those already stored are kept) in the same transaction: concurrent registrations get
         distinct versions, and a version's row never exists without its files. ``adapter_path(version)`` is the
-        row's folder. Returns the row as inserted."""
+        row's folder. Returns the row as inserted. With ``fence``: :class:`LeaseLost` (nothing written) unless the
+        trainer lease is still the fence's."""
         self._check_open()
         now = datetime.now(UTC)
         async with self._write_engine.begin() as conn:
+            await check_fence(conn, fence)
             await serialize(conn, LOCK_REGISTER)  # reading the highest version, then inserting the next
             stored = set((await conn.execute(select(adapter_blobs.c.sha256)
                                               .where(adapter_blobs.c.sha256.in_(list(blobs))))).scalars())
@@ -138,13 +150,15 @@ class TrainingQueries:
             await conn.execute(update(policies).where(policies.c.version == version).values(**values))
 
     async def update_policy(self, version: int, *, status: str | None = None, metrics: dict[str, Any] | None = None,
-                            reason: str | None = None) -> None:
-        """Change a version's status, metrics (replaced whole) or reason; only the fields given."""
+                            reason: str | None = None, fence: Fence | None = None) -> None:
+        """Change a version's status, metrics (replaced whole) or reason; only the fields given. With ``fence``:
+        :class:`LeaseLost` (nothing written) unless the trainer lease is still the fence's."""
         self._check_open()
         values: dict[str, Any] = {k: v for k, v in (("status", status), ("metrics", metrics), ("reason", reason))
                                   if v is not None}
         if values:
             async with self._write_engine.begin() as conn:
+                await check_fence(conn, fence)
                 await conn.execute(update(policies).where(policies.c.version == version).values(**values))
 
     async def canary_policy(self) -> PolicyRow | None:
@@ -219,9 +233,13 @@ class TrainingQueries:
         async with self._write_engine.begin() as conn:
             await conn.execute(insert(training_runs).values(**msgspec.structs.asdict(row)))
 
-    async def update_run(self, run_id: str, **values: Any) -> None:
+    async def update_run(self, run_id: str, fence: Fence | None = None, **values: Any) -> None:
+        """Write ``values`` into run ``run_id``. With ``fence`` (the run's trainer writing): :class:`LeaseLost`, and
+        the row left as it is (the process that took the lease over marked it failed), unless the trainer lease is
+        still the fence's."""
         self._check_open()
         async with self._write_engine.begin() as conn:
+            await check_fence(conn, fence)
             await conn.execute(update(training_runs).where(training_runs.c.id == run_id).values(**values))
 
     async def get_run(self, run_id: str) -> RunRow | None:
@@ -319,10 +337,13 @@ class TrainingQueries:
                 found.extend(dict(r._mapping) for r in await conn.execute(query))
         return found
 
-    async def mark_used(self, run_id: str, pair_ids: Sequence[int], label_ids: Sequence[int]) -> None:
-        """Record that ``run_id`` trained on these rows (rows already used keep their first run)."""
+    async def mark_used(self, run_id: str, pair_ids: Sequence[int], label_ids: Sequence[int],
+                        fence: Fence | None = None) -> None:
+        """Record that ``run_id`` trained on these rows (rows already used keep their first run). With ``fence``:
+        :class:`LeaseLost` (nothing written) unless the trainer lease is still the fence's."""
         self._check_open()
         async with self._write_engine.begin() as conn:
+            await check_fence(conn, fence)
             for table, ids in ((preference_pairs, pair_ids), (labels, label_ids)):
                 for start in range(0, len(ids), 500):
                     await conn.execute(update(table).where(table.c.id.in_(list(ids[start:start + 500])),

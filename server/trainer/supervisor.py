@@ -8,14 +8,22 @@ without a result (crash, kill, time limit).
 
 One trainer across replicas: a run starts only in the process holding the database's trainer lease (table
 ``trainer_lease``), which it renews with a heartbeat every ``lease_s / 3`` while the run lasts (stamping the run's
-``heartbeat`` too) and gives up when the run is settled. A process whose renewal finds the lease taken stops its run.
-A run whose holder holds no live lease (its server died, or lost the database for longer than the lease) is marked
-failed by the next process to take the lease: every supervisor looks for such runs while it is idle.
+``heartbeat`` too) and gives up when the run is settled. A process whose renewal finds the lease taken, or that could
+not renew it for a whole lease (the database unreachable), stops its run's trainer process. A run whose holder holds
+no live lease (its server died, or lost the database for longer than the lease) is marked failed by the next process
+to take the lease: every supervisor looks for such runs while it is idle.
+
+Fencing: each takeover of the lease is a new generation, and a run records the one it started under. Its candidate's
+registration and promotion (or canary), its signal marked used and every write of its row are refused in their own
+transaction once the lease has another holder or generation (:class:`alignd.store.LeaseLost`): a trainer paused for
+longer than the lease (a GC pause, SIGSTOP, a network partition) while another process took over and failed its run
+changes nothing when it wakes, and stops its trainer process.
 
 In the ``alignd trainer`` process (``hold_lease``) the supervisor holds the lease for as long as it runs, idle or
-not, so that a second trainer process stays standby (it retries every ``lease_s / 3`` and takes over within a lease
-of the first one's death); as the holder it takes the runs serving replicas queued (first in, first out) and starts
-automatic ones. This module imports no torch: the server imports it.
+not, so that a second trainer process stays standby: it retries every ``lease_s / 3``, so it takes over at most a
+lease plus one retry interval (``4/3 * lease_s``) after the first one's last renewal; as the holder it takes the runs
+serving replicas queued (first in, first out) and starts automatic ones. This module imports no torch: the server
+imports it.
 """
 
 from __future__ import annotations
@@ -47,7 +55,7 @@ from alignd.policies.canary import CanaryExperiment
 from alignd.policies.registry import PolicyRegistry
 from alignd.policies.router import RESERVED_VERSIONS
 from alignd.protocol import TrainingRun, TrainingRunList, TrainingRunRequest
-from alignd.store import RunRow, Store
+from alignd.store import Fence, LeaseLost, RunRow, Store
 from alignd.trainer.child import child_main
 from alignd.trainer.config import TrainerConfig
 from alignd.trainer.job import RunJob
@@ -83,6 +91,14 @@ class _ActiveRun:
     kill_at: float | None = None
     """When a process asked to stop (SIGTERM) is killed if it has not exited."""
     task: asyncio.Task[None] | None = None
+    renewed: float = field(default_factory=time.monotonic)
+    """When the lease was last renewed for this run (monotonic): a lease not renewed for ``lease_s`` may be
+    another's."""
+
+    @property
+    def fence(self) -> Fence | None:
+        """What this run's writes are fenced by: the lease's holder and generation it started under."""
+        return self.row.fence
 
 
 def _iso(when: datetime | None) -> str | None:
@@ -199,17 +215,38 @@ class TrainerSupervisor:
             try:
                 active = self.current
                 if active is not None:
-                    if not await self.store.heartbeat(self.owner, self.lease_s, active.row.id):
-                        log.error("training run %s lost the trainer lease (not renewed in time; another process "
-                                  "took it): stopping it", active.row.id)
-                        self._stop(active, "this server lost the trainer lease (its heartbeat lapsed and another "
-                                           "process took it)")
+                    await self._beat(active)
                 elif not self.stopping:
                     await self.sweep()
             except asyncio.CancelledError:
                 raise
             except Exception:  # the database may be briefly away: the next beat tries again
                 log.exception("the trainer heartbeat failed; retrying")
+                self._check_lapsed()
+
+    async def _beat(self, active: _ActiveRun) -> bool:
+        """Renew the lease for ``active`` (at its generation) and stamp its heartbeat; when another process took the
+        lease, stop its trainer process now (its writes would be refused anyway) and return False."""
+        fence = active.fence
+        if await self.store.heartbeat(self.owner, self.lease_s, active.row.id,
+                                      generation=fence.generation if fence is not None else None):
+            active.renewed = time.monotonic()
+            return True
+        self.holding = False
+        log.error("training run %s lost the trainer lease (not renewed in time; another process took it): stopping "
+                  "it", active.row.id)
+        self._stop(active, "this trainer lost the trainer lease (its heartbeat lapsed and another process took it)")
+        return False
+
+    def _check_lapsed(self) -> None:
+        """After a failed renewal: once the lease went a whole ``lease_s`` without one, another process may hold it
+        (and fail the run): stop the run's trainer process rather than train on without the lease."""
+        active = self.current
+        if active is not None and time.monotonic() - active.renewed >= self.lease_s:
+            log.error("training run %s: the trainer lease could not be renewed for %.0f s (it has expired and may be "
+                      "another's): stopping it", active.row.id, time.monotonic() - active.renewed)
+            self._stop(active, f"this trainer could not renew the trainer lease for {self.lease_s:.0f} s (the "
+                               "database was unreachable): another process may have taken it")
 
     async def _hold(self) -> None:
         """``hold_lease``: take or renew the lease every ``lease_s / 3`` (stamping the running run's heartbeat);
@@ -221,17 +258,13 @@ class TrainerSupervisor:
                 raise
             except Exception:  # the database may be briefly away: the next beat tries again
                 log.exception("renewing the trainer lease failed; retrying")
+                self._check_lapsed()
             await asyncio.sleep(self.lease_s / 3)
 
     async def _renew(self) -> None:
         active = self.current
         if active is not None:
-            if not await self.store.heartbeat(self.owner, self.lease_s, active.row.id):
-                self.holding = False
-                log.error("training run %s lost the trainer lease (not renewed in time; another process took it): "
-                          "stopping it", active.row.id)
-                self._stop(active, "this trainer lost the trainer lease (its heartbeat lapsed and another process "
-                                   "took it)")
+            await self._beat(active)
             return
         if self.stopping:
             return
@@ -298,9 +331,9 @@ class TrainerSupervisor:
             config = self.config(request)
             if (refusal := await signal_refusal(self.store, config.objective)) is not None:
                 raise refusal
-            holder = await self.store.acquire_lease(self.owner, self.lease_s)
-            if holder is not None:
-                raise Conflict(f"Another server ({holder}) holds the trainer lease: one training run at a time across "
+            fence = await self.store.take_lease(self.owner, self.lease_s)
+            if not isinstance(fence, Fence):
+                raise Conflict(f"Another server ({fence}) holds the trainer lease: one training run at a time across "
                                "replicas.", code="run_in_progress")
             self.holding = True
             try:
@@ -314,7 +347,7 @@ class TrainerSupervisor:
                              phase="starting", progress=0.0, trigger=trigger, parent=parent, candidate=None,
                              promoted=False, config={**dataclasses.asdict(config), "owner": self.owner}, metrics={},
                              error=None, created=queued.created if queued else now, finished=None, holder=self.owner,
-                             heartbeat=now)
+                             heartbeat=now, lease_generation=fence.generation)
                 if queued is None:
                     await self.store.insert_run(row)
                 else:
@@ -334,7 +367,8 @@ class TrainerSupervisor:
                 # (Linux) fires when the thread that started it ends. Starting it takes milliseconds (a small job).
                 active = self._spawn(row, job, request.promote)
             except BaseException as e:
-                await asyncio.shield(self.store.update_run(row.id, status="failed", finished=datetime.now(UTC),
+                await asyncio.shield(self.store.update_run(row.id, row.fence, status="failed",
+                                                           finished=datetime.now(UTC),
                                                            error=f"the trainer process did not start: {e!r}"))
                 await asyncio.shield(self._give_lease_back())
                 raise
@@ -449,7 +483,11 @@ class TrainerSupervisor:
             for name, value in _headline(active.metrics).items():
                 self.metrics.training_figure.labels(name).set(value)
             try:
-                await self.store.update_run(active.row.id, phase=phase, progress=progress, metrics=active.metrics)
+                await self.store.update_run(active.row.id, active.fence, phase=phase, progress=progress,
+                                            metrics=active.metrics)
+            except LeaseLost as e:  # another process took the lease over (and failed this run): stop training
+                log.error("training run %s: its progress write was refused (%s): stopping it", active.row.id, e)
+                self._stop(active, f"this trainer lost the trainer lease: {e}")
             except Exception:  # a missed progress write must not stop the run; the outcome is written at the end
                 log.exception("could not record the progress of run %s", active.row.id)
         elif kind == "call":
@@ -491,6 +529,10 @@ class TrainerSupervisor:
             try:
                 promoted, error = await self._register(active, outcome)
                 status = "succeeded" if error is None else "failed"
+            except LeaseLost as e:
+                log.error("training run %s: its candidate was not %s: %s", row.id,
+                          "promoted" if "version" in outcome else "registered", e)
+                error = f"this trainer lost the trainer lease before its candidate was settled: {e}"
             except Exception as e:
                 log.exception("registering the candidate of run %s failed", row.id)
                 error = f"registering the candidate failed: {type(e).__name__}: {e}"
@@ -504,12 +546,16 @@ class TrainerSupervisor:
         attempt, stopping_since = 0, None
         while True:
             try:
-                await self.store.update_run(row.id, status=status,
+                await self.store.update_run(row.id, active.fence, status=status,
                                             phase="done" if status == "succeeded" else row.phase,
                                             progress=1.0 if status == "succeeded" else row.progress,
                                             candidate=candidate, promoted=promoted, error=error,
                                             metrics=active.metrics, finished=datetime.now(UTC))
                 break
+            except LeaseLost as e:  # the process that took the lease over marked the run failed: its word stands
+                log.error("training run %s: its outcome (%s%s) was not recorded: %s; the run stays as the lease's new "
+                          "holder marked it", row.id, status, f": {error}" if error else "", e)
+                return
             except Exception:
                 attempt += 1
                 log.exception("could not record the outcome of run %s (attempt %d)", row.id, attempt)
@@ -525,12 +571,12 @@ class TrainerSupervisor:
 
     async def _register(self, active: _ActiveRun, outcome: dict[str, Any]) -> tuple[bool, str | None]:
         """Register the candidate (its version goes into ``outcome`` at once) and promote it when it should be."""
-        result, row = active.result or {}, active.row
+        result, row, fence = active.result or {}, active.row, active.fence
         policy = await self.registry.register(Path(result["staged_adapter"]), parent=row.parent, run_id=row.id,
                                               metrics=result["figures"], passed=result["passed"],
-                                              reason=result["reason"])
+                                              reason=result["reason"], fence=fence)
         outcome["version"] = policy.version
-        await self.store.mark_used(row.id, result["new_pair_ids"], result["new_label_ids"])
+        await self.store.mark_used(row.id, result["new_pair_ids"], result["new_label_ids"], fence)
         failpoint("promote:registered")  # tests: a crash between registration and promotion
         if not (result["passed"] and active.promote):
             return False, None
@@ -538,9 +584,9 @@ class TrainerSupervisor:
             return False, None
         try:
             if self.canary is not None and self.canary.config.share > 0:  # a live test decides, not the run
-                await self.canary.start(policy.version, reason=f"passed the gate in {row.id}: on canary")
+                await self.canary.start(policy.version, reason=f"passed the gate in {row.id}: on canary", fence=fence)
                 return False, None
-            await self.registry.promote(policy.version, reason=f"passed the gate in {row.id}")
+            await self.registry.promote(policy.version, reason=f"passed the gate in {row.id}", fence=fence)
         except AlignError as e:
             return False, f"promotion failed: {e.message}"
         return True, None
