@@ -266,20 +266,20 @@ class TrainingQueries:
             row = (await conn.execute(query)).first()
         return _row(RunRow, row) if row is not None else None
 
-    async def claim_queued_run(self, run_id: str, **values: Any) -> bool:
-        """Turn queued run ``run_id`` into ``values`` (its start); False when it is no longer queued (an operator
-        cancelled it meanwhile)."""
+    async def claim_queued_run(self, run_id: str, **values: Any) -> RunRow | None:
+        """Turn queued run ``run_id`` into ``values`` (its start) and return the row as written: one conditional
+        UPDATE, so a cancel racing it either lands first (then None: it is no longer queued) or finds it running."""
         self._check_open()
         async with self._write_engine.begin() as conn:
-            claimed = await conn.execute(update(training_runs)
-                                         .where(training_runs.c.id == run_id, training_runs.c.status == "queued")
-                                         .values(**values))
-        return claimed.rowcount == 1
+            claimed = (await conn.execute(update(training_runs)
+                                          .where(training_runs.c.id == run_id, training_runs.c.status == "queued")
+                                          .values(**values).returning(*training_runs.c))).first()
+        return _row(RunRow, claimed) if claimed is not None else None
 
     async def end_queued_run(self, run_id: str, status: str, error: str, when: datetime) -> bool:
         """Settle a run that never started (``cancelled`` by an operator, or ``failed``); False when it is not
         queued."""
-        return await self.claim_queued_run(run_id, status=status, error=error, finished=when)
+        return await self.claim_queued_run(run_id, status=status, error=error, finished=when) is not None
 
     async def fail_running_runs(self, error: str, when: datetime, owner: str | None = None) -> list[str]:
         """Mark runs still ``running`` as failed (their process is gone); returns their ids. With ``owner``, only

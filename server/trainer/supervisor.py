@@ -353,8 +353,12 @@ class TrainerSupervisor:
                 else:
                     row.config["request"] = queued.config.get("request") or {}
                     started = {k: v for k, v in msgspec.structs.asdict(row).items() if k not in ("id", "created")}
-                    if not await self.store.claim_queued_run(row.id, **started):
-                        raise Conflict(f"Training run {row.id} is no longer queued.", code="run_not_queued")
+                    if (claimed := await self.store.claim_queued_run(row.id, **started)) is None:
+                        now_row = await self.store.get_run(row.id)
+                        status = now_row.status if now_row is not None else "gone"
+                        raise Conflict(f"Training run {row.id} is no longer queued (it is {status}).",
+                                       code="run_not_queued")
+                    row = claimed
             except BaseException:
                 await asyncio.shield(self._give_lease_back())
                 raise
@@ -637,8 +641,16 @@ class TrainerSupervisor:
         except AlignError as e:
             if e.code == "run_in_progress":
                 return False
-            await self.store.end_queued_run(row.id, "failed", f"it could not start: {e.message}", datetime.now(UTC))
-            log.warning("queued training run %s could not start: %s", row.id, e.message)
+            # An operator may cancel it at any moment until it is claimed (a conditional UPDATE from queued): say
+            # what happened to it, not what this process meant to do.
+            if e.code != "run_not_queued" and await self.store.end_queued_run(
+                    row.id, "failed", f"it could not start: {e.message}", datetime.now(UTC)):
+                log.warning("queued training run %s could not start: %s", row.id, e.message)
+            else:
+                now = await self.store.get_run(row.id)
+                log.info("queued training run %s was not started: it was %s meanwhile (%s)", row.id,
+                         now.status if now is not None else "deleted", (now.error if now is not None else None)
+                         or "no reason recorded")
         return True
 
     async def _due(self) -> bool:
