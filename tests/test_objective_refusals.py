@@ -1,21 +1,37 @@
 """Through the real server: an objective the stored feedback cannot train is refused before anything starts (409 in
 OpenAI's error shape naming ``objective``, no run row), online DPO without any preference pair and KTO without any
-good/bad label; the automatic trigger skips such a run and says why in the log. With both kinds of feedback, a run of
+good/bad label; the automatic trigger skips such a run and says why in the log. A serving replica (``--trainer off``)
+refuses such a run the same way rather than queue it for the trainer process. With both kinds of feedback, a run of
 each goes through the trainer process, its users' feedback reaching the objective, to a registered candidate."""
 
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from alignd.app import create_app
 from alignd.demo.corpus import training_prompts
-from tests.serverkit import AppServer
-from tests.test_training import USER, admin, app_factory, chat, give_feedback, wait_run  # noqa: F401 (the fixture)
+from alignd.trainer.queue import RunQueue
+from tests.engine_fixtures import create_pg_database
+from tests.engine_fixtures import test_settings as settings_for
+from tests.serverkit import AppServer, LoopThread
+from tests.test_training import (  # noqa: F401 (the fixture)
+    ADMIN,
+    TRAINER,
+    USER,
+    admin,
+    app_factory,
+    chat,
+    give_feedback,
+    wait_run,
+)
 
 
 def give_thumbs(srv: AppServer, n_prompts: int = 4) -> None:
@@ -52,6 +68,33 @@ def test_kto_without_any_label_is_refused(app_factory: Callable[..., AppServer],
     srv = app_factory(tmp_path_factory.mktemp("pairs-only"))
     give_feedback(srv, n_prompts=4)  # pairwise comparisons: pairs, no labels
     assert_refused(srv, "kto", "objective_needs_labels", "good/bad labels")
+
+
+def test_a_serving_replica_refuses_kto_without_any_label_and_queues_nothing(
+        engine_loop: LoopThread, engine: Any, demo_model_dir: Path, postgres_server_url: str,
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """``alignd serve --trainer off`` on PostgreSQL (in process, on the shared engine): its training-run service is the
+    queue, which refuses before queuing, as the trainer would refuse before starting."""
+    database = create_pg_database(postgres_server_url, f"replica_refusal_{uuid.uuid4().hex[:8]}")
+    settings = settings_for(demo_model_dir, tmp_path_factory.mktemp("replica"), api_keys=[USER], admin_keys=[ADMIN],
+                            trainer=TRAINER, database=database, chat_requests_per_minute=0)
+    srv = AppServer(engine_loop, create_app(settings, engine=engine, role="serve")).start()
+    try:
+        assert isinstance(srv.state.trainer, RunQueue)
+        give_feedback(srv, n_prompts=4)  # pairwise comparisons: pairs, no labels
+        refused = admin(srv, "POST", "/v1/training/runs", json={"objective": "kto"})
+        assert refused.status_code == 409, refused.text
+        error = refused.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"}
+        assert error["param"] == "objective" and error["code"] == "objective_needs_labels", error
+        assert "good/bad labels" in error["message"] and "preference pairs" in error["message"], error
+        assert admin(srv, "GET", "/v1/training/runs").json()["data"] == []
+        assert srv.loop.run(srv.state.store.list_runs()) == []  # nothing queued for the trainer process
+        # The objective the pairs can train is queued (the refusal was the objective's, not the replica's).
+        queued = admin(srv, "POST", "/v1/training/runs", json={"objective": "online-dpo"})
+        assert queued.status_code == 202 and queued.json()["status"] == "queued", queued.text
+    finally:
+        srv.stop()
 
 
 def test_the_automatic_trigger_skips_a_run_its_objective_cannot_train(
