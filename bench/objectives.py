@@ -181,8 +181,32 @@ def table(results: list[dict[str, Any]]) -> str:
             f"| {r['objective']} | {r['samples_per_s']}{ratio(r['samples_per_s'], peer and peer['samples_per_s'])}"
             f" | {r['seconds_per_run']}{ratio(r['seconds_per_run'], peer and peer['seconds_per_run'])}"
             f" | {sum(1 for x in r['rounds'] if 'run' in x)} | {reached.get('events', 'not reached')}"
-            f" | {reached.get('minutes', '—')} | {reached.get('kl', '—')}"
+            f" | {reached.get('minutes', '—')} | {fmt(reached.get('kl'))}"
             f" | {f'{shares[-1]:.1%}' if shares else '—'} |")
+    return "\n".join(lines)
+
+
+def fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
+def medians(summaries: list[dict[str, Any]]) -> str:
+    """Per objective, the median over several benchmark runs (seeds) of each figure, and how many reached the goal."""
+    from statistics import median
+
+    def med(values: list[float]) -> str:
+        return f"{median(values):.2f}" if values else "—"
+
+    lines = ["| objective | runs reaching the goal | samples/s | s per run | events to +goal | minutes to +goal | "
+             "KL then |", "|---|---|---|---|---|---|---|"]
+    for objective in dict.fromkeys(r["objective"] for s in summaries for r in s["results"]):
+        rs = [r for s in summaries for r in s["results"] if r["objective"] == objective]
+        hit = [r["reached"] for r in rs if r["reached"]]
+        rates = [r["samples_per_s"] for r in rs if r["samples_per_s"]]
+        lines.append(f"| {objective} | {len(hit)} of {len(rs)} | {med(rates)}"
+                     f" | {med([r['seconds_per_run'] for r in rs if r['seconds_per_run']])}"
+                     f" | {med([h['events'] for h in hit])} | {med([h['minutes'] for h in hit])}"
+                     f" | {med([h['kl'] for h in hit if h['kl'] is not None])} |")
     return "\n".join(lines)
 
 
@@ -235,15 +259,18 @@ def main() -> int:
     parser.add_argument("--eval-repeats", type=int, default=1, help="Passes over the held-out prompts per measure.")
     parser.add_argument("--png", type=Path, default=None, help="Write the plot here.")
     parser.add_argument("--json", type=Path, default=None, help="Write the figures here.")
-    parser.add_argument("--replot", type=Path, default=None, metavar="JSON",
-                        help="Only draw --png (and print the table) from an earlier --json; runs nothing.")
+    parser.add_argument("--replot", type=Path, nargs="+", default=None, metavar="JSON",
+                        help="Only print the tables (and draw --png of the first) from earlier --json files, with "
+                        "each figure's median over them (several seeds); runs nothing.")
     parser.add_argument("server_args", nargs="*", help="Extra `alignd serve` flags, after --.")
     args = parser.parse_args()
     if args.replot:
-        summary = json.loads(args.replot.read_text())
-        print(table(summary["results"]))
+        summaries = [json.loads(path.read_text()) for path in args.replot]
+        for path, summary in zip(args.replot, summaries, strict=True):
+            print(f"{path} (seed {summary.get('seed', '?')}):\n{table(summary['results'])}\n")
+        print(f"medians over {len(summaries)}:\n{medians(summaries)}")
         if args.png:
-            plot(args.png, summary)
+            plot(args.png, summaries[0])
         return 0
     objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
     unknown = [o for o in objectives if o not in OPTIMIZERS]
@@ -258,8 +285,9 @@ def main() -> int:
         result = one_objective(objective, model, args, server_args, base)
         base = result["base"]
         results.append(result)
-    summary = {"prefer": args.prefer, "model": str(model), "chunk": args.chunk, "events": args.events,
-               "time_limit_s": args.time_limit, "goal_points": args.goal_points, "max_tokens": args.max_tokens,
+    summary = {"prefer": args.prefer, "seed": args.seed, "model": str(model), "chunk": args.chunk,
+               "events": args.events, "time_limit_s": args.time_limit, "goal_points": args.goal_points,
+               "max_tokens": args.max_tokens,
                "server_args": [*FIXED_SERVER_ARGS, *server_args], "machine": machine_info(), "results": results}
     print("\n" + table(results))
     if args.json:
