@@ -143,3 +143,24 @@ def test_a_run_of_each_trains_on_the_users_feedback(app_factory: Callable[..., A
         assert iteration["objective"] == objective and iteration[own] > 0, iteration
         assert isinstance(iteration["kl"], float) and isinstance(iteration["reward"], float)
         assert run["candidate"] is not None and run["metrics"]["kl_controller"]["kl_coef"] is None
+
+
+def test_the_reward_model_check_stops_what_follows_the_reward_model_not_kto(
+        app_factory: Callable[..., AppServer],  # noqa: F811 (the fixture)
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A handful of thumbs cannot show a reward model better than chance: a PPO run stops before optimising its
+    scores, while KTO, which learns from the labels themselves, trains on them (the check's figures reported)."""
+    srv = app_factory(tmp_path_factory.mktemp("unproven-rm"), reward_model_confidence=0.95, judge_fraction=0.0)
+    give_thumbs(srv, n_prompts=8)
+    runs = {}
+    for objective in ("ppo", "kto"):
+        started = admin(srv, "POST", "/v1/training/runs", json={"iterations": 1, "objective": objective,
+                                                                "promote": False})
+        assert started.status_code == 202, started.text
+        runs[objective] = wait_run(srv, started.json()["id"])
+    ppo, kto = runs["ppo"], runs["kto"]
+    assert ppo["status"] == "failed" and "RewardModelNotBetterThanChance" in ppo["error"], ppo["error"]
+    assert kto["status"] == "succeeded", kto["error"]
+    interval = kto["metrics"]["reward_model"]["heldout_interval"]
+    assert interval is None or interval[0] <= 0.5, interval  # the check would have stopped it
+    assert kto["candidate"] is not None and kto["metrics"]["ppo"][0]["samples"] > 0

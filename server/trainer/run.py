@@ -56,6 +56,11 @@ TRAINS_ON_FEEDBACK = {"online-dpo", "kto"}
 """Objectives that train on the users' own judgements too (``feedback=``: a :class:`UserFeedback` of the reward
 model's side of the judge split, so the gate's judge still judges a policy trained apart from its feedback)."""
 
+OPTIMIZES_REWARD_MODEL = {"ppo", "grpo", "rloo", "online-dpo"}
+"""Objectives whose updates follow the reward model's scores: for these a reward model not shown to beat chance
+stops the run before the optimisation. KTO learns from the users' labels alone (the reward model only reports the
+reward of its samples), so its runs go on, the check's figures reported."""
+
 CARRIES_KL_COEF = {"ppo"}
 """Objectives whose final β the next run starts from (the critic-free ones start from their own each run)."""
 
@@ -173,7 +178,8 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
     by_kind = {kind: heldout_figures(stack, groups, labels, config.reward, config.reward.confidence or 0.95,
                                      data.truncated_replies) for kind, (groups, labels) in data.heldout_by_kind.items()}
     seconds["reward_model"] = time.monotonic() - tick
-    _check_reward_model(rm, config.reward.confidence, stack, run_dir, reporter, by_kind)
+    _check_reward_model(rm, config.reward.confidence if config.objective in OPTIMIZES_REWARD_MODEL else 0.0, stack,
+                        run_dir, reporter, by_kind)
 
     # 2b. The gate's judge: a reward model cross-fitted on the other side of the split, continuing its own.
     tick = time.monotonic()
