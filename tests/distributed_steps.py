@@ -1,5 +1,6 @@
 """What each process of tests/test_distributed.py runs: a PPO update and a reward-model fit on fixed inputs, as
-rank ``rank`` of ``world`` (1: one process, no process group), the trained weights written to ``out``."""
+rank ``rank`` of ``world`` (1: one process, no process group) with ``strategy`` (ddp, or fsdp: the base sharded), the
+trained weights written to ``out``."""
 
 from __future__ import annotations
 
@@ -44,11 +45,11 @@ def fixed_feedback() -> tuple[list[list[PreferencePair]], list[Label]]:
     return groups, labels
 
 
-def steps(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
+def steps(rank: int, world: int, port: int, model_dir: str, out: str, strategy: str = "ddp") -> None:
     """Join the group (world > 1), then one PPO update (2 epochs × 2 minibatches, micro-batches of 2), one GRPO
-    update (groups of 4) and one reward-model epoch; writes ``out/rank<rank>.safetensors`` and the figures beside
-    it."""
-    config = TrainerConfig(device="cpu", dtype="float32", seed=3)
+    update (groups of 4) and one reward-model epoch; writes ``out/rank<rank>.safetensors``, the figures and the share
+    of the base this rank held beside it, and rank 0 the policy as a candidate folder (``out/candidate``)."""
+    config = TrainerConfig(device="cpu", dtype="float32", seed=3, distributed=strategy)
     config.ppo.minibatch_size, config.ppo.micro_batch_size, config.ppo.epochs = 6, 2, 2
     config.ppo.learning_rate = config.ppo.critic_learning_rate = 1e-3
     config.reward.batch_size, config.reward.epochs = 6, 1
@@ -58,7 +59,11 @@ def steps(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
     if world > 1:
         distributed.init_ranks(job, rank, world, port)
     try:
-        stack = load_stack(model_dir, config)
+        stack = load_stack(model_dir, config, on_cpu=distributed.sharded())
+        distributed.shard_base(stack, torch.device("cpu"))
+        local = sum(getattr(p, "_local_tensor", p).numel() for n, p in stack.causal_lm.named_parameters()
+                    if "lora_" not in n)
+        (Path(out) / f"rank{rank}.held").write_text(str(local / stack.base_parameters))
         torch.manual_seed(11)
         stack.add_adapter(REWARD, config.lora, head=True)
         normalization = RewardNormalization(mean=0.1, std=2.0)
@@ -87,6 +92,8 @@ def steps(rank: int, world: int, port: int, model_dir: str, out: str) -> None:
         state |= {f"reward/{k}": v for k, v in stack.adapter_state(REWARD).items()}
         state |= {f"reward_head/{k}": v.detach().clone() for k, v in stack.heads[REWARD].state_dict().items()}
         save_file({k: v.contiguous() for k, v in state.items()}, str(Path(out) / f"rank{rank}.safetensors"))
+        if rank == 0:
+            stack.save_adapter(POLICY, Path(out) / "candidate")
         (Path(out) / f"rank{rank}.figures").write_text(
             f"{update.policy_loss} {update.value_loss} {update.approx_kl} {grpo['policy_loss']} {grpo['kl_loss']} "
             f"{figures.train_loss} {figures.steps}")

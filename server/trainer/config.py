@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from alignd.config import ConfigError, TrainerSettings
+from alignd.config import TrainerSettings
 from alignd.protocol import Objective, TrainingRunRequest
 
 __all__ = [
@@ -308,7 +308,8 @@ class TrainerConfig:
     processes: int = _SETTINGS.trainer_processes
     """Processes the run runs as (data parallel, :mod:`alignd.trainer.distributed`); 1: one process."""
     distributed: str = _SETTINGS.trainer_distributed
-    """How several processes share the model: ``ddp`` (each holds the whole base). ``fsdp`` is refused for now."""
+    """How several processes share the model: ``ddp`` (each holds the whole base, each takes a share of the rows) or
+    ``fsdp`` (the base sharded over them, every one takes every row: :mod:`alignd.trainer.distributed`)."""
 
 
 REFERENCE_PARAMETERS = 135_000_000
@@ -348,11 +349,9 @@ def scale_batches_to_model(config: TrainerConfig, parameters: int) -> dict[str, 
 
 
 def check_trainer_settings(settings: TrainerSettings) -> None:
-    """Refuse trainer settings no run could use, before anything starts (a ConfigError: one line, exit status 2)."""
-    if settings.trainer_distributed == "fsdp":
-        raise ConfigError("trainer.trainer_distributed fsdp (--trainer-distributed) is not implemented yet: runs are "
-                          "data parallel with every rank holding the whole base (ddp). FSDP2 is for a base that does "
-                          "not fit one GPU; see docs/training.md, 'Several processes and GPUs'")
+    """Refuse trainer settings no run could use, before anything starts (a ConfigError: one line, exit status 2).
+    Nothing is refused at present (``--trainer-distributed fsdp`` was until it was built); alignd serve, alignd trainer
+    and the app's assembly keep calling it, the one place for such a check."""
 
 
 def trainer_config(settings: TrainerSettings, request: TrainingRunRequest | None = None) -> TrainerConfig:

@@ -26,6 +26,16 @@ check): the single-process path is unchanged.
 After policy optimisation every rank leaves the process group (:func:`leave`) and the other ranks exit; rank 0 runs
 the gate as a single process would and saves the candidate (every file a run writes is rank 0's).
 
+With ``--trainer-distributed fsdp`` (:func:`sharded`) the frozen base is sharded over the ranks with FSDP2
+(:func:`shard_base`: ``fully_shard`` on each decoder layer, the embeddings, the backbone and the model), for a base
+that does not fit one device. Every forward pass then all-gathers each layer's shards, so the ranks must run the same
+passes in the same order: every rank takes every row (``shard`` and ``map_rows`` give all of them) and computes the
+same gradients (:func:`all_reduce_grads` gives every rank rank 0's instead of a sum). The LoRA adapters and heads stay
+whole on every rank (FSDP ignores them: a few MB that PEFT adds, switches and drops as before, which FSDP's sharded
+parameters could not be), so saving one needs no gathering. The gate's passes need every rank too: the ranks leave
+after it (:func:`leaves_before_gate`). Memory per rank falls to about 1/N of the base; time does not (every rank does
+the whole work).
+
 For a new objective (online DPO, KTO): take the minibatch's total (tokens, pairs) before ``rows = shard(rows)``, weigh
 each micro-batch's loss by its share of that total, call ``figures = all_reduce_grads(params, figures)`` between the
 backward passes and the clip, ``same_start(params)`` once after making the optimizer, and wrap a loop's early stop in
@@ -67,10 +77,13 @@ __all__ = [
     "init_ranks",
     "is_main",
     "leave",
+    "leaves_before_gate",
     "map_rows",
     "rank",
     "same_start",
     "shard",
+    "shard_base",
+    "sharded",
     "shared_rollouts",
     "start_workers",
     "world",
@@ -79,6 +92,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+_strategy = "ddp"
+"""This process's ``--trainer-distributed`` (:func:`init_ranks` sets it from the run's config)."""
 
 
 # --- where this process stands --------------------------------------------------------------------------------
@@ -98,28 +114,78 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def sharded() -> bool:
+    """The base is sharded over several ranks (``fsdp``): every rank runs every pass (see the module's text)."""
+    return _strategy == "fsdp" and world() > 1
+
+
+def leaves_before_gate() -> bool:
+    """The ranks leave after policy optimisation (``ddp``: rank 0 holds the whole base and gates alone), not after
+    the gate's passes (``fsdp``: they need every rank's shards)."""
+    return not sharded()
+
+
 def describe() -> dict[str, Any]:
     """The run's figures on how it ran: processes, backend (gloo, nccl) and strategy (None with one process)."""
     if world() == 1:
         return {"processes": 1, "backend": None, "strategy": None}
-    return {"processes": world(), "backend": str(dist.get_backend()), "strategy": "ddp"}
+    return {"processes": world(), "backend": str(dist.get_backend()), "strategy": _strategy}
+
+
+def shard_base(stack: ModelStack, device: torch.device) -> None:
+    """FSDP2 over the frozen base of ``stack`` when :func:`sharded` (else nothing): ``fully_shard`` on each decoder
+    layer, the input and output embeddings (one group when tied, as FSDP requires of a shared weight), the backbone
+    (its final norm: :meth:`ModelStack.hidden_states` calls it directly) and the causal LM. Adapter and head weights
+    are left whole on every rank (``ignored_params``). The stack was loaded on the CPU (``load_stack(..., on_cpu=)``):
+    each rank's shards, the adapters and the heads go to ``device``, the whole base never does."""
+    if not sharded():
+        return
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    lm = stack.causal_lm
+    backbone = getattr(lm, lm.base_model_prefix)
+    ignored = {p for name, p in stack.model.named_parameters() if "lora_" in name}
+    options = {"mesh": init_device_mesh(device.type, (world(),)), "ignored_params": ignored}
+    for layer in backbone.layers:
+        fully_shard(layer, **options)
+    embeddings, head = lm.get_input_embeddings(), lm.get_output_embeddings()
+    if head is not None and head.weight is embeddings.weight:
+        fully_shard([embeddings, head], **options)
+    else:
+        fully_shard(embeddings, **options)
+        if head is not None:
+            fully_shard(head, **options)
+    fully_shard(backbone, **options)
+    fully_shard(lm, **options)
+    with torch.no_grad():
+        for p in ignored:
+            p.data = p.data.to(device)
+    stack.heads.to(device)
+    stack.device = device
+    # FSDP makes the module of the first pass its root: a pass through the backbone alone first (the reward model's
+    # hidden states) would make it the root, and the LM's own passes then fail ("already lazily initialized").
+    with torch.no_grad():
+        lm(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
 
 
 # --- the update loops' hooks ----------------------------------------------------------------------------------
 
 
 def shard(items: Sequence[T]) -> Sequence[T]:
-    """This rank's part of a minibatch's rows (every ``world``-th, from ``rank``); all of them with one process.
-    A rank may get none (a minibatch smaller than the world): it still takes part in :func:`all_reduce_grads`."""
+    """This rank's part of a minibatch's rows (every ``world``-th, from ``rank``); all of them with one process or a
+    sharded base (:func:`sharded`). A rank may get none (a minibatch smaller than the world): it still takes part in
+    :func:`all_reduce_grads`."""
     n = world()
-    return items if n == 1 else items[rank()::n]
+    return items if n == 1 or sharded() else items[rank()::n]
 
 
 def all_reduce_grads(params: Iterable[torch.nn.Parameter], figures: dict[str, float] | None = None
                      ) -> dict[str, float]:
     """Sum the ranks' gradients of ``params`` (and their ``figures``, weighted shares of the minibatch's means)
     in place, one flat buffer per dtype; a parameter a rank has no gradient for counts as zeros. Returns the summed
-    figures. With one process: nothing to do."""
+    figures. With one process: nothing to do. With a sharded base every rank computed the whole minibatch's
+    gradients and figures: rank 0's gradients go to all (apart from float noise they are the same)."""
     figures = dict(figures or {})
     if world() == 1:
         return figures
@@ -133,12 +199,15 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], figures: dict[str, fl
         by_dtype.setdefault((p.grad.dtype, p.grad.device), []).append(p.grad)  # type: ignore[union-attr]
     for grads in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in grads])  # (Σ numel,)
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        if sharded():  # every rank took the whole minibatch: rank 0's gradients, so the ranks' adapters never drift
+            dist.broadcast(flat, src=0)
+        else:
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
         offset = 0
         for g in grads:
             g.copy_(flat[offset : offset + g.numel()].view_as(g))
             offset += g.numel()
-    if figures:
+    if figures and not sharded():
         keys = sorted(figures)
         device = params[0].device if params else torch.device("cpu")
         values = torch.tensor([figures[k] for k in keys], dtype=torch.float64, device=device)  # (F,)
@@ -150,9 +219,10 @@ def all_reduce_grads(params: Iterable[torch.nn.Parameter], figures: dict[str, fl
 def map_rows(fn: Callable[[int, int], tuple[Tensor, ...]], n: int) -> tuple[Tensor, ...]:
     """``fn(start, stop)``: no-grad passes over rows ``start:stop`` of a batch of ``n``, returning tensors with one
     row each; with several processes every rank runs its block of rows (the blocks differ in size by one at most) and
-    every rank gets all the rows back in order. ``fn(0, n)`` with one process, or fewer rows than ranks."""
+    every rank gets all the rows back in order. ``fn(0, n)`` with one process, fewer rows than ranks, or a sharded
+    base (the ranks' passes must match one for one)."""
     w = world()
-    if w == 1 or n < w:
+    if w == 1 or n < w or sharded():
         return fn(0, n)
     sizes = [n // w + (1 if r < n % w else 0) for r in range(w)]
     start = sum(sizes[: rank()])
@@ -243,8 +313,10 @@ class RankInfo:
 def init_ranks(job: RunJob, rank_: int, world_: int, port: int) -> RankInfo:
     """Join the run's process group as ``rank_`` of ``world_`` through accelerate's :class:`PartialState` (gloo on
     the CPU, NCCL on CUDA, one card per rank), and point the job at this rank's device and share of the threads."""
+    global _strategy
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank_), WORLD_SIZE=str(world_),
                       LOCAL_RANK=str(rank_), LOCAL_WORLD_SIZE=str(world_))
+    _strategy = job.config.distributed
     from accelerate import PartialState
 
     cpu = job.config.device == "cpu" or not torch.cuda.is_available()

@@ -296,12 +296,14 @@ def _quiet_progress_bars() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_stack(base_dir: str | Path, config: TrainerConfig) -> ModelStack:
-    """The stack for a run: the configured device and dtype (CUDA and bfloat16 when present), seeded adapters."""
+def load_stack(base_dir: str | Path, config: TrainerConfig, on_cpu: bool = False) -> ModelStack:
+    """The stack for a run: the configured device and dtype (CUDA and bfloat16 when present), seeded adapters.
+    ``on_cpu``: load the weights on the CPU whatever the device (a base to be sharded over the ranks,
+    :func:`alignd.trainer.distributed.shard_base`, which moves each rank's shards to the device)."""
     device = resolve_device(config.device)
     torch.manual_seed(config.seed)  # the fresh policy adapter's initialisation
-    stack = ModelStack.load(base_dir, config.lora, device, resolve_dtype(config.dtype, device),
-                            resolve_attention(config.attention, device))
+    stack = ModelStack.load(base_dir, config.lora, torch.device("cpu") if on_cpu else device,
+                            resolve_dtype(config.dtype, device), resolve_attention(config.attention, device))
     stack.autocast = resolve_autocast(config.dtype, device)
     if config.gradient_checkpointing:
         stack.causal_lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -28,7 +28,7 @@ from alignd.trainer.implicit_reward import implicit_reward_check
 from alignd.trainer.job import RunJob, RunResult
 from alignd.trainer.judge import JUDGE, JUDGE_FOLDER, JudgeSplit, previous_judge, split_for_judge
 from alignd.trainer.kto import run_kto
-from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack
+from alignd.trainer.models import POLICY, REWARD, ModelStack, load_stack, resolve_device
 from alignd.trainer.online_dpo import run_online_dpo
 from alignd.trainer.ppo import IterationStats, PPOResult, run_ppo
 from alignd.trainer.reward_model import (
@@ -118,7 +118,8 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
 
     With several processes (:mod:`alignd.trainer.distributed`) every rank runs it in step: rank 0 reads the data, asks
     for rollouts (``link``; None on the others), reports and writes files; the other ranks return None once policy
-    optimisation is done, and rank 0 runs the gate alone."""
+    optimisation is done, and rank 0 runs the gate alone (with the base sharded, ``fsdp``, once the gate's passes
+    are done: they need every rank)."""
     config, seconds = job.config, {}
     run_dir = Path(job.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +156,8 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
 
     # 2. Reward model on the frozen base (the policy adapter starts from the parent's).
     tick = time.monotonic()
-    stack = load_stack(job.base_model, config)
+    stack = load_stack(job.base_model, config, on_cpu=distributed.sharded())
+    distributed.shard_base(stack, resolve_device(config.device))  # fsdp: the base over the ranks
     counts["learning_rate_scale"] = scale_to_model(config, stack.base_parameters)
     counts.update(scale_batches_to_model(config, stack.base_parameters))
     reporter.report("reward_model", PHASE_START["reward_model"], {"data": counts})
@@ -222,10 +224,11 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
                                        on_iteration=_ppo_reporter(reporter, config.ppo.iterations, history),
                                        kl_coef=job.kl_coef, **feedback)
     seconds["ppo"] = time.monotonic() - tick
-    main = distributed.is_main()
-    distributed.leave()  # the gate is rank 0's alone: the process group ends here
-    if not main:
-        return None
+    main, gate_together = distributed.is_main(), not distributed.leaves_before_gate()
+    if not gate_together:
+        distributed.leave()  # the gate is rank 0's alone: the process group ends here
+        if not main:
+            return None
     # PPO's β carries over: the next run's controller starts where this one ended (None: nothing to carry).
     kl_coef = ppo.kl_coef if config.objective in CARRIES_KL_COEF else None
     reporter.report("gate", PHASE_START["gate"], {"kl_controller": {"kl_coef": kl_coef, "stopped": ppo.stopped}})
@@ -241,6 +244,10 @@ def run_training(job: RunJob, reporter: Reporter, link: RolloutLink | None) -> R
                           reward_model=None if judge is None else rm_scorer)
     implicit = implicit_reward_check(stack, data.heldout_pairs, POLICY, parent, config.reward.max_prompt_tokens,
                                      config.reward.max_reply_tokens, config.gate.confidence, data.truncated_replies)
+    if gate_together:  # fsdp: the gate's passes needed every rank's shards; the rest is rank 0's
+        distributed.leave()
+        if not main:
+            return None
     decision = decide(evaluation, config.gate, "reward model" if judge is None else "cross-fitted judge", implicit,
                       seed=config.seed, heldout_prompts=min(config.gate.n_prompts, len(gate_ids)))
     staged = stack.save_adapter(POLICY, run_dir / "candidate")
