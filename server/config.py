@@ -349,9 +349,9 @@ class TrainerSettings(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ] = 1
     trainer_distributed: Annotated[
         str, Meta(pattern="^(ddp|fsdp)$", description="How --trainer-processes share the model: ddp (each rank "
-                  "holds the whole base; gradients all-reduced). fsdp (FSDP2, the base sharded over the ranks, for a "
-                  "base that does not fit one GPU) is documented in docs/training.md but not implemented yet: "
-                  "refused at startup.")
+                  "holds the whole base and takes a share of the rows; gradients summed) or fsdp (FSDP2: the base "
+                  "sharded over the ranks, about 1/N of it each, for a base that does not fit one GPU; every rank "
+                  "takes every row, so it saves memory, not time). See docs/training.md.")
     ] = "ddp"
     objective: Annotated[
         str, Meta(pattern="^(ppo|grpo|rloo|online-dpo|kto)$", description="How runs optimise the policy: ppo (a "
