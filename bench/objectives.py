@@ -233,7 +233,7 @@ def plot(path: Path, summary: dict[str, Any]) -> None:
     share_ax.set(xlabel="feedback events", ylabel=f"'{summary['prefer']}' share, held-out prompts", ylim=(0, 1),
                  title="the served policy after each promotion")
     kl_ax.set(xlabel="feedback events", ylabel="KL to base (nats, gate)", title="promoted versions' KL")
-    share_ax.legend(loc="upper left")
+    share_ax.legend(loc="lower right")
     kl_ax.legend(loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
