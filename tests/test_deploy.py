@@ -1,8 +1,9 @@
 """deploy/ checked offline, with no cluster, no Docker daemon and no network: every Kubernetes overlay builds with
 kubectl's kustomize and passes kubernetes-validate's strict schema check, the built manifests keep what
-deploy/k8s/README.md promises (probes, a grace period longer than the drain, non-root pods, one trainer, GPUs only in
-the GPU overlay, settings alignd itself accepts and would serve: an API key is required wherever alignd binds
-0.0.0.0, in the pods and in compose), the Dockerfiles pass hadolint, start from pinned images, run as a non-root
+deploy/k8s/README.md promises (probes, a grace period longer than the drain, non-root pods, serving replicas that
+never train and one `alignd trainer` that no Service selects, GPUs only in the GPU overlay, settings alignd itself
+accepts and would serve: an API key is required wherever alignd binds 0.0.0.0, in the pods and in compose), the
+Dockerfiles pass hadolint, start from pinned images, run as a non-root
 user and install the dependencies before copying the source, .dockerignore keeps local state out of the build
 context, and yamllint accepts deploy/'s YAML.
 
@@ -149,17 +150,23 @@ def _container_env(docs: list[dict[str, Any]], container: dict[str, Any]) -> dic
     return env
 
 
+def _command(container: dict[str, Any]) -> list[str]:
+    return [*container.get("command", []), *container.get("args", [])]
+
+
 def _settings(docs: list[dict[str, Any]], container: dict[str, Any], environ: dict[str, str] | None = None) -> Settings:
-    """What ``alignd serve`` makes of the container's command and environment (alignd's own parser and loader);
-    ``environ`` in place of the container's own environment."""
-    command = [*container.get("command", []), *container.get("args", [])]
-    assert command[:2] == ["alignd", "serve"], command
+    """What ``alignd serve`` or ``alignd trainer`` makes of the container's command and environment (alignd's own
+    parser and loader); ``environ`` in place of the container's own environment."""
+    command = _command(container)
+    assert command[0] == "alignd" and command[1] in {"serve", "trainer"}, command
     namespace = build_parser().parse_args(command[1:])
     return load_settings(cli_values(namespace), environ=_container_env(docs, container) if environ is None else environ)
 
 
 def _pre_stop_seconds(container: dict[str, Any]) -> float:
-    pre_stop = container["lifecycle"]["preStop"]
+    pre_stop = container.get("lifecycle", {}).get("preStop")
+    if pre_stop is None:
+        return 0.0
     if "sleep" in pre_stop:
         return float(pre_stop["sleep"]["seconds"])
     command = pre_stop["exec"]["command"]
@@ -233,8 +240,9 @@ def test_pods_run_unprivileged_with_requests(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_alignd_pods_probe_and_drain(overlay: str) -> None:
-    """Startup and liveness on /health, readiness on /ready, a preStop pause, and a grace period that covers the
-    pause, alignd's own drain (--shutdown-grace-s, read as alignd reads it) and at least 10 s for the engine."""
+    """Startup and liveness on /health, readiness on /ready, a preStop pause on the serving pods (the trainer has no
+    Service whose endpoints must drop it first), and a grace period that covers the pause, alignd's own drain
+    (--shutdown-grace-s, read as alignd reads it) and at least 10 s for the engine."""
     docs = _built(overlay)
     for name, workload in _alignd_workloads(docs).items():
         pod, container = workload["spec"]["template"]["spec"], _alignd_container(workload)
@@ -245,14 +253,17 @@ def test_alignd_pods_probe_and_drain(overlay: str) -> None:
             assert container[probe]["httpGet"]["port"] in port_names, (name, probe)
         drain = _settings(docs, container).server.shutdown_grace_s
         assert drain > 0, name
+        if name == "alignd":
+            assert _pre_stop_seconds(container) > 0, f"{name} has no preStop pause"
         assert pod["terminationGracePeriodSeconds"] >= _pre_stop_seconds(container) + drain + 10, name
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_alignd_settings_are_valid_and_consistent(overlay: str) -> None:
-    """alignd's own loader accepts every pod's environment and flags; serving replicas never start runs by
-    themselves, the trainer does; each listens where its port and Services point; all share one database, and the
-    models and policies volumes at the paths the database and the trainer expect."""
+    """alignd's own loader accepts every pod's environment and flags; the serving replicas run `alignd serve
+    --trainer off` (they never train: runs are queued), the trainer `alignd trainer` with the automatic trigger on
+    its own port; each listens where its port points; all share one database and the base model's volume, and
+    nothing else: policies/ is each pod's own (adapters come from the database)."""
     docs = _built(overlay)
     workloads = _alignd_workloads(docs)
     assert set(workloads) == {"alignd", "alignd-trainer"}
@@ -262,7 +273,12 @@ def test_alignd_settings_are_valid_and_consistent(overlay: str) -> None:
         container = _alignd_container(workload)
         assert container is not None
         settings = _settings(docs, container)
-        assert settings.trainer.training_trigger == ("auto" if name == "alignd-trainer" else "manual"), name
+        if name == "alignd-trainer":
+            assert _command(container)[:2] == ["alignd", "trainer"], _command(container)
+            assert settings.trainer.training_trigger == "auto", name
+        else:
+            assert _command(container)[:2] == ["alignd", "serve"], _command(container)
+            assert settings.server.trainer == "off", f"{name} would train: {_command(container)}"
         assert settings.server.host == "0.0.0.0", name
         assert [p["containerPort"] for p in container["ports"]] == [settings.server.port], name
         assert settings.store.database is not None and settings.store.database.startswith("postgresql://"), name
@@ -270,18 +286,23 @@ def test_alignd_settings_are_valid_and_consistent(overlay: str) -> None:
         volumes = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
         mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
         assert str(settings.data_path) in mounts, f"{name}: the data dir is not a volume"
-        by_folder = {}
-        for folder in ("models", "policies"):
-            volume = mounts[str(settings.data_path / folder)]
-            claim = claims[volume["persistentVolumeClaim"]["claimName"]]
-            assert claim["spec"]["accessModes"] == ["ReadWriteMany"], (name, folder)
-            by_folder[folder] = claim["metadata"]["name"]
-        shared.append(by_folder)
+        models = claims[mounts[str(settings.data_path / "models")]["persistentVolumeClaim"]["claimName"]]
+        assert models["spec"]["accessModes"] == ["ReadWriteMany"], name
+        shared.append(models["metadata"]["name"])
+        # Adapters are fetched from the database into the pod's own data dir; no shared folder is needed for them.
+        assert str(settings.data_path / "policies") not in mounts, f"{name} mounts a policies volume"
+        data = mounts[str(settings.data_path)]
+        if name == "alignd":
+            assert "emptyDir" in data, f"{name}: a serving replica's data dir is a cache, its own"
+        else:  # the run folders, whose reward models the next run continues from
+            claim = claims[data["persistentVolumeClaim"]["claimName"]]
+            assert claim["spec"]["accessModes"] == ["ReadWriteOnce"], name
         for volume in volumes.values():
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims, (name, volume)
     assert len(databases) == 1, databases
     assert shared[0] == shared[1], shared
+    assert {_settings(docs, _alignd_container(w)).server.port for w in workloads.values()} == {8000, 8001}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -293,21 +314,23 @@ def test_serving_replicas_one_trainer_and_their_services(overlay: str) -> None:
     trainer_labels = trainer["spec"]["template"]["metadata"]["labels"]
     assert serving["spec"]["replicas"] >= 2
     assert trainer["spec"]["replicas"] == 1
-    assert trainer["spec"]["strategy"]["type"] == "Recreate"  # never two trainers, even during a rollout
+    # One trainer holding one GPU, even during a rollout (a second would wait standby on the lease, holding its own).
+    assert trainer["spec"]["strategy"]["type"] == "Recreate"
 
     (budget,) = _of_kind(docs, "PodDisruptionBudget").values()
     assert _selects(budget["spec"]["selector"]["matchLabels"], serving_labels)
     assert not _selects(budget["spec"]["selector"]["matchLabels"], trainer_labels)
     assert budget["spec"].get("maxUnavailable", 0) < serving["spec"]["replicas"]
 
-    for service_name, selected, other in (("alignd", serving, trainer), ("alignd-trainer", trainer, serving)):
-        service = services[service_name]
-        assert _selects(service["spec"]["selector"], selected["spec"]["template"]["metadata"]["labels"])
-        assert not _selects(service["spec"]["selector"], other["spec"]["template"]["metadata"]["labels"])
-        container = _alignd_container(selected)
-        assert container is not None
-        port_names = {p["name"] for p in container["ports"]}
-        assert all(port["targetPort"] in port_names for port in service["spec"]["ports"]), service_name
+    service = services["alignd"]
+    assert _selects(service["spec"]["selector"], serving_labels)
+    container = _alignd_container(serving)
+    assert container is not None
+    port_names = {p["name"] for p in container["ports"]}
+    assert all(port["targetPort"] in port_names for port in service["spec"]["ports"])
+    # The trainer has no chat API (404 for /v1/*): no Service may send it traffic; operators queue runs on "alignd".
+    for name, other in services.items():
+        assert not _selects(other["spec"]["selector"], trainer_labels), f"the Service {name} selects the trainer"
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -368,8 +391,9 @@ def _api_key_refusal(docs: list[dict[str, Any]], container: dict[str, Any]) -> s
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_alignd_pods_require_an_api_key(overlay: str) -> None:
-    """The pods bind 0.0.0.0, where alignd refuses to serve without API keys: the key's Secret reference is required
-    (a missing Secret keeps the pod from starting instead of crash-looping), and with it alignd serves."""
+    """The pods bind 0.0.0.0, where alignd serve refuses to serve without API keys: the key's Secret reference is
+    required (a missing Secret keeps the pod from starting instead of crash-looping), and with it alignd serves. The
+    trainer (no /v1/*) has the same key, so that its /metrics is not open on 0.0.0.0 either."""
     docs = _built(overlay)
     for name, workload in _alignd_workloads(docs).items():
         container = _alignd_container(workload)
@@ -535,16 +559,34 @@ def _compose_interpolate(value: str, environ: dict[str, str]) -> str:
     return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", one, value)
 
 
+def _compose_command(dockerfile: Path, service: dict[str, Any]) -> list[str]:
+    """The service's command line: its ``entrypoint`` (else the image's ENTRYPOINT), then its ``command``."""
+    entrypoint = service.get("entrypoint")
+    if entrypoint is None:
+        entrypoint = next(yaml.safe_load(arguments) for keyword, arguments in reversed(_instructions(dockerfile))
+                          if keyword == "ENTRYPOINT")
+    return [*entrypoint, *service.get("command", [])]
+
+
+def _compose_settings(compose: dict[str, Any], name: str, environ: dict[str, str]) -> Settings:
+    """What alignd makes of the compose service ``name`` (image environment, service environment, command line);
+    ValueError when compose would refuse to start for want of a required variable."""
+    service = compose["services"][name]
+    dockerfile = REPO / service["build"]["dockerfile"]
+    env = _image_environment(dockerfile)
+    env |= {key: _compose_interpolate(str(value), environ) for key, value in service["environment"].items()}
+    command = _compose_command(dockerfile, service)
+    assert command[0] == "alignd", command
+    return load_settings(cli_values(build_parser().parse_args(command[1:])), environ=env)
+
+
 def _compose_refusal(compose: dict[str, Any], environ: dict[str, str]) -> str | None:
     """None when compose, given ``environ``, either refuses to start (a required variable is missing) or starts an
     alignd that serves; otherwise why alignd would exit 2."""
-    service = compose["services"]["alignd"]
-    env = _image_environment(REPO / service["build"]["dockerfile"])
     try:
-        env |= {name: _compose_interpolate(str(value), environ) for name, value in service["environment"].items()}
+        settings = _compose_settings(compose, "alignd", environ)
     except ValueError:
         return None
-    settings = load_settings(cli_values(build_parser().parse_args(["serve"])), environ=env)
     return _open_bind_refusal(settings)
 
 
@@ -564,6 +606,31 @@ def test_compose_requires_an_api_key() -> None:
     for weak in ("${ALIGND_API_KEY:-}", "${ALIGND_API_KEY-}", "${ALIGND_API_KEY}", "${ALIGND_API_KEY?set it}"):
         environment["ALIGND_API_KEY"] = weak
         assert _compose_refusal(compose, {"ALIGND_ADMIN_KEY": "admin", "ALIGND_API_KEY": ""}) is not None, weak
+
+
+def test_compose_runs_a_serving_replica_and_a_trainer() -> None:
+    """compose's "alignd" is a serving replica (`alignd serve --trainer off`), "trainer" is `alignd trainer` with the
+    automatic trigger, on its own port, whose /ready its health check polls; both on compose's PostgreSQL."""
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    environ = {"ALIGND_ADMIN_KEY": "admin", "ALIGND_API_KEY": "key"}
+    dockerfile = REPO / compose["services"]["alignd"]["build"]["dockerfile"]
+    serving, trainer = compose["services"]["alignd"], compose["services"]["trainer"]
+    assert _compose_command(dockerfile, serving)[:2] == ["alignd", "serve"]
+    assert _compose_command(REPO / trainer["build"]["dockerfile"], trainer)[:2] == ["alignd", "trainer"]
+    replica, training = _compose_settings(compose, "alignd", environ), _compose_settings(compose, "trainer", environ)
+    assert replica.server.trainer == "off", _compose_command(dockerfile, serving)
+    assert training.trainer.training_trigger == "auto"
+    assert replica.store.database == training.store.database
+    assert replica.store.database is not None and replica.store.database.startswith("postgresql://")
+    assert {"postgres"} <= set(serving["depends_on"]) and {"postgres"} <= set(trainer["depends_on"])
+    assert replica.server.port != training.server.port
+    assert f"{training.server.port}:{training.server.port}" in trainer["ports"]
+    assert f"127.0.0.1:{training.server.port}/ready" in " ".join(trainer["healthcheck"]["test"])
+    assert training.server.api_keys == ["key"]  # its /metrics is not open on 0.0.0.0
+    # Each has a data dir of its own: what is in one is no business of the other's.
+    data = {name: next(v.split(":")[0] for v in compose["services"][name]["volumes"] if v.endswith(":/data"))
+            for name in ("alignd", "trainer")}
+    assert data["alignd"] != data["trainer"], data
 
 
 def test_yamllint_accepts_deploy() -> None:
