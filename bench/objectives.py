@@ -141,9 +141,16 @@ def one_objective(objective: str, model: Path, args: argparse.Namespace, server_
     timed = [r for r in runs if r["optimisation_s"]]
     out["samples_per_s"] = (round(sum(r["samples"] for r in timed) / sum(r["optimisation_s"] for r in timed), 3)
                             if timed else None)
-    out["seconds_per_run"] = round(sum(r["run_s"] for r in runs) / len(runs), 1) if runs else None
+    out["seconds_per_run"] = seconds_per_run(out)
     out["goal"] = goal
     return out
+
+
+def seconds_per_run(result: dict[str, Any]) -> float | None:
+    """Mean seconds of the runs that got as far as optimising the policy (a run the reward model's chance check
+    stopped takes seconds, and says nothing about the objective's cost)."""
+    trained = [r["run_s"] for r in result["rounds"] if r.get("optimisation_s")]
+    return round(sum(trained) / len(trained), 1) if trained else None
 
 
 def candidate_kl(admin: Client, version: int | None) -> float | None:
@@ -179,7 +186,7 @@ def table(results: list[dict[str, Any]]) -> str:
         shares = [x["heldout"]["share"] for x in r["rounds"] if "heldout" in x]
         lines.append(
             f"| {r['objective']} | {r['samples_per_s']}{ratio(r['samples_per_s'], peer and peer['samples_per_s'])}"
-            f" | {r['seconds_per_run']}{ratio(r['seconds_per_run'], peer and peer['seconds_per_run'])}"
+            f" | {seconds_per_run(r)}{ratio(seconds_per_run(r), peer and seconds_per_run(peer))}"
             f" | {sum(1 for x in r['rounds'] if 'run' in x)} | {reached.get('events', 'not reached')}"
             f" | {reached.get('minutes', '—')} | {fmt(reached.get('kl'))}"
             f" | {f'{shares[-1]:.1%}' if shares else '—'} |")
@@ -204,7 +211,7 @@ def medians(summaries: list[dict[str, Any]]) -> str:
         hit = [r["reached"] for r in rs if r["reached"]]
         rates = [r["samples_per_s"] for r in rs if r["samples_per_s"]]
         lines.append(f"| {objective} | {len(hit)} of {len(rs)} | {med(rates)}"
-                     f" | {med([r['seconds_per_run'] for r in rs if r['seconds_per_run']])}"
+                     f" | {med([t for r in rs if (t := seconds_per_run(r))])}"
                      f" | {med([h['events'] for h in hit])} | {med([h['minutes'] for h in hit])}"
                      f" | {med([h['kl'] for h in hit if h['kl'] is not None])} |")
     return "\n".join(lines)
