@@ -8,8 +8,11 @@ stops with a :class:`ClusterMisconfigured` naming the problem otherwise:
 - a serving replica or a trainer process on SQLite: the file belongs to one process on one box (it fails every
   "running" run at start as that process's orphan, and follows no promotions), so the split roles need PostgreSQL;
 - a base model other than the one the database records: adapters trained on one base are meaningless on another;
-- a promoted version whose adapter does not match its SHA-256 (in the database or in this process's copy): serving
-  it would be serving something else. At run time the registry refuses such a version and serving goes on.
+- a promoted version whose adapter, as the database holds it, does not match its SHA-256: every process would serve
+  something else. A corrupt *local* copy is this process's disk, not the cluster's: the process starts, answers
+  ``/ready`` 503 naming the version and serves what it can (the registry's check), so that the orchestrator sees it
+  and the operator deletes the copy (fetched again) or rolls back. At run time the registry refuses a version that
+  fails the check and serving goes on.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 from alignd.config import ConfigError, Settings
-from alignd.policies.registry import file_sha256
 from alignd.store import Store
 
 __all__ = ["ClusterMisconfigured", "Role", "base_identity", "check_database", "check_role", "preflight", "role_of"]
@@ -81,7 +83,7 @@ def _same_base(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return bool(a.get("name") == b.get("name"))
 
 
-async def check_database(store: Store, model: str, data_path: Path) -> None:
+async def check_database(store: Store, model: str) -> None:
     """The checks against what the database records: the base model (recorded on the first start), then the
     promoted version's adapter. Raises :class:`ClusterMisconfigured`; writes only a first start's record."""
     identity = await asyncio.to_thread(base_identity, model)
@@ -92,19 +94,19 @@ async def check_database(store: Store, model: str, data_path: Path) -> None:
             f"{recorded.get('sha256') or 'n/a'}), and this process is configured with {identity['name']} (SHA-256 "
             f"{identity.get('sha256') or 'n/a'}). Every process on one database must serve and train the same base "
             "model (--model); adapters trained on one are meaningless on another.")
-    await _check_promoted_adapter(store, data_path)
+    await _check_promoted_adapter(store)
 
 
 async def preflight(settings: Settings, model: str) -> None:
     """The database checks of :func:`check_database` on a store of their own, before a process starts serving (the
     CLI runs it so that a refusal is one line and exit status 2, not a failed server start)."""
     async with await Store.open(settings.database_url, batch_max=settings.store.batch_max) as store:
-        await check_database(store, model, settings.data_path)
+        await check_database(store, model)
 
 
-async def _check_promoted_adapter(store: Store, data_path: Path) -> None:
-    """The promoted version's files, as the database holds them and as this process's copy has them, must match the
-    SHA-256s its row records."""
+async def _check_promoted_adapter(store: Store) -> None:
+    """The promoted version's files, as the database holds them, must match the SHA-256s its row records (a corrupt
+    local copy is the registry's to report: see the module's docstring)."""
     version = await store.promoted_version()
     row = await store.get_policy(version) if version else None
     if row is None or not row.adapter_files:
@@ -117,24 +119,8 @@ async def _check_promoted_adapter(store: Store, data_path: Path) -> None:
             problems.append(f"{name} (SHA-256 {sha}) is missing from the database's adapter_blobs")
         elif hashlib.sha256(data).hexdigest() != sha:
             problems.append(f"the database's copy of {name} does not match its SHA-256 {sha}")
-    folder = _local_copy(row.adapter_path, data_path, version)
-    if folder is not None and folder.is_dir():
-        for name, sha in sorted(row.adapter_files.items()):
-            path = folder / name
-            if path.is_file() and file_sha256(path) != sha:
-                problems.append(f"this process's copy {path} does not match its SHA-256 {sha}")
     if problems:
         raise ClusterMisconfigured(
             f"the promoted policy {version}'s adapter does not match its SHA-256: " + "; ".join(problems) + ". "
-            "Serving it would serve something else: restore the file (or delete a corrupt local copy, which is "
-            "fetched again from the database), or promote another version from a healthy replica "
+            "Serving it would serve something else: restore the blob, or promote another version "
             "(alignd policies promote VERSION).")
-
-
-def _local_copy(adapter_path: str | None, data_path: Path, version: int) -> Path | None:
-    if adapter_path is None:
-        return None
-    path = Path(adapter_path)
-    if not path.is_absolute():
-        return data_path / path
-    return path if path.exists() else data_path / "policies" / str(version)

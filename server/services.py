@@ -102,7 +102,7 @@ async def open_services(settings: Settings, *, engine: Any = None, store: Store 
     feedback: FeedbackService | None = None
     services: Services | None = None
     try:
-        await check_database(opened, resolve_model(settings.model, settings.data_path), settings.data_path)
+        await check_database(opened, resolve_model(settings.model, settings.data_path))
         feedback = FeedbackService(opened, pm, metrics, settings, kinds=kinds)
         await feedback.start()
         services = _assemble(settings, metrics, pm, opened, feedback, role)

@@ -245,7 +245,7 @@ def test_a_corrupt_promoted_adapter_keeps_the_server_not_ready_with_the_reason(w
     srv = world["start"]()
     ready = srv.wait_started()
     assert ready.status_code == 503 and ready.json()["status"] == "policy_unavailable"
-    assert "policy 1" in ready.json()["detail"]
+    assert "version 1" in ready.json()["detail"] and "SHA-256" in ready.json()["detail"]
     assert srv.probe().status_code == 503  # it stays so: nothing falls back silently
     assert srv.chat_version() == "policy-0"  # the base answers, and says so
     refused = srv.request("POST", "/v1/training/runs")
